@@ -1,0 +1,1 @@
+"""Training and inference jobs. No Qt, no napari imports: widgets and CLI are front ends."""

@@ -1,0 +1,9 @@
+"""Models: AFFMAE and the baselines behind one registry.
+
+>>> from napari_affmae.models import create_model, list_models
+>>> mae = create_model("affmae_tiny")                      # MAE pretraining model
+>>> seg = create_model("affmae_tiny", task="segmentation", num_classes=3)
+"""
+from .registry import create_model, list_models, register_model
+
+__all__ = ["create_model", "list_models", "register_model"]

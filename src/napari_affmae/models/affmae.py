@@ -1,0 +1,221 @@
+"""AFFMAE: masked-autoencoder pretraining and segmentation with an adaptive off-grid encoder.
+
+Shapes: x ``[B, 1, H, W]`` with H, W multiples of p = 8; lattice ``h = H/8``, ``w = W/8``;
+mask ``[B, h, w]`` bool, True = masked (see `models.common`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .affmae_decoder import AFFMAEDecoder
+from .affmae_encoder import AFFMAEEncoder, StageOutput
+from .clustering import NEIGHBORHOOD_MODES, gather_tokens
+from .common import PATCH_SIZE, lattice_positions, masked_mse, patch_targets, patchify, split_by_mask, \
+    unpatchify, validate_image, validate_mask
+from .masking import MASK_TYPES, make_mask
+from .registry import register_model
+
+
+@dataclass
+class AFFMAEConfig:
+    """Architecture and pretraining options (all sizes in channels unless noted)."""
+
+    dims: tuple[int, ...] = (48, 96, 192, 256)
+    depths: tuple[int, ...] = (1, 1, 3, 1)
+    heads: tuple[int, ...] = (3, 6, 12, 16)
+    mlp_ratio: float = 2.0
+    decoder_dim: int = 128
+    decoder_heads: int = 4
+    decoder_mlp_ratio: float = 4.0
+    keep_rate: float = 0.4  # fraction of tokens kept by each merge
+    cluster_size: int = 8
+    nearest_clusters: int = 8  # neighbourhood = members of this many nearest clusters (M = 64)
+    neighborhood: str = "token"  # "token" | "cluster" (queries of a cluster share neighbours)
+    mask_ratio: float = 0.5
+    mask_type: str = "blob"  # "blob" | "random"
+    norm_pix_loss: bool = True
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"res2": 1.0, "res4": 0.12, "res5": 0.05})
+    refine: bool = True  # segmentation: full-resolution refinement from the stem
+
+    def __post_init__(self) -> None:
+        self.dims, self.depths, self.heads = tuple(self.dims), tuple(self.depths), tuple(self.heads)
+        if self.neighborhood not in NEIGHBORHOOD_MODES:
+            raise ValueError(f"neighborhood must be one of {NEIGHBORHOOD_MODES}; got {self.neighborhood!r}")
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}; got {self.mask_type!r}")
+        if not 0.0 < self.keep_rate <= 1.0:
+            raise ValueError(f"keep_rate must be in (0, 1]; got {self.keep_rate}")
+        if len(self.dims) != 4:
+            raise ValueError("AFFMAE has 4 stages (res2..res5): give 4 dims, depths and heads")
+        unknown = set(self.loss_weights) - {"res2", "res3", "res4", "res5"}
+        if unknown:
+            raise ValueError(f"loss_weights keys must be res2..res5; got {sorted(unknown)}")
+
+
+def _build_parts(cfg: AFFMAEConfig) -> tuple[AFFMAEEncoder, AFFMAEDecoder]:
+    encoder = AFFMAEEncoder(cfg.dims, cfg.depths, cfg.heads, cfg.mlp_ratio, cfg.keep_rate, cfg.cluster_size,
+                            cfg.nearest_clusters, cfg.neighborhood)
+    decoder = AFFMAEDecoder(cfg.dims, cfg.decoder_dim, cfg.decoder_heads, cfg.decoder_mlp_ratio, cfg.cluster_size,
+                            cfg.nearest_clusters, cfg.neighborhood)
+    return encoder, decoder
+
+
+class _Head(nn.Sequential):
+    def __init__(self, dim: int, out: int) -> None:
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, out))
+
+
+# decoder layer i attends to stage (3 - i): res5, res4, res3, res2
+_LAYER_OF = {"res5": 0, "res4": 1, "res3": 2, "res2": 3}
+
+
+class AFFMAEPretrain(nn.Module):
+    """MAE pretraining: encode visible patches, reconstruct masked ones with deep supervision."""
+
+    def __init__(self, config: AFFMAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.patch_size = PATCH_SIZE
+        self.encoder, self.decoder = _build_parts(config)
+        self.heads = nn.ModuleDict({name: _Head(config.decoder_dim, PATCH_SIZE**2) for name in config.loss_weights})
+
+    def forward_encoder(self, x: torch.Tensor, mask: torch.Tensor) -> list[StageOutput]:
+        """Per-stage tokens ``[B, N_i, C_i]`` with integer lattice positions ``[B, N_i, 2]`` (res2..res5)."""
+        validate_image(x, self.patch_size)
+        b, _, hh, ww = x.shape
+        validate_mask(mask, b, hh // self.patch_size, ww // self.patch_size)
+        return self.encoder(x, mask)
+
+    def random_mask(self, batch: int, h: int, w: int, device=None, generator: torch.Generator | None = None):
+        return make_mask(self.config.mask_type, batch, h, w, self.config.mask_ratio, generator, device)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x ``[B, 1, H, W]`` -> dict(loss, pred ``[B, h*w, 64]`` (masked cells filled, rest 0), mask, losses)."""
+        validate_image(x, self.patch_size)
+        b, _, hh, ww = x.shape
+        h, w = hh // self.patch_size, ww // self.patch_size
+        if mask is None:
+            mask = self.random_mask(b, h, w, device=x.device)
+        else:
+            validate_mask(mask.to(x.device), b, h, w)
+            mask = mask.to(x.device)
+        if bool(mask.all(dim=(1, 2)).any()) or not bool(mask.any()):
+            raise ValueError("the mask must hide some patches and keep some visible in every sample")
+        stages = self.encoder(x, mask)
+        _, masked = split_by_mask(mask)  # [B, Nm] row-major masked cells
+        query_pos = lattice_positions(h, w, device=x.device)[masked]  # [B, Nm, 2]
+        layers = self.decoder(query_pos, stages, (h, w))
+        target = gather_tokens(patch_targets(x, self.patch_size, self.config.norm_pix_loss), masked)  # [B, Nm, 64]
+        losses, preds = {}, {}
+        for name, weight in self.config.loss_weights.items():
+            preds[name] = self.heads[name](layers[_LAYER_OF[name]])  # [B, Nm, 64]
+            losses[name] = masked_mse(preds[name], target)
+        loss = sum(self.config.loss_weights[n] * losses[n] for n in losses)
+        pred = torch.zeros(b, h * w, self.patch_size**2, device=x.device, dtype=preds["res2"].dtype)
+        pred = pred.scatter(1, masked[..., None].expand(-1, -1, pred.shape[-1]), preds["res2"])
+        return {"loss": loss, "pred": pred, "mask": mask, "losses": {k: v.detach() for k, v in losses.items()}}
+
+    def reconstruct(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Image ``[B, 1, H, W]``: visible patches from x, masked ones from the prediction (de-normalised)."""
+        b, _, hh, ww = x.shape
+        h, w = hh // self.patch_size, ww // self.patch_size
+        patches = patchify(x, self.patch_size)
+        pred = out["pred"].to(patches.dtype)
+        if self.config.norm_pix_loss:
+            mean = patches.mean(-1, keepdim=True)
+            std = (patches.var(-1, keepdim=True) + 1.0e-6).sqrt()
+            pred = pred * std + mean  # uses the true patch statistics: a visualisation aid only
+        flat_mask = out["mask"].reshape(b, -1, 1)
+        return unpatchify(torch.where(flat_mask, pred, patches), h, w, self.patch_size)
+
+
+class Refinement(nn.Module):
+    """Full-resolution correction of logits from the image and the stem's first feature map."""
+
+    def __init__(self, num_classes: int, stem_channels: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_classes + stem_channels + 1, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, num_classes, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, logits: torch.Tensor, x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(first, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits + self.conv2(F.gelu(self.conv1(torch.cat([logits, up, x], dim=1))))
+
+
+class AFFMAESegmentation(nn.Module):
+    """Segmentation: unmasked encoder, decoder queries at every lattice cell, p*p*K logits per query."""
+
+    def __init__(self, config: AFFMAEConfig, num_classes: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+        self.patch_size = PATCH_SIZE
+        self.encoder, self.decoder = _build_parts(config)
+        self.stem_to_query = nn.Linear(config.dims[0], config.decoder_dim)
+        self.head = _Head(config.decoder_dim, PATCH_SIZE**2 * num_classes)
+        self.refine = Refinement(num_classes, config.dims[0] // 2) if config.refine else None
+
+    def load_encoder_from(self, mae: nn.Module, decoder: bool = False) -> None:
+        """Copy a pretrained encoder (and optionally the decoder body) from an AFFMAE MAE model."""
+        if not isinstance(mae, AFFMAEPretrain):
+            raise ValueError(f"expected an AFFMAE pretraining model; got {type(mae).__name__}")
+        mine, theirs = self.config, mae.config
+        arch = ("dims", "depths", "heads", "mlp_ratio", "cluster_size", "nearest_clusters")
+        if any(getattr(mine, a) != getattr(theirs, a) for a in arch):
+            raise ValueError("the pretrained encoder has another architecture: "
+                             + ", ".join(f"{a}={getattr(theirs, a)} (need {getattr(mine, a)})" for a in arch
+                                         if getattr(mine, a) != getattr(theirs, a)))
+        self.encoder.load_state_dict(mae.encoder.state_dict())
+        if decoder:
+            self.decoder.load_state_dict(mae.decoder.state_dict())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[B, 1, H, W]`` -> logits ``[B, K, H, W]``."""
+        validate_image(x, self.patch_size)
+        b, _, hh, ww = x.shape
+        h, w = hh // self.patch_size, ww // self.patch_size
+        tokens, pos, first = self.encoder.embed(x, None)  # row-major, every cell
+        stages = self.encoder.forward_tokens(tokens, pos)
+        layers = self.decoder(pos, stages, (h, w), query_init=self.stem_to_query(tokens))
+        logits = unpatchify(self.head(layers[-1]), h, w, self.patch_size)  # [B, K, H, W]
+        if self.refine is not None:
+            logits = self.refine(logits, x, first)
+        return logits
+
+
+SIZES = {
+    "tiny": dict(dims=(48, 96, 192, 256), depths=(1, 1, 3, 1), heads=(3, 6, 12, 16), mlp_ratio=2.0,
+                 decoder_dim=128, decoder_heads=4),
+    "small": dict(dims=(96, 192, 384, 512), depths=(2, 3, 9, 2), heads=(3, 6, 12, 16), mlp_ratio=2.0,
+                  decoder_dim=256, decoder_heads=8),
+    "base": dict(dims=(128, 256, 512, 768), depths=(3, 4, 16, 2), heads=(4, 8, 16, 24), mlp_ratio=3.0,
+                 decoder_dim=320, decoder_heads=10),
+}
+
+
+def make_config(size: str, **overrides) -> AFFMAEConfig:
+    """Config of a named size with field overrides (unknown names raise a ValueError)."""
+    known = {f.name for f in fields(AFFMAEConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown AFFMAE option(s) {unknown}; known: {sorted(known)}")
+    return replace(AFFMAEConfig(**SIZES[size]), **overrides)
+
+
+def _builder(size: str):
+    def build(task: str = "mae", num_classes: int | None = None, **overrides) -> nn.Module:
+        cfg = make_config(size, **overrides)
+        return AFFMAEPretrain(cfg) if task == "mae" else AFFMAESegmentation(cfg, num_classes)
+
+    build.__doc__ = f"AFFMAE-{size}: {SIZES[size]}"
+    return build
+
+
+for _size in SIZES:
+    register_model(f"affmae_{_size}")(_builder(_size))

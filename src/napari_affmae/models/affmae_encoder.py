@@ -1,0 +1,170 @@
+"""AFFMAE encoder: masked conv stem, clustered neighbourhood-attention stages, adaptive merging.
+
+Only visible tokens enter the stages; each stage re-orders its tokens along a Hilbert curve,
+clusters them, attends within neighbourhoods, emits its tokens with their integer lattice
+positions, and keeps the ``ceil(n * keep_rate)`` most important tokens as the next stage's
+(off-grid) centres.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from affmae_kernels import weighted_merge
+
+from .clustering import Clusters, Neighborhood, build_neighborhood, curve_order, gather_tokens, relative_features
+from .common import PATCH_SIZE, lattice_positions, split_by_mask
+from .layers import Block, Mlp
+
+
+@dataclass
+class StageOutput:
+    """One stage's tokens in curve order: tokens ``[B, N, C]``, pos ``[B, N, 2]`` int64 (y, x)."""
+
+    tokens: torch.Tensor
+    pos: torch.Tensor
+    clusters: Clusters
+    scale: float
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channel axis of a ``[B, C, H, W]`` map (per pixel)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class MaskedConvStem(nn.Module):
+    """Three 3x3 stride-2 convs (1 -> E/2 -> E/2 -> E) that never see masked pixels.
+
+    Before every conv, features of masked patches are zeroed at that resolution, so a visible
+    token's output depends only on visible pixels (the leak test proves it).
+    """
+
+    def __init__(self, embed_dim: int, in_chans: int = 1) -> None:
+        super().__init__()
+        half = embed_dim // 2
+        chans = [in_chans, half, half, embed_dim]
+        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1) for i in range(3))
+        self.norms = nn.ModuleList(ChannelNorm(chans[i + 1]) for i in range(3))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B, 1, H, W]``, mask ``[B, h, w]`` -> (``[B, E, h, w]``, first-level map ``[B, E/2, H/2, W/2]``)."""
+        keep = None if mask is None else (~mask)[:, None].to(x.dtype)  # [B, 1, h, w]
+        first = None
+        for level, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            if keep is not None:
+                factor = PATCH_SIZE >> level  # 8, 4, 2 pixels of this level per patch
+                x = x * keep.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+            x = norm(conv(x))
+            if level < 2:
+                x = F.gelu(x)
+            if level == 0:
+                first = x
+        if keep is not None:
+            x = x * keep
+        return x, first
+
+
+class AdaptiveMerge(nn.Module):
+    """Keep the top ``ceil(n * keep_rate)`` tokens by importance; pool their neighbourhoods.
+
+    New feature = Linear(LN(concat_g sum_j g_g(dp_cj) * s_j * valid_j * x_j)), with s = sigmoid
+    importance; s_j multiplies the pooled features, so the scorer receives gradient.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, keep_rate: float, groups: int = 4) -> None:
+        super().__init__()
+        self.keep_rate = keep_rate
+        self.groups = groups
+        self.score = nn.Linear(dim_in, 1)
+        self.weights = Mlp(5, 32, groups)
+        self.norm = nn.LayerNorm(groups * dim_in)
+        self.proj = nn.Linear(groups * dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, nb: Neighborhood, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x ``[B, N, C]``, pos ``[B, N, 2]`` -> (merged ``[B, N', C']``, pos ``[B, N', 2]``, scores ``[B, N]``)."""
+        b, n, c = x.shape
+        scores = torch.sigmoid(self.score(x).squeeze(-1))  # [B, N]
+        n_keep = max(1, math.ceil(n * self.keep_rate))
+        centres = torch.topk(scores.detach(), n_keep, dim=1).indices  # [B, N']
+        centres = torch.sort(centres, dim=1).values  # keep curve order among centres
+        idx, valid = nb.rows_for(centres)  # [B, N', M]
+        m = idx.shape[-1]
+        centre_pos = gather_tokens(pos, centres)  # [B, N', 2]
+        neighbour_pos = gather_tokens(pos, idx.long().reshape(b, -1)).reshape(b, n_keep, m, 2)
+        rel = (neighbour_pos - centre_pos[:, :, None]).to(x.dtype)  # [B, N', M, 2]
+        s_nb = gather_tokens(scores, idx.long().reshape(b, -1)).reshape(b, n_keep, m)
+        w = self.weights(relative_features(rel, scale)) * (s_nb * valid)[..., None]  # [B, N', M, G]
+        pooled = weighted_merge(w.to(x.dtype), x, idx)  # [B, N', G, C]
+        merged = self.proj(self.norm(pooled.reshape(b, n_keep, self.groups * c)))
+        return merged, centre_pos, scores
+
+
+class AFFMAEEncoder(nn.Module):
+    """Hierarchical encoder over visible tokens. Returns one `StageOutput` per stage (res2..res5)."""
+
+    def __init__(self, dims: tuple[int, ...], depths: tuple[int, ...], heads: tuple[int, ...],
+                 mlp_ratio: float, keep_rate: float, cluster_size: int, nearest_clusters: int,
+                 neighborhood: str) -> None:
+        super().__init__()
+        if not (len(dims) == len(depths) == len(heads)):
+            raise ValueError("dims, depths and heads need one entry per stage")
+        self.dims = dims
+        self.keep_rate = keep_rate
+        self.cluster_size = cluster_size
+        self.nearest_clusters = nearest_clusters
+        self.neighborhood = neighborhood
+        self.stem = MaskedConvStem(dims[0])
+        self.stages = nn.ModuleList(
+            nn.ModuleList(Block(dims[i], heads[i], mlp_ratio) for _ in range(depths[i])) for i in range(len(dims))
+        )
+        self.merges = nn.ModuleList(
+            AdaptiveMerge(dims[i], dims[i + 1], keep_rate) for i in range(len(dims) - 1)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
+
+    def stage_scale(self, stage: int) -> float:
+        """Typical token spacing of a stage in lattice units (normalises relative positions)."""
+        return 2.0 * self.keep_rate ** (-stage / 2)
+
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stem + gather of visible tokens: -> tokens ``[B, N, E]``, pos ``[B, N, 2]``, stem level-1 map."""
+        fmap, first = self.stem(x, mask)  # [B, E, h, w]
+        b, e, h, w = fmap.shape
+        flat = fmap.flatten(2).transpose(1, 2)  # [B, h*w, E]
+        grid = lattice_positions(h, w, device=x.device).expand(b, -1, -1)  # [B, h*w, 2]
+        if mask is None:
+            return flat, grid, first
+        visible, _ = split_by_mask(mask)  # [B, N] row-major visible cells
+        return gather_tokens(flat, visible), gather_tokens(grid, visible), first
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[StageOutput]:
+        tokens, pos, _ = self.embed(x, mask)
+        return self.forward_tokens(tokens, pos)
+
+    def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor) -> list[StageOutput]:
+        """Run the stages on tokens ``[B, N, E]`` at positions ``[B, N, 2]``."""
+        outputs = []
+        for i, blocks in enumerate(self.stages):
+            order = curve_order(pos)
+            tokens, pos = gather_tokens(tokens, order), gather_tokens(pos, order)
+            clusters = Clusters.from_sorted(pos, self.cluster_size)
+            nb = build_neighborhood(clusters, clusters, self.nearest_clusters, self.neighborhood)
+            scale = self.stage_scale(i)
+            rel_feat = relative_features(nb.rel, scale)  # [B, N, M, 5], shared by the stage's blocks
+            for block in blocks:
+                tokens = block(tokens, nb, rel_feat)
+            outputs.append(StageOutput(self.norms[i](tokens), pos, clusters, scale))
+            if i < len(self.merges):
+                tokens, pos, _ = self.merges[i](tokens, pos, nb, scale)
+        return outputs

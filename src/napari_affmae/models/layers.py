@@ -1,0 +1,92 @@
+"""Transformer layers over off-grid tokens: neighbourhood attention, MLP, pre-LN blocks."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from affmae_kernels import neighborhood_attention
+
+from .clustering import Neighborhood, relative_features
+
+HEAD_DIM = 32
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class RelativePositionBias(nn.Module):
+    """Per-head bias from a small MLP on (dy, dx, |d|, dy/|d|, dx/|d|): ``[B, Nq, M, 2] -> [B, H, Nq, M]``."""
+
+    def __init__(self, heads: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.mlp = Mlp(5, hidden, heads)
+
+    def forward(self, rel_feat: torch.Tensor) -> torch.Tensor:
+        return self.mlp(rel_feat.to(self.mlp.fc1.weight.dtype)).permute(0, 3, 1, 2)
+
+
+class NeighborhoodAttention(nn.Module):
+    """Multi-head attention of each query over its neighbourhood of keys, plus a learnable blank key/value.
+
+    Self-attention when ``context`` is None, cross-attention otherwise.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.bias = RelativePositionBias(heads)
+        self.blank_k = nn.Parameter(torch.zeros(heads, self.head_dim))
+        self.blank_v = nn.Parameter(torch.zeros(heads, self.head_dim))
+        nn.init.trunc_normal_(self.blank_k, std=0.02)
+
+    def forward(self, x: torch.Tensor, nb: Neighborhood, rel_feat: torch.Tensor,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """x ``[B, Nq, C]``, context ``[B, Nk, Cc]``, rel_feat ``[B, Nq, M, 5]`` -> ``[B, Nq, C]``."""
+        b, nq, c = x.shape
+        ctx = x if context is None else context
+        q = self.q(x).reshape(b, nq, self.heads, self.head_dim).transpose(1, 2)  # [B, H, Nq, D]
+        kv = self.kv(ctx).reshape(b, ctx.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]  # [B, H, Nk, D]
+        bias = self.bias(rel_feat)  # [B, H, Nq, M]
+        pad = nb.padded_queries - nq
+        if pad:  # cluster mode: the kernel sees whole clusters of queries
+            q = F.pad(q, (0, 0, 0, pad))
+            bias = F.pad(bias, (0, 0, 0, pad))
+        out = neighborhood_attention(q, k, v, nb.idx, bias=bias.to(q.dtype), valid=nb.valid,
+                                     blank_k=self.blank_k.to(q.dtype), blank_v=self.blank_v.to(q.dtype))
+        out = out[:, :, :nq].transpose(1, 2).reshape(b, nq, c)  # [B, Nq, C]
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    """Pre-LN block: neighbourhood self-attention, then MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = NeighborhoodAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, nb: Neighborhood, rel_feat: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), nb, rel_feat)
+        return x + self.mlp(self.norm2(x))
+
+
+def stage_features(nb: Neighborhood, scale: float) -> torch.Tensor:
+    """Relative-position features of a neighbourhood, shared by all blocks of a stage."""
+    return relative_features(nb.rel, scale)

@@ -1,0 +1,64 @@
+"""Build models by name, list them by pattern (in the spirit of timm's registry).
+
+A builder is registered once per model name and called as
+``builder(task="mae" | "segmentation", num_classes=None, **overrides)``; ``overrides`` replace
+fields of the model's config dataclass (unknown fields raise a ValueError).
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable
+
+import torch.nn as nn
+
+TASKS = ("mae", "segmentation")
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``builder`` under ``name`` (must be unique)."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is registered twice")
+        _REGISTRY[name] = builder
+        return builder
+
+    return wrap
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted model names matching a shell-style pattern, e.g. ``"affmae_*"``."""
+    _import_all()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def create_model(name: str, task: str = "mae", num_classes: int | None = None, **overrides) -> nn.Module:
+    """Instantiate a registered model for ``task``.
+
+    ``num_classes`` (number of output classes K, background included) is required for
+    segmentation and must be left out for MAE pretraining.
+    """
+    _import_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
+    if task == "segmentation" and (num_classes is None or num_classes < 2):
+        raise ValueError(f"segmentation needs num_classes >= 2 (background + at least one class); got {num_classes}")
+    if task == "mae" and num_classes is not None:
+        raise ValueError("num_classes only applies to task='segmentation'")
+    model = _REGISTRY[name](task=task, num_classes=num_classes, **overrides)
+    model.model_name = name
+    return model
+
+
+def _import_all() -> None:
+    # Registration happens at import time of each family module.
+    from . import affmae  # noqa: F401,PLC0415
+
+    try:
+        from . import baselines  # noqa: F401,PLC0415
+    except ImportError as err:  # only a missing baselines package is tolerated
+        if "baselines" not in str(err):
+            raise

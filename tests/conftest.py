@@ -1,0 +1,22 @@
+"""Shared fixtures. Real EM data lives beside the project (never inside it)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("AFFMAE_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def em_data_dir() -> Path:
+    """The real EM data directory; tests that need it skip with a reason when it is absent."""
+    path = shared_data_dir()
+    if not (path / "vnc" / "stack1_raw.tif").exists():
+        pytest.skip(f"real EM data not found at {path} (set AFFMAE_DATA)")
+    return path
