@@ -34,7 +34,7 @@ from triton import knobs
 INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 #: Finite stand-in for -inf (same value as `affmae_kernels.reference.NEG_SENTINEL`).
-NEG = -1.0e30
+NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -189,8 +189,8 @@ def na_bwd_token_kernel(
             tl.store(p_ptr + pm_off, p, mask=row_ok[:, None])
         if ATOMIC:
             acc_off = (acc_base + nb[:, :, None]) * D + dd[None, None, :]
-            tl.atomic_add(dv_ptr + acc_off, p[:, :, None] * do[:, None, :], mask=ok[:, :, None])
-            tl.atomic_add(dk_ptr + acc_off, ds[:, :, None] * qs[:, None, :], mask=ok[:, :, None])
+            tl.atomic_add(dv_ptr + acc_off, p[:, :, None] * do[:, None, :], mask=ok[:, :, None], sem="relaxed")
+            tl.atomic_add(dk_ptr + acc_off, ds[:, :, None] * qs[:, None, :], mask=ok[:, :, None], sem="relaxed")
 
     tl.store(dq_ptr + row_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -344,8 +344,8 @@ def na_bwd_cluster_kernel(
             dv_nb = _dot(tl.trans(p.to(q.dtype)), do, DOT_F32)  # [BM, D]
             dk_nb = _dot(tl.trans(ds.to(q.dtype)), q, DOT_F32) * scale
             acc_off = (pid_bh * Nk + nb[:, None]) * D + dd[None, :]  # fp32 [B, H, Nk, D]
-            tl.atomic_add(dv_ptr + acc_off, dv_nb, mask=ok_c[:, None])
-            tl.atomic_add(dk_ptr + acc_off, dk_nb, mask=ok_c[:, None])
+            tl.atomic_add(dv_ptr + acc_off, dv_nb, mask=ok_c[:, None], sem="relaxed")
+            tl.atomic_add(dk_ptr + acc_off, dk_nb, mask=ok_c[:, None], sem="relaxed")
 
     tl.store(dq_ptr + row_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 

@@ -78,9 +78,10 @@ def _read(array: Any, index: tuple[slice | int, ...]) -> np.ndarray:
 def sample_pixels(
     array: Any, max_samples: int = 2_000_000, seed: int = 0, crop: int = 256, max_slices: int = 16
 ) -> np.ndarray:
-    """A flat float64 subsample of ``array`` (``[Y, X]`` or ``[Z, Y, X]``) of at most ``max_samples``
-    pixels: the whole array if small enough, otherwise random ``crop`` x ``crop`` windows from up to
-    ``max_slices`` evenly spaced slices (contiguous windows keep lazy reads chunk-friendly)."""
+    """A flat float64 subsample of ``array`` (``[Y, X]`` or ``[Z, Y, X]``) of about ``max_samples``
+    pixels (at most ``max(max_samples, max_slices * 16**2)``): the whole array if small enough,
+    otherwise random square windows (side <= ``crop``) from up to ``max_slices`` evenly spaced slices
+    (contiguous windows keep lazy reads chunk-friendly)."""
     depth, height, width = _shape_zyx(tuple(array.shape))
     volume_view = (lambda z, ys, xs: (z, ys, xs)) if len(array.shape) == 3 else (lambda z, ys, xs: (ys, xs))
     total = depth * height * width
@@ -88,8 +89,10 @@ def sample_pixels(
         return _read(array, tuple(slice(None) for _ in array.shape)).astype(np.float64).ravel()
     rng = np.random.default_rng(seed)
     slices = np.unique(np.linspace(0, depth - 1, num=min(depth, max_slices)).round().astype(int))
-    ch, cw = min(crop, height), min(crop, width)
-    per_slice = max(1, max_samples // (len(slices) * ch * cw))
+    budget = max(1, max_samples // len(slices))  # pixels per slice
+    side = int(np.clip(math.isqrt(budget), 16, crop))
+    ch, cw = min(side, height), min(side, width)
+    per_slice = max(1, budget // (ch * cw))
     parts = []
     for z in slices:
         if ch * cw * per_slice >= height * width:  # the windows would cover the slice anyway

@@ -17,8 +17,8 @@ How it is drawn (numpy/scipy only):
   (smoothly varying) membrane width;
 * mitochondria are ellipsoids attached to some cells, kept away from the membranes; their
   cross-section in a slice is an ellipse with a dark outer membrane and striped cristae inside;
-* cytoplasm gets a per-cell grey level plus fine texture; then an in-plane blur, Gaussian noise and a
-  slight per-slice brightness change, as in serial-section TEM.
+* cytoplasm gets a per-cell grey level, smooth and fine texture and small vesicles; then an in-plane
+  blur, Gaussian noise and a slight per-slice brightness change, as in serial-section TEM.
 
 All randomness comes from one seeded ``numpy.random.Generator``: the same arguments give the
 same arrays on every machine.
@@ -100,6 +100,25 @@ def _interp_axis(values: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarra
     return np.take(values, lo, axis=axis) * (1 - frac) + np.take(values, lo + 1, axis=axis) * frac
 
 
+def _vesicle_field(rng: np.random.Generator, shape: tuple[int, int, int], density: float) -> np.ndarray:
+    """Grey-level offsets ``[Z, Y, X]`` of small vesicles: thin dark rings (radius ~2.6 px) around a
+    slightly lighter lumen; each vesicle spans two neighbouring slices."""
+    if density <= 0:
+        return np.zeros(shape, np.float32)
+    centres = rng.random(shape) < density / 2
+    if shape[0] > 1:
+        centres[1:] |= centres[:-1]
+    out = np.zeros(shape, np.float32)
+    radius = 2.6
+    for z in range(shape[0]):
+        if not centres[z].any():
+            continue
+        dist = ndimage.distance_transform_edt(~centres[z]).astype(np.float32)
+        ring = np.exp(-(((dist - radius) / 0.8) ** 2))
+        out[z] = -85.0 * ring + 15.0 * (dist < radius - 0.9)
+    return out
+
+
 def _seed_points(rng: np.random.Generator, height: int, width: int, cell_size: float) -> np.ndarray:
     """Jittered-grid seeds ``[N, 2]`` (y, x) covering the image plus a one-cell margin."""
     margin = cell_size
@@ -149,9 +168,10 @@ def synthetic_em(
     cell_size: float = 40.0,
     membrane_width: float = 3.0,
     mito_probability: float = 0.6,
-    noise_std: float = 9.0,
+    noise_std: float = 12.0,
     blur_sigma: float = 0.8,
     z_drift: float = 1.0,
+    vesicle_density: float = 0.003,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw a synthetic EM image or stack with dense class labels.
 
@@ -164,6 +184,7 @@ def synthetic_em(
         noise_std: standard deviation of the additive Gaussian noise, in grey levels (0..255).
         blur_sigma: in-plane Gaussian blur (pixels) applied before the noise.
         z_drift: typical in-plane movement of a cell centre between neighbouring slices, in pixels.
+        vesicle_density: small vesicles (dark rings, light centre) per pixel in the cytoplasm.
 
     Returns:
         ``(image, labels)``: both uint8 with ``shape``; labels 1 = membrane, 2 = mitochondrion,
@@ -194,6 +215,7 @@ def synthetic_em(
     )
     texture_fine /= texture_fine.std() + 1e-6
     slice_gain = rng.normal(0.0, 2.5, size=depth).astype(np.float32)
+    vesicles = _vesicle_field(rng, volume, density=vesicle_density)
 
     image = np.empty(volume, dtype=np.float32)
     labels = np.empty(volume, dtype=np.uint8)
@@ -215,7 +237,9 @@ def synthetic_em(
         darkness = np.clip(1.0 - (wall - half) / 1.2, 0.0, 1.0)
         darkness = np.where(membrane, 1.0, darkness * (wall < half + 1.2))
 
-        cyto = 168.0 + 11.0 * cell_tone[cell] + 9.0 * texture_coarse[z] + 7.0 * texture_fine[z]
+        cyto = (
+            168.0 + 11.0 * cell_tone[cell] + 12.0 * texture_coarse[z] + 10.0 * texture_fine[z] + vesicles[z]
+        )
         plane = cyto * (1.0 - darkness) + (62.0 + 8.0 * texture_fine[z]) * darkness
         label = np.where(membrane, MEMBRANE, CYTOPLASM).astype(np.uint8)
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
-
 import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -84,9 +82,3 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 def make_grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
     """A GradScaler that is enabled only for fp16 (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-
-
-@contextlib.contextmanager
-def inference_mode() -> Iterator[None]:
-    with torch.inference_mode():
-        yield

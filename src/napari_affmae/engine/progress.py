@@ -37,7 +37,14 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 
 class JobCancelled(RuntimeError):
-    """Raised by a job that stopped because its CancelToken was set."""
+    """Raised by a job that stopped because its CancelToken was set.
+
+    ``result`` is the job's partial result when it has one: training jobs attach their result
+    object (``cancelled=True``, with the checkpoint and package paths they wrote before raising),
+    batch attaches its report so far; None otherwise.
+    """
+
+    result: object | None = None
 
 
 class CancelToken:

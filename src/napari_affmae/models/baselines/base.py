@@ -154,8 +154,13 @@ class SegHead(nn.Module):
 
 def reconstruction_loss(x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
     """MSE between ``pred [B, h*w, 64]`` and the (normalised) pixel targets on masked patches only."""
-    target = patch_targets(x, PATCH_SIZE, norm_pix)  # [B, h*w, 64]
     masked = mask.reshape(mask.shape[0], -1)  # [B, h*w]
+    if not bool(masked.any()):
+        raise ValueError(
+            "the mask hides no patch, so there is nothing to reconstruct; use a larger tile or a higher "
+            "mask ratio (GreenMIM masks whole units of 2**(stages-1) patches)"
+        )
+    target = patch_targets(x, PATCH_SIZE, norm_pix)  # [B, h*w, 64]
     return masked_mse(pred[masked], target[masked])
 
 

@@ -1,0 +1,481 @@
+"""Efficiency benchmark: AFFMAE against ViT-MAE, UM-MAE and GreenMIM at matched size.
+
+For every family and resolution, measured side by side in one run (resolutions in increasing
+order, families interleaved so machine noise hits all of them alike):
+
+* parameters of the pretraining (MAE) model and of the segmentation model;
+* FLOPs of one pretraining step (forward + loss + backward) and of one segmentation forward
+  (`flops.count_flops`: counter + analytic formulas, convention in that module);
+* milliseconds per training step (forward + loss + backward; the mask is drawn beforehand, as
+  the data pipeline does, and no optimiser step is taken) and per segmentation forward
+  (inference mode), median of ``repeats`` runs after one warm-up run;
+* peak memory added by one training step / one inference (`memory.measure_peak`).
+
+Ratios are "ViT-MAE / family": above 1 means the family is cheaper than ViT-MAE.
+
+Run it as ``affmae bench efficiency`` or ``python benchmarks/efficiency.py``; ``main(argv)``
+returns the exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..models.registry import create_model
+from .flops import FlopCount, count_flops
+from .memory import cpu_method, measure_peak
+
+log = logging.getLogger(__name__)
+
+#: The family every ratio is taken against.
+REFERENCE = "vit_mae"
+SIZES = ("tiny", "small", "base")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_RESOLUTIONS = (256, 512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One benchmarked model family: registry prefix, config overrides, display label."""
+
+    key: str
+    prefix: str
+    label: str
+    overrides: tuple[tuple[str, object], ...] = ()
+    #: False: on CPU only FLOPs are counted (the PyTorch reference runs both AFFMAE neighbourhood
+    #: modes through the same gather, so CPU time says nothing about their difference).
+    timed_on_cpu: bool = True
+
+
+FAMILIES = {
+    "affmae": Family("affmae", "affmae", "AFFMAE"),
+    "affmae_cluster": Family("affmae_cluster", "affmae", "AFFMAE (cluster nbhd)",
+                             (("neighborhood", "cluster"),), timed_on_cpu=False),
+    "vit_mae": Family("vit_mae", "vit_mae", "ViT-MAE"),
+    "um_mae": Family("um_mae", "um_mae", "UM-MAE"),
+    "greenmim": Family("greenmim", "greenmim", "GreenMIM"),
+}
+DEFAULT_FAMILIES = ("affmae", "affmae_cluster", "vit_mae", "um_mae", "greenmim")
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. ``max_step_seconds``: skip timing/memory of a run predicted slower."""
+
+    families: tuple[str, ...] = DEFAULT_FAMILIES
+    size: str = "tiny"
+    resolutions: tuple[int, ...] = DEFAULT_RESOLUTIONS
+    device: str = "cpu"
+    precision: str = "fp32"
+    repeats: int = 3
+    batch: int = 1
+    num_classes: int = 2
+    max_step_seconds: float = 120.0
+    mask_ratio: float | None = None
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.families = tuple(self.families)
+        self.resolutions = tuple(sorted(set(int(r) for r in self.resolutions)))
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; choose from "
+                             f"{', '.join(FAMILIES)}")
+        if not self.families:
+            raise ValueError("give at least one family")
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {SIZES}; got {self.size!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}; got {self.precision!r}")
+        bad = [r for r in self.resolutions if r < 64 or r % 64]
+        if not self.resolutions or bad:
+            raise ValueError(f"resolutions must be multiples of 64 px, at least 64 (GreenMIM masks 64-px units, "
+                             f"UM-MAE needs multiples of 16); got {bad or 'none'}")
+        if self.repeats < 1 or self.batch < 1:
+            raise ValueError(f"repeats and batch must be >= 1; got {self.repeats}, {self.batch}")
+        if self.max_step_seconds <= 0:
+            raise ValueError(f"max_step_seconds must be positive; got {self.max_step_seconds}")
+        if self.mask_ratio is not None and not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1); got {self.mask_ratio}")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]'; got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested, but no CUDA device is available here; use --device cpu")
+
+
+@dataclass
+class FamilyInfo:
+    key: str
+    label: str
+    model: str
+    params_mae: int
+    params_seg: int
+    mask_ratio: float | None  # configured ratio (UM-MAE: fixed 0.75 by uniform sampling)
+    timed: bool
+
+
+@dataclass
+class Cell:
+    """One family at one resolution (None = not measured; the reason is in ``notes``)."""
+
+    family: str
+    resolution: int
+    masked_fraction: float | None = None
+    flops_train: int | None = None
+    flops_seg: int | None = None
+    flops_train_by_op: dict[str, int] = field(default_factory=dict)
+    flops_seg_by_op: dict[str, int] = field(default_factory=dict)
+    ms_train: float | None = None
+    ms_infer: float | None = None
+    mem_train: int | None = None
+    mem_infer: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    environment: dict
+    families: list[FamilyInfo]
+    cells: list[Cell]
+
+    def cell(self, family: str, resolution: int) -> Cell | None:
+        for c in self.cells:
+            if c.family == family and c.resolution == resolution:
+                return c
+        return None
+
+    def ratio(self, family: str, resolution: int, metric: str) -> float | None:
+        """``metric`` of ViT-MAE divided by that of ``family`` (None when either is missing)."""
+        ref, mine = self.cell(REFERENCE, resolution), self.cell(family, resolution)
+        if ref is None or mine is None:
+            return None
+        a, b = getattr(ref, metric), getattr(mine, metric)
+        if a is None or b is None or b == 0:
+            return None
+        return a / b
+
+    def to_json(self) -> dict:
+        """Machine-readable results (what ``--json`` prints)."""
+        metrics = ("flops_train", "flops_seg", "ms_train", "ms_infer", "mem_train", "mem_infer")
+        cells = []
+        for c in self.cells:
+            row = dataclasses.asdict(c)
+            row["ratio_to_reference"] = {m: self.ratio(c.family, c.resolution, m) for m in metrics}
+            cells.append(row)
+        return {
+            "reference": REFERENCE,
+            "ratio_definition": f"{REFERENCE} value / family value (above 1: cheaper than {REFERENCE})",
+            "config": dataclasses.asdict(self.config),
+            "environment": self.environment,
+            "families": [dataclasses.asdict(f) for f in self.families],
+            "cells": cells,
+        }
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower() \
+        or isinstance(err, MemoryError)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU: {model}"
+
+
+def environment(config: BenchConfig) -> dict:
+    device = torch.device(config.device)
+    env = {
+        "device": _device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "memory_method": cpu_method() if device.type == "cpu" else
+        "torch.cuda.max_memory_allocated - memory_allocated before",
+    }
+    with contextlib.suppress(OSError, AttributeError):
+        env["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
+    return env
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _build(family: Family, config: BenchConfig, device: torch.device) -> tuple[nn.Module, nn.Module, FamilyInfo]:
+    name = f"{family.prefix}_{config.size}"
+    overrides = dict(family.overrides)
+    mae = create_model(name, task="mae", **overrides)
+    if config.mask_ratio is not None and hasattr(mae.config, "mask_ratio"):
+        overrides["mask_ratio"] = config.mask_ratio
+        mae = create_model(name, task="mae", **overrides)
+    seg_overrides = {k: v for k, v in overrides.items() if k != "mask_ratio"}
+    seg = create_model(name, task="segmentation", num_classes=config.num_classes, **seg_overrides)
+    timed = family.timed_on_cpu or device.type != "cpu"
+    ratio = getattr(mae.config, "mask_ratio", 0.75 if family.prefix == "um_mae" else None)
+    info = FamilyInfo(family.key, family.label, name, _count(mae), _count(seg), ratio, timed)
+    return mae.to(device), seg.to(device), info
+
+
+class _Runner:
+    """The measured calls of one family at one resolution."""
+
+    def __init__(self, mae: nn.Module, seg: nn.Module, x: torch.Tensor, mask: torch.Tensor,
+                 device: torch.device, precision: str) -> None:
+        self.mae, self.seg, self.x, self.mask = mae, seg, x, mask
+        self.device, self.precision = device, precision
+
+    def train_step(self) -> None:
+        with _autocast(self.device, self.precision):
+            out = self.mae(self.x, mask=self.mask)
+        out["loss"].backward()
+
+    def infer(self) -> None:
+        with torch.inference_mode(), _autocast(self.device, self.precision):
+            self.seg(self.x)
+
+    def clear(self) -> None:
+        self.mae.zero_grad(set_to_none=True)
+
+    def timed(self, fn: Callable[[], None]) -> float:
+        """Seconds of one call, device synchronised."""
+        _sync(self.device)
+        start = time.perf_counter()
+        fn()
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+def _predict_seconds(history: list[tuple[int, float]], resolution: int) -> float | None:
+    """Lower bound of the next run's seconds: the last measured time scaled linearly in pixels."""
+    if not history:
+        return None
+    res, seconds = history[-1]
+    return seconds * (resolution / res) ** 2
+
+
+def _measure(runner: _Runner, fn: Callable[[], None], what: str, repeats: int, limit: float,
+             history: list[tuple[int, float]], resolution: int, device: torch.device,
+             notes: list[str]) -> tuple[float | None, int | None]:
+    """(median ms, peak bytes) of ``fn`` or (None, None) with a reason appended to ``notes``."""
+    predicted = _predict_seconds(history, resolution)
+    where = "on CPU" if device.type == "cpu" else f"on {device.type}"
+    if predicted is not None and predicted > limit:
+        prev_res, prev_s = history[-1]
+        notes.append(f"{what} skipped: > {predicted:.0f} s per run {where} predicted "
+                     f"({prev_s:.1f} s at {prev_res}^2 x {(resolution / prev_res) ** 2:.0f}x the pixels; "
+                     f"limit {limit:.0f} s)")
+        return None, None
+    try:
+        runner.clear()
+        warmup = runner.timed(fn)
+        runs, peaks = [], []
+        if warmup > limit:
+            notes.append(f"{what}: warm-up run took {warmup:.0f} s (> {limit:.0f} s); reporting that single run")
+            runs = [warmup]
+            runner.clear()
+            _, peak = measure_peak(fn, device)
+            peaks.append(peak.bytes)
+        else:
+            for _ in range(repeats):
+                runner.clear()
+                seconds, peak = measure_peak(lambda: runner.timed(fn), device)
+                runs.append(seconds)
+                peaks.append(peak.bytes)
+        runner.clear()
+    except (RuntimeError, MemoryError) as err:
+        if not _is_oom(err):
+            raise
+        runner.clear()
+        notes.append(f"{what} skipped: out of memory {where}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None, None
+    median = statistics.median(runs)
+    history.append((resolution, median))
+    return median * 1000.0, max(peaks)
+
+
+def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Measure every family at every resolution (see the module docstring)."""
+    say = progress or log.info
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    env = environment(config)
+    started = time.perf_counter()
+    families = [FAMILIES[k] for k in config.families]
+    built: dict[str, tuple[nn.Module, nn.Module]] = {}
+    infos: list[FamilyInfo] = []
+    for family in families:
+        torch.manual_seed(config.seed)
+        mae, seg, info = _build(family, config, device)
+        mae.train()
+        seg.eval()
+        built[family.key] = (mae, seg)
+        infos.append(info)
+        say(f"{info.label}: {info.model}, {info.params_mae / 1e6:.2f} M parameters (MAE), "
+            f"{info.params_seg / 1e6:.2f} M (segmentation)")
+    history: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    cells = []
+    for resolution in config.resolutions:
+        for family, info in zip(families, infos):
+            mae, seg = built[family.key]
+            cell = Cell(family.key, resolution)
+            cells.append(cell)
+            gen = torch.Generator().manual_seed(config.seed + resolution)
+            x = torch.randn(config.batch, 1, resolution, resolution, generator=gen).to(device)
+            lattice = resolution // 8
+            torch.manual_seed(config.seed + resolution)
+            mask = mae.random_mask(config.batch, lattice, lattice, device=device)
+            cell.masked_fraction = float(mask.float().mean())
+            runner = _Runner(mae, seg, x, mask, device, config.precision)
+            say(f"{info.label} @ {resolution}^2: counting FLOPs")
+            try:
+                cell.flops_train, cell.flops_train_by_op = _flops(runner.train_step, runner)
+                with torch.no_grad():
+                    cell.flops_seg, cell.flops_seg_by_op = _flops(runner.infer, runner)
+            except (RuntimeError, MemoryError) as err:
+                if not _is_oom(err):
+                    raise
+                runner.clear()
+                cell.notes.append(f"FLOP count skipped: out of memory on {device.type} while counting")
+            if not info.timed:
+                cell.notes.append("FLOPs only on CPU: the reference backend runs both neighbourhood modes "
+                                  "through the same gather; time it on a GPU")
+                continue
+            for what, fn, key in (("training step", runner.train_step, "train"), ("inference", runner.infer, "infer")):
+                say(f"{info.label} @ {resolution}^2: timing {what}")
+                ms, peak = _measure(runner, fn, what, config.repeats, config.max_step_seconds,
+                                    history.setdefault((family.key, key), []), resolution, device, cell.notes)
+                setattr(cell, f"ms_{key}", ms)
+                setattr(cell, f"mem_{key}", peak)
+            del x, mask, runner
+    env["seconds"] = round(time.perf_counter() - started, 1)
+    with contextlib.suppress(OSError, AttributeError):
+        env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    return BenchResult(config, env, infos, cells)
+
+
+def _flops(fn: Callable[[], None], runner: _Runner) -> tuple[int, dict[str, int]]:
+    runner.clear()
+    counted: FlopCount = count_flops(fn)
+    runner.clear()
+    return counted.total, dict(counted.by_op)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+def _csv(kind: Callable[[str], object]):
+    def parse(text: str):
+        try:
+            return tuple(kind(t.strip()) for t in text.split(",") if t.strip())
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list: {err}") from err
+
+    return parse
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Parameters, FLOPs, peak memory and step times of AFFMAE, ViT-MAE, UM-MAE and GreenMIM at "
+                    "matched size, with ratios to ViT-MAE. GPU runs: --device cuda --precision bf16 --size small.")
+    parser.add_argument("--families", type=_csv(str), default=DEFAULT_FAMILIES,
+                        help=f"comma-separated, from {', '.join(FAMILIES)} (default: all)")
+    parser.add_argument("--size", choices=SIZES, default="tiny", help="model size (default tiny; small/base for GPU)")
+    parser.add_argument("--resolutions", type=_csv(int), default=DEFAULT_RESOLUTIONS,
+                        help="square tile sides in px, multiples of 64 (default 256,512,1024,2048)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                        help="autocast dtype for the measured runs (default fp32)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median; default 3)")
+    parser.add_argument("--batch", type=int, default=1, help="tiles per step (default 1)")
+    parser.add_argument("--max-step-seconds", type=float, default=120.0,
+                        help="skip timing where a run is predicted slower than this (default 120)")
+    parser.add_argument("--mask-ratio", type=float, default=None,
+                        help="override the masking ratio of AFFMAE, ViT-MAE and GreenMIM (default: each "
+                             "family's own; UM-MAE is 0.75 by construction)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable results on stdout "
+                        "(the table then goes to stderr)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write/update this Markdown page (e.g. docs/benchmarks.md) and its plots")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="folder of the plots (default: images/ next to --out)")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``affmae bench efficiency``: run the benchmark, print the table (or JSON), write the page."""
+    args = build_parser(prog).parse_args(argv)
+    if not args.quiet and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        config = BenchConfig(families=args.families, size=args.size, resolutions=args.resolutions,
+                             device=args.device, precision=args.precision, repeats=args.repeats, batch=args.batch,
+                             max_step_seconds=args.max_step_seconds, mask_ratio=args.mask_ratio,
+                             threads=args.threads)
+    except ValueError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    from . import report  # noqa: PLC0415  (matplotlib only when needed)
+
+    progress = (lambda message: None) if args.quiet else log.info
+    result = run_benchmark(config, progress)
+    shown = list(sys.argv[1:] if argv is None else argv)
+    result.environment["command"] = " ".join([prog or "affmae bench efficiency", *shown])
+    table = report.format_table(result)
+    if args.json:
+        sys.stderr.write(table + "\n")
+        sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
+    else:
+        sys.stdout.write(table + "\n")
+    if args.out is not None:
+        images = args.images if args.images is not None else args.out.parent / "images"
+        report.write_page(result, args.out, images)
+        if not args.quiet:
+            log.info("wrote %s and plots in %s", args.out, images)
+    return 0

@@ -1,0 +1,378 @@
+"""Tables, plots and the Markdown page of the efficiency benchmark.
+
+The page (docs/benchmarks.md) holds one section per (device type, size, precision); a run
+replaces its own section and keeps the others, so CPU and GPU results live side by side.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .efficiency import FAMILIES, REFERENCE, BenchResult, Cell
+from .flops import DENSE, KNN, MERGE, NEIGHBORHOOD, SDPA
+
+#: (attribute, title, unit, scale) of the per-resolution tables.
+METRICS = (
+    ("flops_train", "FLOPs per pretraining step (forward + loss + backward)", "GFLOP", 1e-9),
+    ("flops_seg", "FLOPs per segmentation forward", "GFLOP", 1e-9),
+    ("ms_train", "Time per training step (forward + loss + backward)", "ms", 1.0),
+    ("ms_infer", "Time per segmentation forward (inference mode)", "ms", 1.0),
+    ("mem_train", "Peak memory added by one training step", "MiB", 1 / 2**20),
+    ("mem_infer", "Peak memory added by one segmentation forward", "MiB", 1 / 2**20),
+)
+TARGET_RESOLUTION = 1024
+GPU_COMMAND = "affmae bench efficiency --device cuda --precision bf16 --size small --out docs/benchmarks.md"
+REPO_GPU_COMMAND = "python benchmarks/efficiency.py --device cuda --precision bf16 --size small --out docs/benchmarks.md"
+
+
+def _num(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _cell_text(result: BenchResult, cell: Cell | None, metric: str, scale: float) -> str:
+    if cell is None or getattr(cell, metric) is None:
+        return "-"
+    text = _num(getattr(cell, metric) * scale)
+    ratio = result.ratio(cell.family, cell.resolution, metric)
+    if ratio is not None and cell.family != REFERENCE:
+        text += f" (x{ratio:.2f})"
+    return text
+
+
+def _grid(result: BenchResult, metric: str, scale: float) -> tuple[list[str], list[list[str]]]:
+    header = ["family"] + [f"{r}^2" for r in result.config.resolutions]
+    rows = []
+    for info in result.families:
+        rows.append([info.label] + [_cell_text(result, result.cell(info.key, r), metric, scale)
+                                    for r in result.config.resolutions])
+    return header, rows
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _params_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
+    ref = next((f for f in result.families if f.key == REFERENCE), None)
+    header = ["family", "model", "params MAE (M)", "params seg (M)", "mask ratio"]
+    rows = []
+    for f in result.families:
+        rel = f" ({f.params_mae / ref.params_mae:.2f}x ViT)" if ref and f.key != REFERENCE else ""
+        rows.append([f.label, f.model, f"{f.params_mae / 1e6:.2f}{rel}", f"{f.params_seg / 1e6:.2f}",
+                     "-" if f.mask_ratio is None else f"{f.mask_ratio:g}"])
+    return header, rows
+
+
+def _notes(result: BenchResult) -> list[str]:
+    out = []
+    for c in result.cells:
+        for note in c.notes:
+            out.append(f"{FAMILIES[c.family].label} @ {c.resolution}^2: {note}")
+    # one line for notes repeated at every resolution
+    seen, unique = set(), []
+    for line in out:
+        key = re.sub(r" @ \d+\^2", "", line)
+        if "FLOPs only on CPU" in line:
+            if key in seen:
+                continue
+            seen.add(key)
+            line = key
+        unique.append(line)
+    return unique
+
+
+def format_table(result: BenchResult) -> str:
+    """Plain-text report for the terminal: parameters, then one grid per metric, then notes."""
+    cfg, env = result.config, result.environment
+    parts = [f"Efficiency benchmark: size {cfg.size}, {env['device']}, {cfg.precision}, batch {cfg.batch}; "
+             f"(xR) = {FAMILIES[REFERENCE].label} / family", "", _text_table(*_params_rows(result))]
+    for metric, title, unit, scale in METRICS:
+        parts += ["", f"{title} [{unit}]", _text_table(*_grid(result, metric, scale))]
+    notes = _notes(result)
+    if notes:
+        parts += ["", "Notes:"] + [f"- {n}" for n in notes]
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------ targets
+
+def _ratios_over_resolutions(result: BenchResult, family: str, metric: str) -> list[tuple[int, float]]:
+    out = []
+    for r in result.config.resolutions:
+        ratio = result.ratio(family, r, metric)
+        if ratio is not None:
+            out.append((r, ratio))
+    return out
+
+
+def _at_target(series: list[tuple[int, float]]) -> tuple[int, float] | None:
+    for r, v in series:
+        if r == TARGET_RESOLUTION:
+            return r, v
+    return series[-1] if series else None
+
+
+def targets(result: BenchResult) -> list[tuple[str, str, str]]:
+    """(target, where we stand, verdict) rows of issue 6's targets for AFFMAE."""
+    rows = []
+    on_gpu = result.environment.get("device_type") == "cuda"
+    flops = _ratios_over_resolutions(result, "affmae", "flops_train")
+    at = _at_target(flops)
+    if at:
+        growing = all(b[1] > a[1] for a, b in zip(flops, flops[1:]))
+        series = ", ".join(f"{v:.2f}x @ {r}" for r, v in flops)
+        met = at[1] >= 7 and growing
+        rows.append(("FLOPs ratio ViT-MAE / AFFMAE >= 7 at 1024^2 (training step), growing with resolution",
+                     f"{at[1]:.2f}x at {at[0]}^2; {series}; {'growing' if growing else 'not monotonically growing'}",
+                     "met" if met else "not met"))
+    for metric, what in (("mem_train", "training step"), ("mem_infer", "inference")):
+        series = _ratios_over_resolutions(result, "affmae", metric)
+        at = _at_target(series)
+        if at:
+            rows.append((f"Peak-memory ratio ViT-MAE / AFFMAE >= 2 ({what})", f"{at[1]:.2f}x at {at[0]}^2",
+                         "met" if at[1] >= 2 else "not met"))
+    series = _ratios_over_resolutions(result, "affmae", "ms_train")
+    at = _at_target(series)
+    if at:
+        verdict = ("met" if at[1] >= 5 else "not met") if on_gpu else "GPU target; CPU figure for reference only"
+        rows.append(("Step-time ratio ViT-MAE / AFFMAE >= 5 at 1024^2 on GPU (training step)",
+                     f"{at[1]:.2f}x at {at[0]}^2 on {result.environment['device']}", verdict))
+    if not on_gpu:
+        rows.append(("GPU figures", "not measured in this run (no GPU lent)", f"owed: `{GPU_COMMAND}`"))
+    return rows
+
+
+def _breakdown(result: BenchResult) -> tuple[list[str], list[list[str]]] | None:
+    cells = [result.cell("affmae", r) for r in result.config.resolutions]
+    cells = [c for c in cells if c is not None and c.flops_train]
+    if not cells:
+        return None
+    names = {DENSE: "linear / conv / matmul (counter)", NEIGHBORHOOD: "neighbourhood attention (analytic)",
+             MERGE: "weighted merge (analytic)", KNN: "k-NN centroid distances (analytic)",
+             SDPA: "dense attention"}
+    header = ["op class"] + [f"train {c.resolution}^2" for c in cells] + [f"seg {c.resolution}^2" for c in cells]
+    rows = []
+    for op, label in names.items():
+        values = [c.flops_train_by_op.get(op, 0) / c.flops_train for c in cells]
+        values += [c.flops_seg_by_op.get(op, 0) / c.flops_seg for c in cells if c.flops_seg]
+        if any(values):
+            rows.append([label] + [f"{100 * v:.1f} %" for v in values])
+    return header, rows
+
+
+def _token_vs_cluster(result: BenchResult) -> tuple[list[str], list[list[str]]] | None:
+    if not {"affmae", "affmae_cluster"} <= set(result.config.families):
+        return None
+    header = ["resolution", "train token (GFLOP)", "train cluster", "cluster / token", "seg token (GFLOP)",
+              "seg cluster", "cluster / token", "k-NN share of train FLOPs (token / cluster)"]
+    rows = []
+    for r in result.config.resolutions:
+        tok, clu = result.cell("affmae", r), result.cell("affmae_cluster", r)
+        if tok is None or clu is None or not (tok.flops_train and clu.flops_train and tok.flops_seg and clu.flops_seg):
+            continue
+        knn = (f"{100 * tok.flops_train_by_op.get(KNN, 0) / tok.flops_train:.2f} % / "
+               f"{100 * clu.flops_train_by_op.get(KNN, 0) / clu.flops_train:.2f} %")
+        rows.append([f"{r}^2", _num(tok.flops_train / 1e9), _num(clu.flops_train / 1e9),
+                     f"{clu.flops_train / tok.flops_train:.3f}", _num(tok.flops_seg / 1e9),
+                     _num(clu.flops_seg / 1e9), f"{clu.flops_seg / tok.flops_seg:.3f}", knn])
+    return header, rows
+
+
+# -------------------------------------------------------------------------------------- plots
+
+def _plot(result: BenchResult, path: Path, solid: str, dashed: str, unit: str, scale: float, title: str) -> bool:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    drawn = False
+    for i, info in enumerate(result.families):
+        color = f"C{i}"
+        for metric, style, tag in ((solid, "-", "train"), (dashed, "--", "seg" if "flops" in dashed else "infer")):
+            pts = [(c.resolution, getattr(c, metric) * scale) for c in result.cells
+                   if c.family == info.key and getattr(c, metric)]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, marker="o", color=color, label=f"{info.label} ({tag})")
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(list(result.config.resolutions))
+    ax.set_xticklabels([f"{r}" for r in result.config.resolutions])
+    ax.set_xlabel("tile side (px), square tiles")
+    ax.set_ylabel(unit)
+    cfg = result.config
+    ax.set_title(f"{title}\n{cfg.size} models, {result.environment['device_type']}, {cfg.precision}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_plots(result: BenchResult, images: Path) -> list[Path]:
+    """Log-log cost-vs-resolution plots (FLOPs, time, memory) -> the PNG paths written."""
+    tag = f"{result.environment['device_type']}_{result.config.size}_{result.config.precision}"
+    specs = (("flops", "flops_train", "flops_seg", "GFLOP", 1e-9, "FLOPs: pretraining step (solid), segmentation (dashed)"),
+             ("time", "ms_train", "ms_infer", "ms", 1.0, "Time: training step (solid), inference (dashed)"),
+             ("memory", "mem_train", "mem_infer", "MiB", 1 / 2**20, "Peak memory: training step (solid), inference (dashed)"))
+    written = []
+    for name, solid, dashed, unit, scale, title in specs:
+        path = images / f"bench_{tag}_{name}.png"
+        if _plot(result, path, solid, dashed, unit, scale, title):
+            written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------------------- page
+
+HEADER = """# Efficiency benchmark
+
+AFFMAE against the seed systems (ViT-MAE, UM-MAE, GreenMIM) in the same framework, at matched
+parameter count, on square one-channel tiles. Produced by
+
+    affmae bench efficiency --out docs/benchmarks.md            # CPU, tiny models
+    {gpu_command}   # GPU
+
+(or `python benchmarks/efficiency.py ...` from a checkout). Each run replaces its own section
+(device type, size, precision) and keeps the others. `--json` prints the raw results.
+
+{gpu_status}
+
+## How it is measured
+
+* **Models.** `<family>_<size>` from the model registry, each family with its own default
+  masking: AFFMAE 50 % blob masks, ViT-MAE 75 % random, UM-MAE uniform sampling (75 %, plus
+  25 % secondary masking), GreenMIM 75 % of 64-px units (`--mask-ratio` overrides the ratio of
+  the three that have one). Segmentation variants: `task="segmentation"`, 2 classes.
+* **Training step** = forward + loss + backward of the pretraining model on one tile (the mask
+  is drawn beforehand, as the data pipeline does; no optimiser step). **Inference** = one forward
+  of the segmentation model in inference mode. Time: median of `--repeats` runs after one
+  warm-up run, device synchronised. Runs predicted to exceed `--max-step-seconds` (the last
+  measured time scaled linearly with the pixel count, a lower bound for every family) are
+  skipped and the reason is listed.
+* **Ratios** are ViT-MAE / family: above 1 the family is cheaper than ViT-MAE.
+* **FLOPs** (`napari_affmae.bench.flops`): 1 multiply-accumulate = 2 FLOPs. Counted: matrix
+  products and convolutions (`torch.utils.flop_counter.FlopCounterMode`: mm, addmm, bmm,
+  convolution and their backward), attention, AFFMAE's neighbourhood ops and k-NN distances. Not
+  counted, for every family alike: element-wise work (softmax, GELU, norms, masking), sorting /
+  top-k, gathers. A training step is counted op by op as executed (forward + backward, about 3x
+  the forward). Formulas for what the counter cannot see (B batch, H heads, Nq queries, Nk keys,
+  M = 64 neighbours, D head dim, G = 4 merge groups, C channels, Nc centroids):
+  * dense attention (SDPA): torch's own formulas, forward `4 B H Nq Nk D`, backward 2.5x forward
+    (flash style, scores recomputed). Note: on CPU, `FlopCounterMode` has no entry for the CPU
+    flash-attention kernel and silently counts 0 for it; the benchmark adds it.
+  * neighbourhood attention: forward `2 B H Nq D (M + 1)` (QK^T over M neighbours + the blank key)
+    `+ 2 B H Nq M D` (PV), i.e. about `4 B H Nq M D`; backward = 2x the forward products + one
+    recomputed QK^T (the Triton kernel's work, same convention as dense attention). This forward
+    formula equals what `FlopCounterMode` counts on the PyTorch reference (gather + einsum), exactly
+    (tested); the blank value enters by a scaled add, element-wise, not counted. In cluster mode
+    `Nq` is padded to whole clusters.
+  * weighted merge: forward `2 B N' M G C`, backward 2x forward.
+  * k nearest centroids: `5 B Nq Nc` (per query-centroid pair: 2 subtractions, 2 squares, 1 add);
+    the sort is not counted; no backward. Token mode searches per query, cluster mode per cluster
+    of 8 queries.
+  To count 2048^2 tiles on a CPU, these ops run as shape-only stand-ins while counting (zeros
+  out, analytic FLOPs in); a test checks the stand-in count equals a full run of every family
+  under the counter with the reference kernels.
+* **Peak memory** added by one call, above what was allocated before it (weights, input):
+  CUDA `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus
+  `memory_allocated` before; CPU (Linux) the process's peak resident set size (`VmHWM`, reset
+  through `/proc/self/clear_refs` before the call, after `gc.collect()` + glibc `malloc_trim`),
+  minus the resident size before the call. CPU figures count everything the process touches
+  (tensors, kernel workspaces, allocator overhead); `tracemalloc` cannot see torch's memory.
+* **CPU caveat.** On CPU, AFFMAE's neighbourhood ops run on the PyTorch reference backend
+  (gather + einsum materialises `[B, H, Nq, M, D]` neighbour tensors), so CPU time and memory
+  say little about the Triton kernels; the FLOP ratios do not depend on the device.
+"""
+
+_BLOCK = re.compile(r"<!-- bench:(?P<key>[\w.-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=key) -->\n", re.S)
+
+
+def _block_key(result: BenchResult) -> str:
+    return f"{result.environment['device_type']}-{result.config.size}-{result.config.precision}"
+
+
+def render_block(result: BenchResult, images: Path, page_dir: Path) -> str:
+    """Markdown section of one run (tables, targets, breakdown, plots, notes)."""
+    cfg, env = result.config, result.environment
+    device_word = "GPU" if env["device_type"] == "cuda" else "CPU"
+    lines = [f"## {device_word}: {cfg.size} models, {cfg.precision} ({env['date']})", ""]
+    lines += [f"* Device: {env['device']}; torch {env['torch']}, {env['torch_threads']} thread(s), "
+              f"{env['cpu_count']} CPU(s) visible; batch {cfg.batch}; {cfg.repeats} timed run(s) after a warm-up.",
+              f"* Command: `{env.get('command', 'run_benchmark(...)')}` ({env.get('seconds', '?')} s in all)."]
+    if "load_average_start" in env:
+        lines.append(f"* Load average at start / end: {env['load_average_start']} / {env.get('load_average_end')} "
+                     "(a shared machine: timings are noisy)." if env["device_type"] == "cpu" else
+                     f"* Load average at start / end: {env['load_average_start']} / {env.get('load_average_end')}.")
+    lines.append(f"* Memory method: {env['memory_method']}.")
+    lines += ["", "### Targets (issue 6) - where we stand", "",
+              _md_table(["target", "measured", "verdict"], [list(r) for r in targets(result)]), "",
+              "### Parameters", "", _md_table(*_params_rows(result))]
+    for metric, title, unit, scale in METRICS:
+        lines += ["", f"### {title} [{unit}]", "", "Value (ViT-MAE / family).", "",
+                  _md_table(*_grid(result, metric, scale))]
+    breakdown = _breakdown(result)
+    if breakdown:
+        lines += ["", "### Where AFFMAE's FLOPs go", "", _md_table(*breakdown)]
+    tvc = _token_vs_cluster(result)
+    if tvc and tvc[1]:
+        lines += ["", "### AFFMAE neighbourhoods: per token vs per cluster", "",
+                  "Same model, `neighborhood=\"token\"` (each query its own 8 nearest clusters) vs "
+                  "`\"cluster\"` (the 8 queries of a cluster share their centroid's neighbourhood, so the "
+                  "attention tile is a dense `[8 x 64]` block for tensor cores). The attention FLOPs are the "
+                  "same up to cluster padding; the k-NN search runs per cluster instead of per query. The "
+                  "speed difference is a GPU-kernel matter (`benchmarks/kernels.py`).", "", _md_table(*tvc)]
+    plots = write_plots(result, images)
+    if plots:
+        lines += ["", "### Cost vs resolution (log-log)", ""]
+        lines += [f"![{p.stem}]({Path(os.path.relpath(p, page_dir)).as_posix()})" for p in plots]
+    notes = _notes(result)
+    if notes:
+        lines += ["", "### Notes", ""] + [f"* {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_page(result: BenchResult, out: Path, images: Path) -> Path:
+    """Write or update the Markdown page ``out`` (this run's section replaced, others kept) + plots."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    blocks: dict[str, str] = {}
+    if out.exists():
+        for match in _BLOCK.finditer(out.read_text(encoding="utf-8")):
+            blocks[match["key"]] = match["body"]
+    blocks[_block_key(result)] = render_block(result, Path(images), out.parent)
+    has_gpu = any(k.startswith("cuda") for k in blocks)
+    gpu_status = ("GPU sections below were measured on the device named in each." if has_gpu else
+                  "**GPU figures owed.** No GPU was lent to the runs on this page, so the step-time target "
+                  f"(>= 5x at 1024^2 on GPU) is not measured yet. Produce them with `{GPU_COMMAND}`.")
+    text = HEADER.format(gpu_command=REPO_GPU_COMMAND.replace("python benchmarks/efficiency.py", "affmae bench efficiency"),
+                         gpu_status=gpu_status)
+    order = sorted(blocks, key=lambda k: (not k.startswith("cuda"), k))
+    for key in order:
+        text += f"\n<!-- bench:{key} -->\n{blocks[key]}<!-- /bench:{key} -->\n"
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    return out

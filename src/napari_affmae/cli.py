@@ -1,0 +1,638 @@
+"""The ``affmae`` command: pretrain, fine-tune, segment, batch-segment, inspect packages, run the demo.
+
+Every sub-command is a thin front end of a job in `napari_affmae.engine`. Bad input (missing or
+corrupt files, wrong shapes, unusable labels, incompatible packages, unwritable outputs) ends with
+a one-line message on stderr and exit code 2; Ctrl-C (or a stop file) cancels cleanly: training
+writes a checkpoint first, and the exit code is 130. Each run appends JSON lines (start, progress,
+end/error events) to a log file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+# --------------------------------------------------------------------------------------- output helpers
+
+class RunLog:
+    """Append-only JSON-lines log of one run (one object per line, with time and run id)."""
+
+    def __init__(self, path: Path | None, command: str) -> None:
+        self.path = path
+        self.command = command
+        self.run_id = uuid.uuid4().hex[:12]
+        self._handle = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, event: str, **fields: Any) -> None:
+        if self._handle is None:
+            return
+        record = {"time": round(time.time(), 3), "run": self.run_id, "command": self.command, "event": event}
+        record.update({k: _json_safe(v) for k, v in fields.items()})
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _format_seconds(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "--:--"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+class TerminalProgress:
+    """A progress bar on stderr (redrawn in place on a terminal, a line every ~5 % otherwise)."""
+
+    def __init__(self, stream=None, quiet: bool = False, width: int = 24) -> None:
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.width = width
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.last_line = 0.0
+        self.open_line = False
+        self.last_job = None
+
+    def __call__(self, event: Any) -> None:
+        if self.quiet:
+            return
+        if event.message:
+            self._end_line()
+            self.stream.write(f"[{event.job}] {event.message}\n")
+        if event.total and (event.loss is not None or event.images_per_s is not None or event.step == event.total):
+            self._bar(event)
+        self.stream.flush()
+
+    def _bar(self, event: Any) -> None:
+        fraction = min(1.0, event.step / event.total)
+        filled = int(round(fraction * self.width))
+        parts = [f"{event.job:<8} [{'#' * filled}{'.' * (self.width - filled)}] {event.step}/{event.total}"]
+        if event.loss is not None:
+            parts.append(f"loss {event.loss:.4f}")
+        if event.lr is not None:
+            parts.append(f"lr {event.lr:.2e}")
+        if event.images_per_s is not None:
+            unit = "tiles/s" if event.job == "segment" else "img/s"
+            parts.append(f"{event.images_per_s:.1f} {unit}")
+        parts.append(f"ETA {_format_seconds(event.eta_s)}")
+        line = "  ".join(parts)
+        done = event.step >= event.total
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100))
+            self.open_line = True
+            if done:
+                self._end_line()
+        else:
+            now = time.monotonic()
+            step_every = max(1, event.total // 20)
+            if done or event.step % step_every == 0 or now - self.last_line > 30:
+                self.stream.write(line + "\n")
+                self.last_line = now
+
+    def _end_line(self) -> None:
+        if self.open_line:
+            self.stream.write("\n")
+            self.open_line = False
+
+
+def _progress_and_log(bar: TerminalProgress, run_log: RunLog) -> Callable[[Any], None]:
+    def on_event(event: Any) -> None:
+        bar(event)
+        run_log.write("progress", job=event.job, step=event.step, total=event.total, loss=event.loss, lr=event.lr,
+                      images_per_s=event.images_per_s, eta_s=event.eta_s, message=event.message or None)
+
+    return on_event
+
+
+# --------------------------------------------------------------------------------------- argument parsing
+
+def _size(text: str) -> tuple[int, int]:
+    """'128' -> (128, 128); '96x160' or '96,160' -> (96, 160)."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, e.g. 128 or 96x160; got {text!r}") from err
+    if len(values) == 1:
+        values = (values[0], values[0])
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, e.g. 128 or 96x160; got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,4,10; got {text!r}") from err
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with code 2 and a one-line message (its default), plus the usage line."""
+
+
+def _add_common(parser: argparse.ArgumentParser, *, training: bool) -> None:
+    group = parser.add_argument_group("execution")
+    group.add_argument("--device", default="auto",
+                       help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="auto = bf16 autocast on CUDA GPUs that support it, else fp16 with loss scaling; "
+                            "fp32 on CPU/MPS (default: auto)")
+    group.add_argument("--log", type=Path, default=None,
+                       help="JSON-lines log file (one event per line; default: a file in the output directory)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+    group.add_argument("--stop-file", type=Path, default=None,
+                       help="cancel cleanly when this file appears (like Ctrl-C; training saves a checkpoint)")
+    if training:
+        group.add_argument("--seed", type=int, default=0, help="random seed of crops, masks and init (default: 0)")
+        group.add_argument("--grad-accum", type=int, default=1,
+                           help="accumulate gradients over this many batches per step (default: 1)")
+        group.add_argument("--grad-clip", type=float, default=1.0,
+                           help="clip the gradient norm to this value; 0 disables (default: 1.0)")
+        group.add_argument("--checkpoint-every", type=int, default=100,
+                           help="write a checkpoint (and package) every N steps (default: 100)")
+        group.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                           help="continue from the checkpoint in --output-dir (no value) or from the given "
+                                "checkpoint file/directory; restores weights, optimiser, schedule, step and RNG")
+
+
+def _add_image_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--axes", default=None,
+                        help="axes of TIFF/.npy input when the file does not say, e.g. zyx, czyx (with --channel)")
+    parser.add_argument("--channel", type=int, default=None, help="channel index for multi-channel input")
+    parser.add_argument("--timepoint", type=int, default=None, help="time point index for time series")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="affmae", description=(
+        "Self-supervised AFFMAE pretraining, fine-tuning on painted labels and tiled segmentation of EM "
+        "images (2D or Z-stacks; TIFF, OME-Zarr, .npy). Run 'affmae demo' for an end-to-end example."),
+        epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad input, 130 cancelled. Multi-GPU/multi-node: run "
+               "pretrain/finetune/batch under 'torchrun --nproc-per-node N -m napari_affmae.cli ...'.")
+    parser.add_argument("--verbose", "-v", action="count", default=0, help="more log output (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("pretrain", help="self-supervised MAE pretraining on one or more images",
+                       description="Pretrain an AFFMAE masked autoencoder on EM images (no labels needed). "
+                                   "Writes pretrained.affmae (model package) and checkpoint.safetensors into "
+                                   "--output-dir.")
+    p.add_argument("images", nargs="+", type=Path, help="TIFF / OME-Zarr / .npy images or stacks (Z, Y, X)")
+    p.add_argument("--output-dir", "-o", type=Path, required=True, help="where the package, checkpoint and log go")
+    p.add_argument("--model", default="affmae_tiny",
+                   help="architecture: affmae_tiny (~3 M parameters, CPU friendly), affmae_small, affmae_base")
+    p.add_argument("--crop-size", type=_size, default=(128, 128),
+                   help="training crop HxW in pixels, multiples of 8 (default: 128)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="global batch size, split across torchrun processes (default: 8)")
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default: 1000)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="instead of --steps: passes over the data (one epoch ~ every pixel seen once)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of AdamW (default: 5e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
+    p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps before cosine decay (default: 50)")
+    p.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of 8x8 patches hidden (default: 0.5)")
+    p.add_argument("--mask-type", default="blob", choices=("blob", "random"),
+                   help="blob-shaped (Perlin-style) or i.i.d. random masks (default: blob)")
+    p.add_argument("--keep-rate", type=float, default=0.4,
+                   help="fraction of tokens kept by each adaptive merge (default: 0.4)")
+    _add_image_options(p)
+    _add_common(p, training=True)
+
+    p = sub.add_parser("finetune", help="train a segmentation model on painted labels",
+                       description="Fine-tune a segmentation model on an image and its labels (same shape). "
+                                   "Sparse mode: 0 = unlabelled (ignored), classes 1..K, at least two classes "
+                                   "painted. Dense mode: every pixel labelled, 0 = background. Writes "
+                                   "segmentation.affmae and checkpoint.safetensors into --output-dir.")
+    p.add_argument("image", type=Path, help="the image or stack (TIFF / OME-Zarr / .npy)")
+    p.add_argument("labels", type=Path, help="integer labels with the image's shape (TIFF / .npy / OME-Zarr)")
+    p.add_argument("--output-dir", "-o", type=Path, required=True, help="where the package, checkpoint and log go")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--pretrained", type=Path, help="pretraining package (pretrained.affmae) to start from")
+    start.add_argument("--scratch", action="store_true", help="start from random weights (for comparison)")
+    p.add_argument("--model", default="affmae_tiny", help="architecture when training --scratch")
+    p.add_argument("--class-names", type=_name_list, default=None,
+                   help="comma-separated names of classes 1..K (sparse) or 0..K-1 (dense)")
+    p.add_argument("--label-mode", default="sparse", choices=("sparse", "dense"),
+                   help="sparse: 0 = unlabelled; dense: 0 = background (default: sparse)")
+    p.add_argument("--crop-size", type=_size, default=(128, 128), help="crop HxW, multiples of 8 (default: 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch size (default: 8)")
+    p.add_argument("--steps", type=int, default=500, help="optimiser steps (default: 500)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
+    p.add_argument("--layer-decay", type=float, default=0.75,
+                   help="layer-wise lr decay: each encoder layer closer to the input gets this factor (default: 0.75)")
+    p.add_argument("--warmup-steps", type=int, default=20, help="warm-up steps (default: 20)")
+    p.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice term next to CE (default: 1)")
+    p.add_argument("--no-augment", action="store_true", help="disable flips/rot90/intensity augmentation")
+    p.add_argument("--val-slices", type=_int_list, default=None,
+                   help="comma-separated z indices held out for validation (IoU/Dice reported at the end)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of the labelled slices (2D: a bottom band) for validation")
+    _add_image_options(p)
+    _add_common(p, training=True)
+
+    p = sub.add_parser("segment", help="tiled segmentation of one image or stack",
+                       description="Segment an image or stack (slice by slice) with a fine-tuned package. "
+                                   "Memory stays bounded: tiles are blended strip by strip and written into "
+                                   "the output as they finish.")
+    p.add_argument("package", type=Path, help="segmentation package (segmentation.affmae)")
+    p.add_argument("image", type=Path, help="image or stack (TIFF / OME-Zarr / .npy)")
+    p.add_argument("--output", "-o", type=Path, required=True,
+                   help="output file: .tif/.tiff, .npy (written incrementally) or .zarr (zarr array, chunked)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="write per-class probabilities [K, (Z,) Y, X] float32 instead of labels")
+    p.add_argument("--tile-size", type=_size, default=(256, 256), help="tile HxW, multiples of 8 (default: 256)")
+    p.add_argument("--overlap", type=float, default=0.25, help="tile overlap as a fraction of the tile (default: 0.25)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: 4)")
+    p.add_argument("--normalization", default="package", choices=("package", "image"),
+                   help="intensity statistics: the package's (training image) or this image's (default: package)")
+    p.add_argument("--slices", type=_int_list, default=None, help="only these z indices (others stay 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_image_options(p)
+    _add_common(p, training=False)
+
+    p = sub.add_parser("batch", help="segment many OME-Zarr datasets into labels/<name>",
+                       description="Segment a list, folder or glob of OME-Zarr images; each gets an NGFF "
+                                   "labels/<name> group (multiscale, image-label metadata) next to its image. "
+                                   "Image arrays are never written. Resumable: rerun the same command after an "
+                                   "interruption and only missing chunks are computed. A failing dataset is "
+                                   "reported and the others continue (exit code 1 if any failed).")
+    p.add_argument("package", type=Path, help="segmentation package (segmentation.affmae)")
+    p.add_argument("datasets", nargs="+", help="OME-Zarr images, folders of them, or glob patterns (quote them)")
+    p.add_argument("--name", default="affmae", help="labels group name (default: affmae)")
+    p.add_argument("--overwrite", action="store_true", help="recompute labels that are already complete")
+    p.add_argument("--tile-size", type=_size, default=(256, 256), help="tile HxW, multiples of 8 (default: 256)")
+    p.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default: 0.25)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: 4)")
+    p.add_argument("--normalization", default="package", choices=("package", "image"),
+                   help="intensity statistics: the package's or each image's own (default: package)")
+    p.add_argument("--channel", type=int, default=None, help="channel index for multi-channel images")
+    p.add_argument("--timepoint", type=int, default=None, help="time point for time series")
+    p.add_argument("--report", type=Path, default=None, help="write the per-dataset report as JSON here")
+    _add_common(p, training=False)
+
+    p = sub.add_parser("info", help="show what a model package contains",
+                       description="Print a model package's manifest: model, task, classes, normalisation, "
+                                   "provenance. The package is verified (checksum, format, architecture).")
+    p.add_argument("package", type=Path, help="package file (.affmae) or directory")
+    p.add_argument("--json", action="store_true", help="print the full manifest as JSON")
+
+    p = sub.add_parser("demo", help="end-to-end demo on synthetic EM (a few minutes on a laptop CPU)",
+                       description="Pretrain AFFMAE-tiny on a synthetic EM stack, fine-tune on sparse strokes "
+                                   "drawn from the ground truth on two slices, segment the rest, print per-class "
+                                   "IoU, and write an OME-Zarr with the labels, demo.png and metrics.json.")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
+    p.add_argument("--pretrain-steps", type=int, default=150, help="pretraining steps (default: 150)")
+    p.add_argument("--finetune-steps", type=int, default=250, help="fine-tuning steps (default: 250)")
+    p.add_argument("--size", type=_int_list, default=None, metavar="Z,Y,X",
+                   help="synthetic stack size (default: 8,192,192)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and training (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+# --------------------------------------------------------------------------------------- commands
+
+def _cancel_token(args: argparse.Namespace):
+    from .engine import CancelToken  # noqa: PLC0415
+
+    token = CancelToken(stop_file=getattr(args, "stop_file", None))
+
+    def on_sigint(signum, frame):  # first Ctrl-C: clean stop; second: default behaviour
+        sys.stderr.write("\naffmae: stopping after the current step (Ctrl-C again to abort)\n")
+        token.cancel()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    if _is_main_rank():
+        try:
+            signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not in the main thread (e.g. called from a test harness)
+            pass
+    return token
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _resume_value(value: str | None) -> bool | str:
+    if value is None:
+        return False
+    return True if value == "latest" else value
+
+
+def _cmd_pretrain(args, progress, cancel, run_log) -> int:
+    from .engine import PretrainConfig, pretrain  # noqa: PLC0415
+    from .engine.inputs import as_input_image  # noqa: PLC0415
+
+    images = [as_input_image(p, what=str(p), axes=args.axes, channel=args.channel, timepoint=args.timepoint)
+              for p in args.images]
+    config = PretrainConfig(model=args.model, crop_size=args.crop_size, batch_size=args.batch_size, steps=args.steps,
+                            epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                            warmup_steps=args.warmup_steps, mask_ratio=args.mask_ratio, mask_type=args.mask_type,
+                            keep_rate=args.keep_rate, seed=args.seed, device=args.device, precision=args.precision,
+                            grad_accum=args.grad_accum, grad_clip=args.grad_clip or None,
+                            output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
+                            resume=_resume_value(args.resume))
+    run_log.write("config", config=config.to_dict())
+    result = pretrain(images, config, progress=progress, cancel=cancel)
+    run_log.write("result", package=result.package_path, checkpoint=result.checkpoint_path, step=result.step,
+                  final_loss=result.final_loss, seconds=result.seconds)
+    _say(f"pretraining done: {result.step} steps, final loss {result.final_loss:.4f}; package {result.package_path}")
+    return EXIT_OK
+
+
+def _cmd_finetune(args, progress, cancel, run_log) -> int:
+    from .engine import FinetuneConfig, finetune  # noqa: PLC0415
+    from .engine.inputs import as_input_image  # noqa: PLC0415
+
+    image = as_input_image(args.image, what=str(args.image), axes=args.axes, channel=args.channel,
+                           timepoint=args.timepoint)
+    labels = as_input_image(args.labels, what=str(args.labels), axes=args.axes, channel=args.channel,
+                            timepoint=args.timepoint).array
+    config = FinetuneConfig(pretrained=None if args.scratch else args.pretrained, model=args.model,
+                            class_names=args.class_names, label_mode=args.label_mode, crop_size=args.crop_size,
+                            batch_size=args.batch_size, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+                            layer_decay=args.layer_decay, warmup_steps=args.warmup_steps,
+                            dice_weight=args.dice_weight, augment=not args.no_augment, val_slices=args.val_slices,
+                            val_fraction=args.val_fraction, seed=args.seed, device=args.device,
+                            precision=args.precision, grad_accum=args.grad_accum, grad_clip=args.grad_clip or None,
+                            output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
+                            resume=_resume_value(args.resume))
+    run_log.write("config", config=config.to_dict())
+    result = finetune(image, labels, config, progress=progress, cancel=cancel)
+    run_log.write("result", package=result.package_path, step=result.step, final_loss=result.final_loss,
+                  metrics=result.metrics, seconds=result.seconds)
+    _say(f"fine-tuning done: {result.step} steps, final loss {result.final_loss:.4f}; package {result.package_path}")
+    for split in ("train", "val"):
+        if split in result.metrics:
+            _say(f"{split} IoU: " + _format_scores(result.metrics[split]["iou"]))
+    return EXIT_OK
+
+
+def _format_scores(scores: dict[str, float | None]) -> str:
+    return ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in scores.items())
+
+
+def _open_output(path: Path, shape: tuple[int, ...], dtype: Any, overwrite: bool):
+    """An array to stream results into: .npy memory map, zarr array, or in memory for TIFF."""
+    import numpy as np  # noqa: PLC0415
+
+    suffix = path.suffix.lower()
+    if suffix not in (".tif", ".tiff", ".npy", ".zarr"):
+        raise ValueError(f"unsupported output type {suffix or '(none)'!r} for {path}; use .tif, .npy or .zarr")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite or choose another --output")
+    from .engine.training import prepare_output_dir  # noqa: PLC0415
+
+    prepare_output_dir(path.parent if str(path.parent) else Path("."))
+    if suffix == ".npy":
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if suffix == ".zarr":
+        import shutil  # noqa: PLC0415
+
+        import zarr  # noqa: PLC0415
+
+        if path.exists():
+            shutil.rmtree(path)
+        chunks = tuple([1] * (len(shape) - 2) + [min(512, shape[-2]), min(512, shape[-1])])
+        return zarr.open_array(str(path), mode="w", shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
+    return np.zeros(shape, dtype)
+
+
+def _cmd_segment(args, progress, cancel, run_log) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    from .engine import SegmentConfig, load_package, segment  # noqa: PLC0415
+    from .engine.inputs import as_input_image  # noqa: PLC0415
+    from .engine.segment import labels_dtype, resolve_package  # noqa: PLC0415
+
+    package = resolve_package(load_package(args.package, expect_task="segmentation"))
+    image = as_input_image(args.image, what=str(args.image), axes=args.axes, channel=args.channel,
+                           timepoint=args.timepoint)
+    config = SegmentConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+                           device=args.device, precision=args.precision,
+                           output="probabilities" if args.probabilities else "labels",
+                           normalization=args.normalization, slices=args.slices)
+    if args.probabilities:
+        shape, dtype = (int(package.num_classes), *image.shape), np.float32
+    else:
+        shape, dtype = image.shape, labels_dtype(int(package.num_classes) - 1 + package.label_offset)
+    out = _open_output(args.output, shape, dtype, args.overwrite)
+    run_log.write("config", package=str(args.package), image=str(args.image), output=str(args.output),
+                  tile_size=list(config.tile_size), overlap=config.overlap)
+    started = time.perf_counter()
+    result = segment(package, image, config, progress=progress, cancel=cancel, out=out)
+    if args.output.suffix.lower() in (".tif", ".tiff"):
+        import tifffile  # noqa: PLC0415
+
+        tmp = args.output.with_name(f".{args.output.name}.tmp-{uuid.uuid4().hex[:6]}")
+        tifffile.imwrite(tmp, np.asarray(result), imagej=not args.probabilities and result.ndim <= 3,
+                         compression="zlib")
+        os.replace(tmp, args.output)
+    elif hasattr(result, "flush"):
+        result.flush()
+    seconds = time.perf_counter() - started
+    run_log.write("result", output=str(args.output), shape=list(shape), seconds=seconds)
+    _say(f"segmentation written to {args.output} ({' x '.join(map(str, shape))}, {seconds:.1f} s)")
+    return EXIT_OK
+
+
+def _cmd_batch(args, progress, cancel, run_log) -> int:
+    from .engine import BatchConfig, batch_segment, load_package  # noqa: PLC0415
+
+    package = load_package(args.package, expect_task="segmentation")
+    config = BatchConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+                         device=args.device, precision=args.precision, normalization=args.normalization,
+                         overwrite=args.overwrite, channel=args.channel, timepoint=args.timepoint)
+    report = batch_segment(args.datasets, package, config, label_name=args.name, progress=progress, cancel=cancel)
+    run_log.write("result", report=report.to_dict())
+    if args.report is not None and _is_main_rank():
+        args.report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if _is_main_rank():
+        for item in report.results:
+            detail = item.error if item.error else f"{item.chunks_written}/{item.chunks_total} chunks written"
+            _say(f"{item.status:>16}  {item.path}  ({detail})")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_info(args) -> int:
+    from .engine import load_package  # noqa: PLC0415
+
+    package = load_package(args.package)
+    info = package.summary()
+    if args.json:
+        print(json.dumps(_json_safe(info), indent=2))
+        return EXIT_OK
+    prov = info.get("provenance") or {}
+    lines = [
+        f"package       {info['path']}",
+        f"model         {info['model_name']} ({info['task']}, {info['parameters']:,} parameters)",
+        f"format        v{info['format_version']}, written by napari-affmae {info['package_version']}",
+    ]
+    if info["task"] == "segmentation":
+        first = 1 if info["label_mode"] == "sparse" else 0
+        names = info["class_names"] or [f"class {first + i}" for i in range(info["num_classes"])]
+        lines.append(f"classes       " + ", ".join(f"{first + i}={n}" for i, n in enumerate(names))
+                     + f" ({info['label_mode']} labels)")
+    norm = info.get("normalization")
+    if norm:
+        lines.append(f"normalisation {norm['low_percentile']}-{norm['high_percentile']} percentiles = "
+                     f"{norm['low']:.4g}..{norm['high']:.4g} ({norm['dtype']})")
+    if info.get("pixel_size"):
+        lines.append(f"pixel size    {info['pixel_size']}")
+    if prov:
+        lines.append(f"trained by    {prov.get('job')} for {prov.get('steps')} steps on {prov.get('device')}, "
+                     f"final loss {prov.get('final_loss')}")
+        metrics = prov.get("metrics") or {}
+        for split in ("train", "val"):
+            if split in metrics and metrics[split].get("iou"):
+                lines.append(f"{split + ' IoU':<13} " + _format_scores(metrics[split]["iou"]))
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _cmd_demo(args, progress, cancel, run_log) -> int:
+    from .engine.demo import DemoConfig, run_demo  # noqa: PLC0415
+
+    config = DemoConfig(out=args.out, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
+                        seed=args.seed, device=args.device)
+    if args.size is not None:
+        if len(args.size) != 3 or args.size[0] < 3:
+            raise ValueError(f"--size needs Z,Y,X with Z >= 3 (two labelled slices + held-out ones); got {args.size}")
+        config.shape = tuple(args.size)
+        config.labelled_slices = (1, args.size[0] - 2) if args.size[0] > 3 else (0, 2)
+    result = run_demo(config, progress=progress, cancel=cancel)
+    metrics = result.metrics
+    run_log.write("result", metrics=metrics, seconds=result.seconds)
+    print(f"\nper-class scores on the {len(metrics['held_out_slices'])} held-out slices "
+          f"(strokes on slices {metrics['labelled_slices']}, {metrics['painted_pixels']} painted pixels):")
+    print(f"  {'class':<14}{'IoU':>7}{'Dice':>7}")
+    for name, iou in metrics["iou"].items():
+        dice = metrics["dice"][name]
+        print(f"  {name:<14}{'n/a' if iou is None else f'{iou:.3f}':>7}{'n/a' if dice is None else f'{dice:.3f}':>7}")
+    print(f"  {'mean':<14}{metrics['mean_iou']:>7.3f}{metrics['mean_dice']:>7.3f}   accuracy {metrics['accuracy']:.3f}")
+    print(f"OME-Zarr with labels: {result.zarr_path}\nfigure: {result.figure_path}\n"
+          f"total time {result.seconds:.0f} s")
+    return EXIT_OK
+
+
+def _say(text: str) -> None:
+    if _is_main_rank():
+        print(text)
+
+
+def _default_log(args: argparse.Namespace) -> Path | None:
+    if getattr(args, "log", None) is not None:
+        return args.log
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.command in ("pretrain", "finetune"):
+        return args.output_dir / f"affmae-{args.command}-{stamp}.jsonl"
+    if args.command == "segment":
+        return args.output.parent / f"{args.output.name}.affmae-log.jsonl"
+    if args.command == "demo":
+        return args.out / f"affmae-demo-{stamp}.jsonl"
+    return None  # batch: only with --log (datasets may live in many places)
+
+
+# --------------------------------------------------------------------------------------- entry point
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    return (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``affmae`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "info":
+        try:
+            return _cmd_info(args)
+        except _bad_input_types() as err:
+            return _fail(str(err))
+    from .engine import JobCancelled  # noqa: PLC0415
+
+    run_log = RunLog(None, args.command)
+    started = time.perf_counter()
+    try:
+        log_path = _default_log(args) if _is_main_rank() else None
+        try:
+            run_log = RunLog(log_path, args.command)
+        except OSError as err:
+            raise PermissionError(f"cannot write the log file {log_path} ({err.strerror or err}); choose a writable "
+                                  "output location or --log path") from err
+        run_log.write("start", argv=list(sys.argv[1:] if argv is None else argv), pid=os.getpid(),
+                      rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        bar = TerminalProgress(quiet=args.quiet or not _is_main_rank())
+        progress = _progress_and_log(bar, run_log)
+        cancel = _cancel_token(args)
+        handler = {"pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "segment": _cmd_segment,
+                   "batch": _cmd_batch, "demo": _cmd_demo}[args.command]
+        code = handler(args, progress, cancel, run_log)
+        bar._end_line()
+        run_log.write("end", exit_code=code, seconds=time.perf_counter() - started)
+        return code
+    except JobCancelled as err:
+        run_log.write("cancelled", message=str(err))
+        sys.stderr.write(f"\naffmae: {err}\n")
+        return EXIT_CANCELLED
+    except _bad_input_types() as err:
+        run_log.write("error", message=str(err), kind=type(err).__name__)
+        return _fail(str(err))
+    except FloatingPointError as err:  # training diverged: a run-time failure, not bad input
+        run_log.write("error", message=str(err), kind=type(err).__name__)
+        sys.stderr.write(f"affmae: error: {err}\n")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        run_log.write("cancelled", message="interrupted")
+        sys.stderr.write("\naffmae: interrupted\n")
+        return EXIT_CANCELLED
+    finally:
+        run_log.close()
+
+
+def _fail(message: str) -> int:
+    message = " ".join(str(message).split())  # one line
+    sys.stderr.write(f"affmae: error: {message}\n")
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":  # python -m napari_affmae.cli (e.g. under torchrun)
+    sys.exit(main())

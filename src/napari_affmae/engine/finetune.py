@@ -1,0 +1,465 @@
+"""Fine-tune an AFFMAE segmentation model on painted labels (or train one from scratch).
+
+Labels (same shape as the image):
+
+* ``label_mode="sparse"`` (default): 0 = unlabelled (ignored by the loss), classes 1..K painted
+  as strokes; at least two classes must be painted. The model predicts K classes; segmentation
+  writes labels 1..K.
+* ``label_mode="dense"``: every pixel is labelled, 0 = background is a class (K = max + 1).
+
+Training: crops sampled around painted pixels (class-balanced), flips / rot90 / intensity
+augmentation, loss = cross-entropy + Dice on painted pixels only, AdamW with layer-wise lr decay
+(encoder layers closer to the input learn slower) and warm-up + cosine schedule. The encoder
+(and decoder body) start from a pretrained package when one is given.
+
+Validation: ``val_slices`` (z indices) or ``val_fraction`` (of the painted slices of a 3D stack,
+or a bottom band of rows of a 2D image) are held out of training; at the end they are segmented
+with tiled inference and per-class IoU / Dice on their labelled pixels are reported.
+
+Cancellation, checkpoints and resume work as in `engine.pretrain`: on cancel a checkpoint and a
+package are written and `JobCancelled` is raised with ``.result`` = `FinetuneResult` (cancelled).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..data.augment import AugmentConfig, augment_batch
+from ..data.normalize import NormalizationStats, compute_stats
+from ..data.sampling import LabeledPatchSampler, as_crop_shape
+from ..models import create_model
+from .checkpoint import CHECKPOINT_NAME, RngStates, load_checkpoint, restore_checkpoint, save_checkpoint
+from .device import autocast, make_grad_scaler, precision_name, resolve_device, resolve_precision
+from .distributed import setup_distributed, teardown_distributed, wrap_model
+from .inputs import InputImage, as_input_image, as_label_array, image_pixel_size, source_name
+from .package import LABEL_MODES, ModelPackage, load_package, save_package
+from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
+from .schedule import WarmupCosine
+from .segment import SegmentConfig, TiledPredictor, model_predictor
+from .training import StepMeter, cancelled, emit, finite_or_raise, param_groups, prepare_output_dir, \
+    resume_location
+
+log = logging.getLogger(__name__)
+FINETUNE_PACKAGE = "segmentation.affmae"
+IGNORE = -1
+
+
+@dataclass
+class FinetuneConfig:
+    """Options of a fine-tuning run. Sizes in pixels; ``crop_size`` is (height, width), multiples of 8."""
+
+    pretrained: str | Path | ModelPackage | None = None  # MAE package; None = train from scratch
+    model: str = "affmae_tiny"  # architecture when training from scratch
+    class_names: list[str] | None = None  # names of classes 1..K (sparse) or 0..K-1 (dense)
+    label_mode: str = "sparse"
+    crop_size: tuple[int, int] = (128, 128)
+    batch_size: int = 8
+    steps: int = 500
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.01
+    dice_weight: float = 1.0
+    load_decoder: bool = True  # also start the decoder body from the pretrained package
+    balance_classes: bool = True
+    augment: bool = True
+    val_slices: Sequence[int] | None = None
+    val_fraction: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    output_dir: str | Path = "runs/finetune"
+    checkpoint_every: int = 100
+    log_every: int = 1
+    resume: bool | str | Path = False
+    tile_size: tuple[int, int] = (256, 256)  # for validation inference
+
+    def __post_init__(self) -> None:
+        self.crop_size = as_crop_shape(self.crop_size)
+        self.tile_size = as_crop_shape(self.tile_size)
+        self.validate()
+
+    def validate(self) -> None:
+        h, w = self.crop_size
+        if h % 8 or w % 8 or h < 32 or w < 32:
+            raise ValueError(f"crop_size must be multiples of 8 and at least 32 x 32; got {h} x {w}")
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {LABEL_MODES}; got {self.label_mode!r}")
+        positive = {"batch_size": self.batch_size, "steps": self.steps, "grad_accum": self.grad_accum,
+                    "checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
+        bad = {k: v for k, v in positive.items() if int(v) < 1}
+        if bad:
+            raise ValueError(f"these options must be >= 1: {bad}")
+        if not self.lr > 0 or not 0 < self.layer_decay <= 1 or self.dice_weight < 0:
+            raise ValueError(f"need lr > 0, 0 < layer_decay <= 1, dice_weight >= 0; got {self.lr}, "
+                             f"{self.layer_decay}, {self.dice_weight}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(dataclasses.replace(self, pretrained=None))
+        pre = self.pretrained
+        data["pretrained"] = (str(pre.path) if isinstance(pre, ModelPackage) else None if pre is None else str(pre))
+        data["crop_size"], data["tile_size"] = list(self.crop_size), list(self.tile_size)
+        data["output_dir"] = str(self.output_dir)
+        data["resume"] = self.resume if isinstance(self.resume, bool) else str(self.resume)
+        data["val_slices"] = None if self.val_slices is None else [int(z) for z in self.val_slices]
+        return data
+
+
+@dataclass
+class FinetuneResult:
+    package_path: Path
+    checkpoint_path: Path
+    step: int
+    total_steps: int
+    final_loss: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    cancelled: bool = False
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------- labels
+
+def check_labels(labels: np.ndarray, label_mode: str) -> tuple[int, list[int]]:
+    """Validate painted labels; returns (number of model classes K, painted label values)."""
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be >= 0 (0 = unlabelled, classes 1..K)")
+    values = [int(v) for v in np.unique(labels)]
+    if label_mode == "sparse":
+        painted = [v for v in values if v != 0]
+        if not painted:
+            raise ValueError("the labels contain no painted pixels: paint strokes of at least two classes "
+                             "(values 1..K; 0 = unlabelled is ignored)")
+        if len(painted) < 2:
+            raise ValueError(f"only one class ({painted[0]}) is painted: at least two classes must be painted "
+                             "(0 = unlabelled, classes 1..K)")
+        return max(painted), painted
+    if len(values) < 2:
+        raise ValueError(f"dense labels need at least two classes (0 = background and one more); found only "
+                         f"{values}")
+    return max(values) + 1, values
+
+
+def to_internal(labels: np.ndarray, label_mode: str) -> np.ndarray:
+    """Internal labels: 0 = not used for training, ``c + 1`` for model class ``c`` (0..K-1)."""
+    if label_mode == "sparse":
+        return labels
+    wide = np.uint16 if labels.max() < 65535 else np.int64
+    return labels.astype(wide) + 1
+
+
+def split_validation(internal: np.ndarray, config: FinetuneConfig) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Training and validation parts of internal labels (0 = unused), plus a description of the split."""
+    if config.val_slices is None and config.val_fraction <= 0:
+        return internal, None, {}
+    train, val = internal.copy(), np.zeros_like(internal)
+    if internal.ndim == 3:
+        painted = [z for z in range(internal.shape[0]) if internal[z].any()]
+        if config.val_slices is not None:
+            held = sorted({int(z) for z in config.val_slices})
+            bad = [z for z in held if not 0 <= z < internal.shape[0]]
+            if bad:
+                raise ValueError(f"validation slices {bad} are outside the stack of {internal.shape[0]} slices")
+        else:
+            if len(painted) < 2:
+                raise ValueError("val_fraction needs labels on at least two slices (one to train, one to validate)")
+            n = min(max(int(round(config.val_fraction * len(painted))), 1), len(painted) - 1)
+            rng = np.random.default_rng(config.seed + 7)
+            held = sorted(int(z) for z in rng.choice(painted, size=n, replace=False))
+        train[held] = 0
+        val[held] = internal[held]
+        info = {"val_slices": held}
+    else:
+        if config.val_slices is not None:
+            raise ValueError("val_slices only apply to 3D stacks; use val_fraction for a 2D image")
+        rows = internal.shape[0]
+        cut = rows - max(8, int(round(config.val_fraction * rows)))
+        train[cut:] = 0
+        val[cut:] = internal[cut:]
+        info = {"val_rows": [cut, rows]}
+    if len(np.unique(train[train > 0])) < 2:
+        raise ValueError("after holding out the validation part, fewer than two classes remain painted for "
+                         "training: at least two classes must be painted outside the validation slices")
+    return train, val, info
+
+
+def _targets(internal: np.ndarray) -> np.ndarray:
+    """Internal labels -> class indices ``0..K-1``, unused pixels -> IGNORE (-1)."""
+    return internal.astype(np.int64) - 1
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy + soft Dice over labelled pixels only.
+
+    logits ``[B, K, H, W]``; target ``[B, H, W]`` int64 with class indices, IGNORE for unlabelled.
+    Dice is averaged over the classes present in the labelled pixels of the batch.
+    """
+    logits = logits.float()
+    labelled = target != IGNORE  # [B, H, W]
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits, target.clamp_min(0), reduction="none")  # [B, H, W]
+    ce = (ce * labelled).sum() / labelled.sum()
+    if dice_weight == 0:
+        return ce
+    k = logits.shape[1]
+    probs = logits.softmax(dim=1).permute(0, 2, 3, 1)[labelled]  # [P, K]
+    onehot = F.one_hot(target[labelled], k).float()  # [P, K]
+    inter = (probs * onehot).sum(0)
+    denom = probs.sum(0) + onehot.sum(0)
+    present = onehot.sum(0) > 0
+    dice = 1.0 - (2.0 * inter[present] + 1.0) / (denom[present] + 1.0)
+    return ce + dice_weight * dice.mean()
+
+
+def confusion(pred: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
+    """``[K, K]`` confusion counts (rows = truth) over pixels with ``0 <= target < K``."""
+    keep = (target >= 0) & (target < k)
+    index = target[keep].astype(np.int64) * k + pred[keep].astype(np.int64)
+    return np.bincount(index, minlength=k * k).reshape(k, k)
+
+
+def scores_from_confusion(conf: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """Per-class IoU and Dice (None for classes absent from truth and prediction), accuracy, means."""
+    tp = np.diag(conf).astype(np.float64)
+    fp = conf.sum(0) - tp
+    fn = conf.sum(1) - tp
+    iou, dice = {}, {}
+    for i, name in enumerate(names):
+        union = tp[i] + fp[i] + fn[i]
+        iou[name] = None if union == 0 else float(tp[i] / union)
+        dice[name] = None if union == 0 else float(2 * tp[i] / (2 * tp[i] + fp[i] + fn[i]))
+    valid_iou = [v for v in iou.values() if v is not None]
+    valid_dice = [v for v in dice.values() if v is not None]
+    total = conf.sum()
+    return {"iou": iou, "dice": dice, "mean_iou": float(np.mean(valid_iou)) if valid_iou else None,
+            "mean_dice": float(np.mean(valid_dice)) if valid_dice else None,
+            "accuracy": float(tp.sum() / total) if total else None, "pixels": int(total)}
+
+
+# ----------------------------------------------------------------------------------------------- job
+
+def _starting_model(config: FinetuneConfig, num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    pre = config.pretrained
+    if pre is None:
+        model = create_model(config.model, task="segmentation", num_classes=num_classes)
+        return model, {"pretrained": None}
+    package = pre if isinstance(pre, ModelPackage) else load_package(pre, expect_task="mae")
+    if package.task != "mae":
+        raise ValueError(f"the starting package {package.path} is a {package.task} package; fine-tuning starts "
+                         "from a pretraining (MAE) package")
+    mae = package.build_model("cpu")
+    model = create_model(package.model_name, task="segmentation", num_classes=num_classes, **package.config)
+    model.load_encoder_from(mae, decoder=config.load_decoder)
+    info = {"pretrained": None if package.path is None else str(package.path), "pretrained_model": package.model_name,
+            "pretrained_provenance": {k: package.provenance.get(k) for k in ("job", "steps", "final_loss", "sources")}}
+    return model, info
+
+
+def _load_labels(labels: Any, img: InputImage) -> np.ndarray:
+    array = as_label_array(labels, img)
+    if hasattr(array, "compute"):
+        array = array.compute()
+    return np.asarray(array[...])
+
+
+def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, progress: ProgressCallback | None = None,
+             cancel: CancelToken | None = None) -> FinetuneResult:
+    """Fine-tune (or train from scratch) a segmentation model on ``image`` with painted ``labels``.
+
+    Args:
+        image: 2D ``[Y, X]`` or 3D ``[Z, Y, X]`` array (numpy, zarr, dask) or path.
+        labels: integer array or path with the image's shape (see the module docstring).
+        config: `FinetuneConfig`.
+        progress: `ProgressEvent` (job "finetune") every ``log_every`` steps.
+        cancel: checked before every step.
+
+    Returns a `FinetuneResult`; ``segmentation.affmae`` and the checkpoint are in ``output_dir``.
+    """
+    config = config or FinetuneConfig()
+    config.validate()
+    started = time.perf_counter()
+    img = as_input_image(image, what="image")
+    label_array = _load_labels(labels, img)
+    num_classes, painted = check_labels(label_array, config.label_mode)
+    if config.class_names is not None and len(config.class_names) != num_classes:
+        first = 1 if config.label_mode == "sparse" else 0
+        raise ValueError(f"class_names has {len(config.class_names)} names but the labels need {num_classes} "
+                         f"(classes {first}..{first + num_classes - 1})")
+    train_labels, val_labels, split_info = split_validation(to_internal(label_array, config.label_mode), config)
+    device = resolve_device(config.device)
+    dtype = resolve_precision(device, config.precision)
+    context = setup_distributed(device)
+    try:
+        return _run(img, train_labels, val_labels, split_info, num_classes, painted, config, device, dtype, context,
+                    progress, cancel, started)
+    finally:
+        teardown_distributed(context)
+
+
+def _run(img, train_labels, val_labels, split_info, num_classes, painted, config, device, dtype, context, progress,
+         cancel, started) -> FinetuneResult:
+    output_dir = Path(config.output_dir)
+    if context.is_main:
+        prepare_output_dir(output_dir)
+    context.barrier()
+    resume_from = resume_location(config.resume, output_dir)
+    checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
+    total = int(checkpoint.meta["scheduler"]["total_steps"]) if checkpoint is not None else int(config.steps)
+    shard = context.shard(config.batch_size)
+    rngs = RngStates.seeded(config.seed)
+    model, start_info = _starting_model(config, num_classes)
+    if checkpoint is not None and checkpoint.meta.get("num_classes") != num_classes:
+        raise ValueError(f"the checkpoint at {checkpoint.path} has {checkpoint.meta.get('num_classes')} classes but "
+                         f"these labels have {num_classes}; start a fresh output directory")
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.layer_decay), lr=config.lr)
+    scheduler = WarmupCosine(optimizer, total, config.warmup_steps, config.lr, config.min_lr_ratio)
+    scaler = make_grad_scaler(device, dtype)
+    stats = compute_stats(img.array, seed=config.seed)
+    sampler = LabeledPatchSampler(img.array, train_labels, config.crop_size, seed=config.seed, pad=True,
+                                  balance_classes=config.balance_classes)
+    sampler.rng = rngs.numpy
+    step, losses = 0, []
+    conf_train = np.zeros((num_classes, num_classes), np.int64)
+    if checkpoint is not None:
+        step = restore_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                  rng=rngs)
+        losses = list(checkpoint.extra.get("losses", []))
+        stats = NormalizationStats.from_dict(checkpoint.extra["stats"])
+        conf_train = np.asarray(checkpoint.extra.get("confusion", conf_train.tolist()), np.int64)
+        log.info("resumed fine-tuning from %s at step %d of %d", checkpoint.path, step, total)
+    ddp_model = wrap_model(model, context, device)
+    ddp_model.train()
+
+    first = 1 if config.label_mode == "sparse" else 0
+    class_names = list(config.class_names or [f"class {first + i}" for i in range(num_classes)])
+    provenance = {
+        "job": "finetune", "napari_affmae": __version__, "torch": torch.__version__, "config": config.to_dict(),
+        "source": source_name(img, 0), "shape": list(img.shape), "painted_classes": painted,
+        "labelled_pixels": int((train_labels > 0).sum()),
+        "device": device.type, "precision": precision_name(dtype), "world_size": context.world_size,
+        **start_info, **split_info,
+    }
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    package_path = output_dir / FINETUNE_PACKAGE
+    augment_config = AugmentConfig() if config.augment else None
+    metrics: dict[str, Any] = {}
+
+    def write_outputs(done: int) -> None:
+        if not context.is_main:
+            return
+        save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        step=done, rng=rngs, job_config=config.to_dict(),
+                        extra={"losses": losses, "stats": stats.to_dict(), "confusion": conf_train.tolist()})
+        save_package(ModelPackage.from_model(
+            model, normalization=stats, class_names=class_names, label_mode=config.label_mode,
+            pixel_size=image_pixel_size(img),
+            provenance=dict(provenance, steps=done, total_steps=total, metrics=metrics,
+                            final_loss=losses[-1] if losses else None)), package_path)
+
+    meter = StepMeter(total)
+    emit_progress = progress if context.is_main else None
+    emit(emit_progress, ProgressEvent("finetune", step, total, message=(
+        f"fine-tuning {type(model).__name__} ({num_classes} classes, "
+        f"{'pretrained' if config.pretrained is not None else 'from scratch'}) on {device.type}")))
+    while step < total:
+        if context.any(cancelled(cancel), device):
+            metrics["train"] = scores_from_confusion(conf_train, class_names)
+            write_outputs(step)
+            context.barrier()
+            result = FinetuneResult(package_path, checkpoint_path, step, total, losses[-1] if losses else math.nan,
+                                    metrics, losses, cancelled=True, seconds=time.perf_counter() - started)
+            err = JobCancelled(f"fine-tuning cancelled at step {step}/{total}; checkpoint saved at {checkpoint_path}")
+            err.result = result
+            raise err
+        lr = scheduler.apply(step)
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            crops, crop_labels = sampler.sample(config.batch_size)  # [B, h, w] raw, [B, h, w] int
+            crops = stats.apply(crops).astype(np.float32)
+            if augment_config is not None:
+                crops, crop_labels = augment_batch(crops, crop_labels, rngs.numpy, augment_config)
+            x = torch.from_numpy(np.ascontiguousarray(crops[shard]))[:, None].to(device)  # [b, 1, h, w]
+            target = torch.from_numpy(_targets(np.ascontiguousarray(crop_labels[shard]))).to(device)  # [b, h, w]
+            sync = micro == config.grad_accum - 1 or not context.enabled
+            with (ddp_model.no_sync() if not sync else _Null()):
+                with autocast(device, dtype):
+                    logits = ddp_model(x)  # [b, K, h, w]
+                loss = segmentation_loss(logits, target, config.dice_weight) / config.grad_accum
+                scaler.scale(loss).backward()
+            step_loss += float(loss.detach())
+            with torch.no_grad():
+                pred = logits.argmax(1).cpu().numpy()
+                conf_train += confusion(pred, target.cpu().numpy(), num_classes)
+        if config.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_loss = context.mean(step_loss, device)
+        finite_or_raise(step_loss, step)
+        losses.append(step_loss)
+        seconds = meter.tick()
+        if step % config.checkpoint_every == 0 and step < total:
+            write_outputs(step)
+        if step % config.log_every == 0 or step in (1, total):
+            emit(emit_progress, ProgressEvent(
+                "finetune", step, total, loss=step_loss, lr=lr,
+                images_per_s=config.batch_size * config.grad_accum / max(seconds, 1e-9), eta_s=meter.eta(step)))
+    metrics["train"] = scores_from_confusion(conf_train, class_names)
+    if val_labels is not None and context.is_main:
+        emit(emit_progress, ProgressEvent("finetune", step, total, message="validating on held-out labels"))
+        metrics["val"] = _validate(model, img, val_labels, stats, num_classes, config, device, dtype, class_names,
+                                   cancel)
+        metrics["val"].update(split_info)
+    write_outputs(step)
+    context.barrier()
+    return FinetuneResult(package_path, checkpoint_path, step, total, losses[-1] if losses else math.nan, metrics,
+                          losses, seconds=time.perf_counter() - started)
+
+
+def _validate(model, img: InputImage, val_labels: np.ndarray, stats: NormalizationStats, num_classes: int,
+              config: FinetuneConfig, device, dtype, class_names, cancel) -> dict[str, Any]:
+    """Segment the held-out region and score it on its labelled pixels."""
+    model.eval()
+    predictor = TiledPredictor(model_predictor(model, device, dtype), num_classes, config.tile_size, 0.25,
+                               config.batch_size, stats.apply, device, cancel=cancel)
+    conf = np.zeros((num_classes, num_classes), np.int64)
+    slices = [z for z in range(val_labels.shape[0]) if val_labels[z].any()] if val_labels.ndim == 3 else [0]
+    for z in slices:
+        truth = val_labels[z] if val_labels.ndim == 3 else val_labels
+        pred = np.zeros(truth.shape, np.int64)
+
+        def write(r0: int, r1: int, logits: np.ndarray, pred=pred) -> None:
+            pred[r0:r1] = logits.argmax(0)
+
+        predictor.run_slice(img.array, z, write)
+        conf += confusion(pred, _targets(truth), num_classes)
+    model.train()
+    return scores_from_confusion(conf, class_names)
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,293 @@
+"""Self-supervised AFFMAE pretraining on one or more 2D/3D stacks.
+
+AdamW with a warm-up + cosine schedule, gradient clipping and accumulation, bf16/fp16 autocast on
+GPUs (with a GradScaler for fp16), a checkpoint every ``checkpoint_every`` steps (atomic), exact
+resume (model, optimiser, scheduler, step, RNG), and DDP under torchrun (``batch_size`` is the
+global batch; see `engine.distributed`).
+
+Cancellation: the token is checked before every step. On cancel the job writes a checkpoint and a
+model package of the current weights, then raises `JobCancelled`; the exception's ``result``
+attribute is the `PretrainResult` (``cancelled=True``) with both paths, so a caller can say
+"cancelled, checkpoint saved at ...".
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data.augment import AugmentConfig, augment_batch
+from ..data.normalize import NormalizationStats
+from ..data.sampling import PatchSampler, as_crop_shape
+from ..models import create_model
+from ..models.masking import MASK_TYPES, make_mask
+from .checkpoint import CHECKPOINT_NAME, RngStates, load_checkpoint, restore_checkpoint, save_checkpoint
+from .device import autocast, make_grad_scaler, precision_name, resolve_device, resolve_precision
+from .distributed import setup_distributed, teardown_distributed, wrap_model
+from .inputs import InputImage, as_input_image, combined_stats, image_pixel_size, source_name
+from .package import ModelPackage, save_package
+from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
+from .schedule import WarmupCosine
+from .training import StepMeter, cancelled, emit, finite_or_raise, param_groups, prepare_output_dir, \
+    resume_location, unwrap
+
+log = logging.getLogger(__name__)
+PRETRAIN_PACKAGE = "pretrained.affmae"
+# geometry-only augmentation for pretraining (the reconstruction target follows the pixels)
+_GEOMETRY_ONLY = AugmentConfig(gamma=(1.0, 1.0), contrast=(1.0, 1.0), brightness=(0.0, 0.0))
+
+
+@dataclass
+class PretrainConfig:
+    """Options of a pretraining run. Sizes in pixels; ``crop_size`` is (height, width), multiples of 8."""
+
+    model: str = "affmae_tiny"
+    crop_size: tuple[int, int] = (128, 128)
+    batch_size: int = 8  # global batch (split across torchrun processes)
+    steps: int = 1000
+    epochs: float | None = None  # if set, overrides steps: one epoch ~ every pixel seen once
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.01
+    mask_ratio: float = 0.5
+    mask_type: str = "blob"
+    keep_rate: float = 0.4
+    model_options: dict[str, Any] = field(default_factory=dict)  # other AFFMAE config fields
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    augment: bool = True  # flips / rot90 of the crops
+    output_dir: str | Path = "runs/pretrain"
+    checkpoint_every: int = 100
+    log_every: int = 1  # progress events every N steps (the first and last step always report)
+    resume: bool | str | Path = False  # True: continue from output_dir's checkpoint if there is one
+
+    def __post_init__(self) -> None:
+        self.crop_size = as_crop_shape(self.crop_size)
+        self.validate()
+
+    def validate(self) -> None:
+        h, w = self.crop_size
+        if h % 8 or w % 8 or h < 32 or w < 32:
+            raise ValueError(f"crop_size must be multiples of 8 and at least 32 x 32; got {h} x {w}")
+        positive = {"batch_size": self.batch_size, "steps": self.steps, "grad_accum": self.grad_accum,
+                    "checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
+        bad = {k: v for k, v in positive.items() if int(v) < 1}
+        if bad:
+            raise ValueError(f"these options must be >= 1: {bad}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive; got {self.epochs}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, warmup_steps >= 0; got {self.lr}, "
+                             f"{self.weight_decay}, {self.warmup_steps}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be between 0 and 1 (e.g. 0.5); got {self.mask_ratio}")
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}; got {self.mask_type!r}")
+        if not 0.0 < self.keep_rate <= 1.0:
+            raise ValueError(f"keep_rate must be in (0, 1]; got {self.keep_rate}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["crop_size"] = list(self.crop_size)
+        data["output_dir"] = str(self.output_dir)
+        data["resume"] = self.resume if isinstance(self.resume, bool) else str(self.resume)
+        return data
+
+
+@dataclass
+class PretrainResult:
+    package_path: Path
+    checkpoint_path: Path
+    step: int
+    total_steps: int
+    final_loss: float
+    losses: list[float] = field(default_factory=list)  # one per step, from step 1
+    cancelled: bool = False
+    seconds: float = 0.0
+
+
+def total_steps_for(config: PretrainConfig, images: Sequence[InputImage]) -> int:
+    """``config.steps``, or with ``epochs``: enough global batches to cover every pixel ``epochs`` times."""
+    if config.epochs is None:
+        return int(config.steps)
+    h, w = config.crop_size
+    crops = sum((img.shape[0] if img.ndim == 3 else 1) * math.ceil(img.shape[-2] / h) * math.ceil(img.shape[-1] / w)
+                for img in images)
+    return max(1, math.ceil(config.epochs * crops / (config.batch_size * config.grad_accum)))
+
+
+def _as_list(images: Any) -> list[Any]:
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("pretrain needs at least one image")
+        return list(images)
+    return [images]
+
+
+def _normalised_batch(sampler: PatchSampler, stats: list[NormalizationStats], n: int) -> np.ndarray:
+    """``n`` crops ``[n, h, w]`` float32, each normalised with its own image's statistics."""
+    crops = []
+    for location in sampler.sample_locations(n):
+        crops.append(stats[location.source].apply(sampler.read(location), mode="percentile"))
+    return np.stack(crops).astype(np.float32)
+
+
+def pretrain(images: Any, config: PretrainConfig | None = None, progress: ProgressCallback | None = None,
+             cancel: CancelToken | None = None) -> PretrainResult:
+    """Pretrain ``config.model`` as a masked autoencoder on ``images``.
+
+    Args:
+        images: one or a list of 2D ``[Y, X]`` / 3D ``[Z, Y, X]`` arrays (numpy, zarr, dask) or paths
+            (TIFF, OME-Zarr, .npy).
+        config: `PretrainConfig`.
+        progress: called with a `ProgressEvent` (job "pretrain") every ``log_every`` steps.
+        cancel: checked before every step; see the module docstring for what happens on cancel.
+
+    Returns a `PretrainResult`; the package (``pretrained.affmae``) and checkpoint live in
+    ``config.output_dir``.
+    """
+    config = config or PretrainConfig()
+    config.validate()
+    started = time.perf_counter()
+    inputs = [as_input_image(item, what=f"image {i}") for i, item in enumerate(_as_list(images))]
+    device = resolve_device(config.device)
+    dtype = resolve_precision(device, config.precision)
+    context = setup_distributed(device)
+    try:
+        return _run(inputs, config, device, dtype, context, progress, cancel, started)
+    finally:
+        teardown_distributed(context)
+
+
+def _run(inputs, config, device, dtype, context, progress, cancel, started) -> PretrainResult:
+    output_dir = Path(config.output_dir)
+    if context.is_main:
+        prepare_output_dir(output_dir)
+    context.barrier()
+    resume_from = resume_location(config.resume, output_dir)
+    checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
+
+    total = total_steps_for(config, inputs)
+    if checkpoint is not None:
+        total = int(checkpoint.meta["scheduler"]["total_steps"])
+    shard = context.shard(config.batch_size)
+    rngs = RngStates.seeded(config.seed)
+    overrides = dict(config.model_options, mask_ratio=config.mask_ratio, mask_type=config.mask_type,
+                     keep_rate=config.keep_rate)
+    model = create_model(config.model, **overrides)
+    if checkpoint is not None and checkpoint.meta.get("model_name") != config.model:
+        raise ValueError(f"the checkpoint at {checkpoint.path} was made for {checkpoint.meta.get('model_name')}, "
+                         f"not {config.model}; resume with the same --model or start a fresh output directory")
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    scheduler = WarmupCosine(optimizer, total, config.warmup_steps, config.lr, config.min_lr_ratio)
+    scaler = make_grad_scaler(device, dtype)
+
+    stats, per_image_stats = combined_stats(inputs, seed=config.seed)
+    sampler = PatchSampler([img.array for img in inputs], config.crop_size, seed=config.seed, pad=True)
+    sampler.rng = rngs.numpy  # one generator for crops and augmentation: saved in checkpoints
+
+    step, losses = 0, []
+    if checkpoint is not None:
+        step = restore_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
+                                  scaler=scaler, rng=rngs)
+        losses = list(checkpoint.extra.get("losses", []))
+        per_image_stats = [NormalizationStats.from_dict(s) for s in checkpoint.extra["per_image_stats"]]
+        stats = NormalizationStats.from_dict(checkpoint.extra["stats"])
+        log.info("resumed pretraining from %s at step %d of %d", checkpoint.path, step, total)
+    ddp_model = wrap_model(model, context, device)
+    ddp_model.train()
+
+    h, w = config.crop_size
+    provenance = {
+        "job": "pretrain", "napari_affmae": __version__, "torch": torch.__version__,
+        "config": config.to_dict(), "sources": [source_name(img, i) for i, img in enumerate(inputs)],
+        "shapes": [list(img.shape) for img in inputs], "device": device.type,
+        "precision": precision_name(dtype), "world_size": context.world_size,
+        "per_image_stats": [s.to_dict() for s in per_image_stats],
+    }
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    package_path = output_dir / PRETRAIN_PACKAGE
+
+    def write_outputs(done: int) -> None:
+        if not context.is_main:
+            return
+        save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        step=done, rng=rngs, job_config=config.to_dict(),
+                        extra={"losses": losses, "stats": stats.to_dict(),
+                               "per_image_stats": [s.to_dict() for s in per_image_stats]})
+        save_package(ModelPackage.from_model(model, normalization=stats, pixel_size=image_pixel_size(inputs[0]),
+                                             provenance=dict(provenance, steps=done, total_steps=total,
+                                                             final_loss=losses[-1] if losses else None)),
+                     package_path)
+
+    meter = StepMeter(total)
+    images_per_step = config.batch_size * config.grad_accum
+    emit_progress = progress if context.is_main else None
+    emit(emit_progress, ProgressEvent("pretrain", step, total, message=f"pretraining {config.model} on "
+                                      f"{len(inputs)} image(s), {device.type}, {precision_name(dtype)}"))
+    while step < total:
+        if context.any(cancelled(cancel), device):
+            write_outputs(step)
+            context.barrier()
+            result = PretrainResult(package_path, checkpoint_path, step, total, losses[-1] if losses else math.nan,
+                                    losses, cancelled=True, seconds=time.perf_counter() - started)
+            err = JobCancelled(f"pretraining cancelled at step {step}/{total}; checkpoint saved at {checkpoint_path}")
+            err.result = result
+            raise err
+        lr = scheduler.apply(step)
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            batch = _normalised_batch(sampler, per_image_stats, config.batch_size)  # [B, h, w]
+            if config.augment:
+                batch, _ = augment_batch(batch, None, rngs.numpy, _GEOMETRY_ONLY)
+            mask = make_mask(config.mask_type, config.batch_size, h // 8, w // 8, config.mask_ratio,
+                             generator=rngs.torch)  # [B, h/8, w/8], same on every rank
+            x = torch.from_numpy(np.ascontiguousarray(batch[shard]))[:, None].to(device)  # [b, 1, h, w]
+            sync = micro == config.grad_accum - 1 or not context.enabled
+            with (ddp_model.no_sync() if not sync else _null()):
+                with autocast(device, dtype):
+                    out = ddp_model(x, mask=mask[shard].to(device))
+                loss = out["loss"].float() / config.grad_accum
+                scaler.scale(loss).backward()
+            step_loss += float(loss.detach())
+        if config.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_loss = context.mean(step_loss, device)
+        finite_or_raise(step_loss, step)
+        losses.append(step_loss)
+        seconds = meter.tick()
+        if step % config.checkpoint_every == 0 or step == total:
+            write_outputs(step)
+        if step % config.log_every == 0 or step in (1, total):
+            emit(emit_progress, ProgressEvent(
+                "pretrain", step, total, loss=step_loss, lr=lr, images_per_s=images_per_step / max(seconds, 1e-9),
+                eta_s=meter.eta(step), extra={k: float(v) for k, v in out["losses"].items()}))
+    context.barrier()
+    return PretrainResult(package_path, checkpoint_path, step, total, losses[-1] if losses else math.nan, losses,
+                          seconds=time.perf_counter() - started)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

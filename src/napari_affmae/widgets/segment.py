@@ -1,0 +1,103 @@
+"""Segment widget: a fine-tuned package + an image layer -> a Labels layer (and class probabilities)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QWidget
+
+from ..engine import SegmentConfig
+from ._base import JobWidget, Job, checked_multiple_of_8, device_combo, int_spin, size_spin
+from ._jobs import JobOutcome
+from ._layers import LayerPicker, image_data
+from ._panels import PathEdit, form_label
+from ._results import plan_region, segmentation_job, show_segmentation
+
+SCOPE_LABELS = {"Whole image / stack": "whole", "Current slice": "slice", "Current view": "view"}
+
+
+class SegmentWidget(JobWidget):
+    """Tiled inference over the whole stack, the current slice or the visible part of it."""
+
+    job_title = "Segmentation"
+    button_label = "Segment"
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(napari_viewer, parent)
+        from superqt import QCollapsible
+
+        self.package = PathEdit("package", placeholder="segmentation.affmae (from the Fine-tune widget)")
+        self.image_picker = LayerPicker(napari_viewer, "image")
+        self.scope = QComboBox()
+        self.scope.addItems(list(SCOPE_LABELS))
+        self.scope.setToolTip("Current view: only the part of the current slice visible in the canvas (quick look)")
+        self.probabilities = QCheckBox("Also add class probabilities (an image layer, class axis first)")
+        form = self.form()
+        form.addRow(form_label("Model package"), self.package)
+        form.addRow(form_label("Image"), self.image_picker)
+        form.addRow(form_label("Segment"), self.scope)
+        form.addRow(self.probabilities)
+
+        self.tile_h = size_spin(256, maximum=4096, tooltip="tile height in pixels (multiple of 8)")
+        self.tile_w = size_spin(256, maximum=4096, tooltip="tile width in pixels (multiple of 8)")
+        self.overlap = QDoubleSpinBox()
+        self.overlap.setRange(0.0, 0.5)
+        self.overlap.setSingleStep(0.05)
+        self.overlap.setValue(0.25)
+        self.overlap.setToolTip("overlap between neighbouring tiles, as a fraction of the tile")
+        self.batch_size = int_spin(4, 1, 256, "tiles per forward pass")
+        self.device = device_combo()
+        self.normalization = QComboBox()
+        self.normalization.addItems(["package", "image"])
+        self.normalization.setToolTip("package: the intensity statistics stored with the model; image: this "
+                                      "image's own (for data with a different contrast)")
+        self.advanced = QCollapsible("Advanced")
+        inner = QWidget()
+        advanced_form = QFormLayout(inner)
+        advanced_form.addRow(form_label("Tile height"), self.tile_h)
+        advanced_form.addRow(form_label("Tile width"), self.tile_w)
+        advanced_form.addRow(form_label("Overlap"), self.overlap)
+        advanced_form.addRow(form_label("Batch size"), self.batch_size)
+        advanced_form.addRow(form_label("Device"), self.device)
+        advanced_form.addRow(form_label("Normalisation"), self.normalization)
+        self.advanced.addWidget(inner)
+        self.main_layout.addWidget(self.advanced)
+        self.main_layout.addWidget(self.button)
+        self.main_layout.addWidget(self.progress)
+        self.main_layout.addWidget(self.result_label)
+        self.main_layout.addStretch(1)
+        self._image_layer: Any = None
+        self.state.segmentation_changed.connect(self._package_changed)
+        if self.state.segmentation_package is not None:
+            self._package_changed(self.state.segmentation_package)
+
+    def _package_changed(self, path: Path | None) -> None:
+        if path is not None and not self.package.user_edited:
+            self.package.set_text(path)
+
+    def config(self) -> SegmentConfig:
+        tile = (checked_multiple_of_8(self.tile_h, "the tile height"), checked_multiple_of_8(self.tile_w, "the tile width"))
+        return SegmentConfig(tile_size=tile, overlap=float(self.overlap.value()), batch_size=int(self.batch_size.value()),
+                             device=self.device.currentText(), normalization=self.normalization.currentText())
+
+    def prepare(self) -> Job:
+        package = self.package.path()
+        if package is None:
+            raise ValueError("choose a model package (a segmentation.affmae made by the Fine-tune widget)")
+        if not package.exists():
+            raise ValueError(f"the model package {package} does not exist")
+        layer = self.image_picker.layer()
+        data = image_data(layer)
+        scope = SCOPE_LABELS[self.scope.currentText()]
+        part, region, description = plan_region(self.viewer, layer, data, scope)
+        work = segmentation_job(package, part, self.config(), self.probabilities.isChecked(), region, description)
+        self._image_layer = layer
+        self.result_label.setText("")
+        return f"Segmenting {description} of '{layer.name}'", work
+
+    def job_finished(self, outcome: JobOutcome) -> None:
+        if not outcome.ok:
+            return
+        labels = show_segmentation(self.viewer, self._image_layer, outcome.result)
+        self.result_label.setText(f"Segmented {outcome.result.description} into '{labels.name}' "
+                                  f"({outcome.seconds:.1f} s).")
