@@ -17,6 +17,14 @@ from typing import Any
 import numpy as np
 
 LayerData = tuple[Any, dict[str, Any], str]
+
+
+class OmeZarrSaveError(RuntimeError):
+    """The layers cannot be saved there; the message says why and what to do.
+
+    Not a ValueError on purpose: napari takes a ValueError from a writer to mean "this writer does
+    not apply", hides the message and only warns that no writer was found.
+    """
 STATE_KEY = "affmae_labels"  # set on labels groups written by napari-affmae (see napari_affmae.io.labels)
 
 
@@ -72,9 +80,16 @@ def write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """Save one Labels layer into the existing OME-Zarr image at ``path`` as ``labels/<layer name>``.
 
     The labels must have the image's level-0 shape (a channel axis of the image may be missing).
-    Returns ``[labels group path]``. Raises ValueError (with what to do) for a path that is not an
-    OME-Zarr image or labels of another shape.
+    Returns ``[labels group path]``. Raises `OmeZarrSaveError` (with what to do) for a path that is
+    not an OME-Zarr image or labels of another shape, FileExistsError for a foreign labels group.
     """
+    try:
+        return _write_labels_layer(path, data, meta)
+    except ValueError as err:
+        raise OmeZarrSaveError(str(err)) from err
+
+
+def _write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     from .io import read_multiscales, write_labels
     from .io.errors import ImageFormatError, ImageNotFoundError
 
@@ -103,9 +118,16 @@ def write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
 def write_image_with_labels(path: str, layer_data: list[LayerData]) -> list[str]:
     """Save one Image layer and its Labels layers to a new OME-Zarr at ``path`` (image pyramid + ``labels/``).
 
-    Returns ``[path]``. Raises ValueError for anything but exactly one 2D/3D grayscale image, for an
-    existing ``path`` and for labels of another shape.
+    Returns ``[path]``. Raises `OmeZarrSaveError` for anything but exactly one 2D/3D grayscale image,
+    for an existing ``path`` and for labels of another shape.
     """
+    try:
+        return _write_image_with_labels(path, layer_data)
+    except ValueError as err:
+        raise OmeZarrSaveError(str(err)) from err
+
+
+def _write_image_with_labels(path: str, layer_data: list[LayerData]) -> list[str]:
     from .io import write_ome_zarr_image
 
     images = [(d, m) for d, m, kind in layer_data if kind == "image"]
@@ -136,7 +158,7 @@ def write_image_with_labels(path: str, layer_data: list[LayerData]) -> list[str]
     array = level0 if hasattr(level0, "dask") else np.asarray(level0)
     write_ome_zarr_image(target, array, axes, pixel_size=pixel_size, unit=unit, name=image_meta.get("name") or "image")
     for data, meta in labels:
-        write_labels_layer(str(target), data, meta)
+        _write_labels_layer(str(target), data, meta)
     return [str(target)]
 
 

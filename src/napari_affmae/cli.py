@@ -172,7 +172,7 @@ def _add_common(parser: argparse.ArgumentParser, *, training: bool) -> None:
     group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                        help="auto = bf16 autocast on CUDA GPUs that support it, else fp16 with loss scaling; "
                             "fp32 on CPU/MPS (default: auto)")
-    group.add_argument("--log", type=Path, default=None,
+    group.add_argument("--log-file", type=Path, default=None,
                        help="JSON-lines log file (one event per line; default: a file in the output directory)")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
     group.add_argument("--stop-file", type=Path, default=None,
@@ -323,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and training (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("bench", help="benchmarks shipped with the package (affmae bench efficiency --help)",
+                       description="Run a benchmark of napari_affmae.bench; everything after its name is passed "
+                                   "to it (see 'affmae bench efficiency --help').")
+    p.add_argument("name", choices=("efficiency",), help="which benchmark: efficiency (FLOPs, memory, step "
+                                                           "times of AFFMAE and the baselines)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
+                   help="options of the benchmark (e.g. --device cuda --out docs/benchmarks.md)")
     return parser
 
 
@@ -558,8 +566,8 @@ def _say(text: str) -> None:
 
 
 def _default_log(args: argparse.Namespace) -> Path | None:
-    if getattr(args, "log", None) is not None:
-        return args.log
+    if getattr(args, "log_file", None) is not None:
+        return args.log_file
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.command in ("pretrain", "finetune"):
         return args.output_dir / f"affmae-{args.command}-{stamp}.jsonl"
@@ -567,7 +575,7 @@ def _default_log(args: argparse.Namespace) -> Path | None:
         return args.output.parent / f"{args.output.name}.affmae-log.jsonl"
     if args.command == "demo":
         return args.out / f"affmae-demo-{stamp}.jsonl"
-    return None  # batch: only with --log (datasets may live in many places)
+    return None  # batch: only with --log-file (datasets may live in many places)
 
 
 # --------------------------------------------------------------------------------------- entry point
@@ -587,6 +595,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_info(args)
         except _bad_input_types() as err:
             return _fail(str(err))
+    if args.command == "bench":
+        from .bench.efficiency import main as bench_main  # noqa: PLC0415
+
+        return bench_main(args.bench_args, prog=f"affmae bench {args.name}")
     from .engine import JobCancelled  # noqa: PLC0415
 
     run_log = RunLog(None, args.command)
@@ -597,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_log = RunLog(log_path, args.command)
         except OSError as err:
             raise PermissionError(f"cannot write the log file {log_path} ({err.strerror or err}); choose a writable "
-                                  "output location or --log path") from err
+                                  "output location or --log-file path") from err
         run_log.write("start", argv=list(sys.argv[1:] if argv is None else argv), pid=os.getpid(),
                       rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")))
         bar = TerminalProgress(quiet=args.quiet or not _is_main_rank())

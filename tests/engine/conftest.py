@@ -38,9 +38,10 @@ def trained(tmp_path_factory, em_stack) -> dict[str, Path]:
     return {"pretrained": pre.package_path, "segmentation": fine.package_path, "root": root}
 
 
-def cli_env(threads: int = 1) -> dict[str, str]:
-    """Environment for CLI subprocesses: the repo's sources importable, few threads (shared CI cores)."""
+@pytest.fixture
+def cli_env() -> dict[str, str]:
+    """Environment for CLI subprocesses: the repo's sources importable, one thread each (shared CI cores)."""
     env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO / "kernels"), env.get("PYTHONPATH", "")])
     return env

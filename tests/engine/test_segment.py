@@ -9,7 +9,7 @@ import torch
 import zarr
 
 from napari_affmae.engine import CancelToken, JobCancelled, SegmentConfig, load_package, segment
-from napari_affmae.engine.segment import TiledPredictor, cosine_window, tile_starts
+from napari_affmae.engine.segment import TiledPredictor, cosine_window
 
 
 def _pointwise(x: torch.Tensor) -> torch.Tensor:
@@ -68,9 +68,15 @@ def test_row_range_gives_the_same_rows_and_reads_only_strips():
     assert np.isnan(part[:, :, :100]).all() and np.isnan(part[:, :, 180:]).all()
 
 
-def test_tile_layout_and_window():
-    assert tile_starts(100, 32, 24) == [0, 24, 48, 68]
-    assert tile_starts(20, 32, 24) == [0]
+@pytest.mark.parametrize("tile,overlap", [((32, 32), 0.0), ((72, 88), 0.5), ((64, 64), 0.25)])
+@pytest.mark.parametrize("size", [(20, 30), (100, 257)])
+def test_tile_layout_is_patch_aligned_and_covers_the_image(tile, overlap, size):
+    predictor = TiledPredictor(_pointwise, 3, tile, overlap, 1, lambda c: c, torch.device("cpu"))
+    margin_y, margin_x, ys, xs, canvas_h, canvas_w = predictor.layout(*size)
+    assert margin_y % 8 == 0 and margin_x % 8 == 0 and all(v % 8 == 0 for v in ys + xs)
+    assert canvas_h >= size[0] + 2 * margin_y and canvas_w >= size[1] + 2 * margin_x
+    assert ys[-1] + tile[0] == canvas_h and xs[-1] + tile[1] == canvas_w
+    assert all(b - a <= tile[0] for a, b in zip(ys, ys[1:]))  # no gaps between tiles
     window = cosine_window(16, 24)
     assert window.shape == (16, 24) and window.min() > 0
     assert window[8, 12] == window.max()
@@ -85,7 +91,7 @@ def test_real_model_is_tile_size_invariant_and_streams_into_zarr(trained, em_sta
     np.testing.assert_allclose(small.sum(0), 1.0, atol=1e-5)
     agreement = (small.argmax(0) == large.argmax(0)).mean()
     assert agreement > 0.9, agreement
-    assert np.abs(small - large).mean() < 0.05
+    assert np.abs(small - large).mean() < 0.02
     # labels streamed into an on-disk zarr array equal the in-memory result
     store = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=image.shape, chunks=(1, 32, 32),
                             dtype="uint8")
@@ -96,7 +102,6 @@ def test_real_model_is_tile_size_invariant_and_streams_into_zarr(trained, em_sta
     in_memory = segment(package, image, SegmentConfig(tile_size=(64, 64), batch_size=2))
     np.testing.assert_array_equal(np.asarray(zarr.open_array(str(tmp_path / "out.zarr"))[...]), in_memory)
     assert set(np.unique(in_memory)) <= {1, 2, 3}  # sparse-label model: classes 1..K
-    np.testing.assert_array_equal(in_memory, small.argmax(0) + 1) if False else None
     assert events[-1].step == events[-1].total and all(e.job == "segment" for e in events)
 
 

@@ -11,7 +11,7 @@ from napari_affmae.engine import SegmentConfig, load_package, segment
 from napari_affmae.widgets import FinetuneWidget
 from napari_affmae.widgets._state import shared_state
 
-from .conftest import CROP, messages, set_training_options, wait_done
+from .conftest import CROP, messages, set_training_options
 
 pytestmark = pytest.mark.gui
 

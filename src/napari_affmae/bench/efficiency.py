@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..models.registry import create_model
-from .flops import FlopCount, count_flops
+from .flops import FlopCount, count_flops, shape_only_neighborhood_ops
 from .memory import cpu_method, measure_peak
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,6 @@ class BenchConfig:
             raise ValueError(f"mask_ratio must be in (0, 1); got {self.mask_ratio}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]'; got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested, but no CUDA device is available here; use --device cpu")
 
 
 @dataclass
@@ -146,6 +144,10 @@ class Cell:
     ms_infer: float | None = None
     mem_train: int | None = None
     mem_infer: int | None = None
+    #: AFFMAE on CPU: peak memory with shape-only neighbourhood ops (no [B, H, Nq, M, D] neighbour
+    #: tensors), a lower bound for fused kernels; compared with ViT-MAE's mem_train / mem_infer.
+    mem_train_fused_bound: int | None = None
+    mem_infer_fused_bound: int | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -167,14 +169,15 @@ class BenchResult:
         ref, mine = self.cell(REFERENCE, resolution), self.cell(family, resolution)
         if ref is None or mine is None:
             return None
-        a, b = getattr(ref, metric), getattr(mine, metric)
+        a, b = getattr(ref, metric.replace("_fused_bound", "")), getattr(mine, metric)
         if a is None or b is None or b == 0:
             return None
         return a / b
 
     def to_json(self) -> dict:
         """Machine-readable results (what ``--json`` prints)."""
-        metrics = ("flops_train", "flops_seg", "ms_train", "ms_infer", "mem_train", "mem_infer")
+        metrics = ("flops_train", "flops_seg", "ms_train", "ms_infer", "mem_train", "mem_infer",
+                   "mem_train_fused_bound", "mem_infer_fused_bound")
         cells = []
         for c in self.cells:
             row = dataclasses.asdict(c)
@@ -188,6 +191,18 @@ class BenchResult:
             "families": [dataclasses.asdict(f) for f in self.families],
             "cells": cells,
         }
+
+
+def result_from_json(data: dict) -> BenchResult:
+    """Inverse of `BenchResult.to_json` (re-render a page from saved ``--json`` output)."""
+    try:
+        config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()})
+        families = [FamilyInfo(**f) for f in data["families"]]
+        cell_fields = {f.name for f in dataclasses.fields(Cell)}
+        cells = [Cell(**{k: v for k, v in c.items() if k in cell_fields}) for c in data["cells"]]
+        return BenchResult(config, dict(data["environment"]), families, cells)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"not the JSON output of this benchmark ({err}); produce it with --json") from err
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -340,6 +355,8 @@ def _measure(runner: _Runner, fn: Callable[[], None], what: str, repeats: int, l
 def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     """Measure every family at every resolution (see the module docstring)."""
     say = progress or log.info
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested, but no CUDA device is available here; use --device cpu")
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
@@ -362,40 +379,58 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
     for resolution in config.resolutions:
         for family, info in zip(families, infos):
             mae, seg = built[family.key]
-            cell = Cell(family.key, resolution)
-            cells.append(cell)
-            gen = torch.Generator().manual_seed(config.seed + resolution)
-            x = torch.randn(config.batch, 1, resolution, resolution, generator=gen).to(device)
-            lattice = resolution // 8
-            torch.manual_seed(config.seed + resolution)
-            mask = mae.random_mask(config.batch, lattice, lattice, device=device)
-            cell.masked_fraction = float(mask.float().mean())
-            runner = _Runner(mae, seg, x, mask, device, config.precision)
-            say(f"{info.label} @ {resolution}^2: counting FLOPs")
-            try:
-                cell.flops_train, cell.flops_train_by_op = _flops(runner.train_step, runner)
-                with torch.no_grad():
-                    cell.flops_seg, cell.flops_seg_by_op = _flops(runner.infer, runner)
-            except (RuntimeError, MemoryError) as err:
-                if not _is_oom(err):
-                    raise
-                runner.clear()
-                cell.notes.append(f"FLOP count skipped: out of memory on {device.type} while counting")
-            if not info.timed:
-                cell.notes.append("FLOPs only on CPU: the reference backend runs both neighbourhood modes "
-                                  "through the same gather; time it on a GPU")
-                continue
-            for what, fn, key in (("training step", runner.train_step, "train"), ("inference", runner.infer, "infer")):
-                say(f"{info.label} @ {resolution}^2: timing {what}")
-                ms, peak = _measure(runner, fn, what, config.repeats, config.max_step_seconds,
-                                    history.setdefault((family.key, key), []), resolution, device, cell.notes)
-                setattr(cell, f"ms_{key}", ms)
-                setattr(cell, f"mem_{key}", peak)
-            del x, mask, runner
+            cells.append(_measure_cell(family, info, mae, seg, resolution, config, device, history, say))
     env["seconds"] = round(time.perf_counter() - started, 1)
     with contextlib.suppress(OSError, AttributeError):
         env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     return BenchResult(config, env, infos, cells)
+
+
+def _measure_cell(family: Family, info: FamilyInfo, mae: nn.Module, seg: nn.Module, resolution: int,
+                  config: BenchConfig, device: torch.device, history: dict[tuple[str, str], list[tuple[int, float]]],
+                  say: Callable[[str], None]) -> Cell:
+    """FLOPs, times and peak memory of one family at one resolution."""
+    cell = Cell(family.key, resolution)
+    gen = torch.Generator().manual_seed(config.seed + resolution)
+    x = torch.randn(config.batch, 1, resolution, resolution, generator=gen).to(device)  # [B, 1, H, W]
+    torch.manual_seed(config.seed + resolution)
+    mask = mae.random_mask(config.batch, resolution // 8, resolution // 8, device=device)  # [B, h, w]
+    cell.masked_fraction = float(mask.float().mean())
+    runner = _Runner(mae, seg, x, mask, device, config.precision)
+    say(f"{info.label} @ {resolution}^2: counting FLOPs")
+    try:
+        cell.flops_train, cell.flops_train_by_op = _flops(runner.train_step, runner)
+        with torch.no_grad():
+            cell.flops_seg, cell.flops_seg_by_op = _flops(runner.infer, runner)
+    except (RuntimeError, MemoryError) as err:
+        if not _is_oom(err):
+            raise
+        runner.clear()
+        cell.notes.append(f"FLOP count skipped: out of memory on {device.type} while counting")
+    if not info.timed:
+        cell.notes.append("FLOPs only on CPU: the reference backend runs both neighbourhood modes "
+                          "through the same gather; time it on a GPU")
+        return cell
+    for what, fn, key in (("training step", runner.train_step, "train"), ("inference", runner.infer, "infer")):
+        say(f"{info.label} @ {resolution}^2: timing {what}")
+        ms, peak = _measure(runner, fn, what, config.repeats, config.max_step_seconds,
+                            history.setdefault((family.key, key), []), resolution, device, cell.notes)
+        setattr(cell, f"ms_{key}", ms)
+        setattr(cell, f"mem_{key}", peak)
+        if family.prefix == "affmae" and device.type == "cpu" and peak is not None:
+            setattr(cell, f"mem_{key}_fused_bound", _fused_bound(runner, fn, device))
+    return cell
+
+
+def _fused_bound(runner: _Runner, fn: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes of ``fn`` with shape-only neighbourhood ops (see `Cell.mem_train_fused_bound`)."""
+    with shape_only_neighborhood_ops():
+        runner.clear()
+        fn()  # warm-up
+        runner.clear()
+        _, peak = measure_peak(fn, device)
+        runner.clear()
+    return peak.bytes
 
 
 def _flops(fn: Callable[[], None], runner: _Runner) -> tuple[int, dict[str, int]]:
@@ -444,6 +479,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="write/update this Markdown page (e.g. docs/benchmarks.md) and its plots")
     parser.add_argument("--images", type=Path, default=None,
                         help="folder of the plots (default: images/ next to --out)")
+    parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
+                        help="measure nothing: re-render the table/page from a saved --json output")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     return parser
 
@@ -453,20 +490,28 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     if not args.quiet and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        config = BenchConfig(families=args.families, size=args.size, resolutions=args.resolutions,
-                             device=args.device, precision=args.precision, repeats=args.repeats, batch=args.batch,
-                             max_step_seconds=args.max_step_seconds, mask_ratio=args.mask_ratio,
-                             threads=args.threads)
-    except ValueError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
     from . import report  # noqa: PLC0415  (matplotlib only when needed)
 
-    progress = (lambda message: None) if args.quiet else log.info
-    result = run_benchmark(config, progress)
-    shown = list(sys.argv[1:] if argv is None else argv)
-    result.environment["command"] = " ".join([prog or "affmae bench efficiency", *shown])
+    try:
+        if args.from_json is not None:
+            result = result_from_json(json.loads(args.from_json.read_text(encoding="utf-8")))
+        else:
+            config = BenchConfig(families=args.families, size=args.size, resolutions=args.resolutions,
+                                 device=args.device, precision=args.precision, repeats=args.repeats,
+                                 batch=args.batch, max_step_seconds=args.max_step_seconds,
+                                 mask_ratio=args.mask_ratio, threads=args.threads)
+    except (ValueError, OSError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    if args.from_json is None:
+        progress = (lambda message: None) if args.quiet else log.info
+        try:
+            result = run_benchmark(config, progress)
+        except ValueError as err:
+            sys.stderr.write(f"error: {err}\n")
+            return 2
+        shown = list(sys.argv[1:] if argv is None else argv)
+        result.environment["command"] = " ".join([prog or "affmae bench efficiency", *shown])
     table = report.format_table(result)
     if args.json:
         sys.stderr.write(table + "\n")

@@ -27,11 +27,16 @@ queries, ``Nk`` keys, ``M`` neighbours, ``D`` head dim, ``G`` merge groups, ``C`
   squares, d - 1 additions per query-centroid distance); the sort is not counted; no backward.
 
 `count_flops` runs a function (a forward, or a forward + backward) and returns a `FlopCount`.
-In the default *stand-in* mode the attention-like ops are replaced by shape-only stand-ins that
-return zeros and add their analytic count: cheap enough to count 2048^2 inputs on a CPU. In
-*exact* mode everything runs for real (neighbourhood ops on the PyTorch reference backend, whose
-gather + einsum the counter does see) and only what no counter can see is added analytically
-(k-NN distances, the recomputed QK^T of the attention backward); the tests check both modes agree.
+
+* *Stand-in* mode (default, what the benchmark reports): attention, neighbourhood attention,
+  weighted merge and k-NN run as shape-only stand-ins that return zeros (and zero gradients) and
+  add their analytic count; floating-point activations saved for the backward are kept as shapes
+  only. Counting a 2048^2 training step then costs about the time and memory of a cheap forward.
+* *Exact* mode (the check): everything runs for real - neighbourhood ops on the PyTorch reference
+  backend, whose gather + einsum the counter does see, SDPA through the counter (with formulas
+  added for the CPU flash kernel) - and only what no counter can see is added analytically: k-NN
+  distances, and the recomputed QK^T where the executed backward keeps the probabilities instead
+  (the reference ops, SDPA's math fallback). The tests check that both modes give the same total.
 
 The replacement is process-global while the context is active (module attributes are swapped):
 count in one thread at a time.
@@ -62,6 +67,7 @@ NEIGHBORHOOD = "neighborhood_attention"
 MERGE = "weighted_merge"
 KNN = "knn_centroids"
 NA_RECOMPUTE = "neighborhood_attention_recompute"  # exact mode only (see module docstring)
+SDPA_RECOMPUTE = "dense_attention_recompute"  # exact mode only: SDPA's math fallback on CPU
 
 _aten = torch.ops.aten
 
@@ -72,10 +78,18 @@ def _cpu_sdpa_mapping() -> dict:
     forward = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     backward = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if forward is not None:
-        mapping[forward] = flop_counter.sdpa_flop
+        mapping[forward] = _cpu_sdpa_forward
     if backward is not None:
-        mapping[backward] = flop_counter.sdpa_backward_flop
+        mapping[backward] = _cpu_sdpa_backward
     return mapping
+
+
+def _cpu_sdpa_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 # ------------------------------------------------------------------------------------ formulas
@@ -212,6 +226,7 @@ class _Counting:
         self.merge_original = dispatch.weighted_merge
         self.knn_original = dispatch.knn_centroids
         self.sdpa_original = F.scaled_dot_product_attention
+        self.counter: FlopCounterMode | None = None
 
     def neighborhood_attention(self, q, k, v, idx, bias=None, valid=None, blank_k=None, blank_v=None, scale=None,
                                *, backend=None):
@@ -245,7 +260,22 @@ class _Counting:
 
     def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         fwd, bwd = sdpa_flops(tuple(query.shape), tuple(key.shape), tuple(value.shape))
-        return _AttentionStandIn.apply(self.tally, SDPA, fwd, bwd, query, key, value)
+        if not self.exact:  # the mask goes in too: a learned bias must still receive a gradient
+            mask = attn_mask if attn_mask is not None and attn_mask.is_floating_point() else None
+            return _AttentionStandIn.apply(self.tally, SDPA, fwd, bwd, query, key, value, mask)
+        before = self._fused_attention_flops()
+        out = self.sdpa_original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                 scale=scale, **kwargs)
+        if self._fused_attention_flops() == before and out.requires_grad:
+            # no fused kernel ran: the math fallback (bmm + softmax, counted as bmm) keeps the
+            # probabilities, so its backward lacks the recomputed QK^T of the convention
+            recompute = bwd - 2 * fwd
+            out.register_hook(lambda grad: self.tally.add(SDPA_RECOMPUTE, recompute))
+        return out
+
+    def _fused_attention_flops(self) -> int:
+        counts = self.counter.get_flop_counts().get("Global", {}) if self.counter is not None else {}
+        return sum(v for op, v in counts.items() if "attention" in str(op))
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -253,9 +283,38 @@ class _Counting:
             stack.enter_context(_rebound(self.na_original, self.neighborhood_attention, [affmae_kernels, dispatch]))
             stack.enter_context(_rebound(self.merge_original, self.weighted_merge, [affmae_kernels, dispatch]))
             stack.enter_context(_rebound(self.knn_original, self.knn_centroids, [affmae_kernels, dispatch]))
-            if not self.exact:
-                stack.enter_context(_rebound(self.sdpa_original, self.sdpa, [F]))
+            stack.enter_context(_rebound(self.sdpa_original, self.sdpa, [F]))
             yield
+
+
+@contextlib.contextmanager
+def shape_only_neighborhood_ops() -> Iterator[FlopCount]:
+    """Run AFFMAE's neighbourhood attention, weighted merge and k-NN as shape-only stand-ins.
+
+    The stand-ins keep what a fused kernel keeps for its backward (q, k, v, bias, blank; merge
+    weights and features) and never build the ``[B, H, Nq, M, D]`` neighbour tensors of the
+    reference backend, so a model's peak memory under this context is a lower bound for fused
+    kernels. Outputs are zeros: use it for cost measurements only. Yields the FLOP tally.
+    """
+    tally = FlopCount()
+    counting = _Counting(tally, exact=False)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_rebound(counting.na_original, counting.neighborhood_attention, [affmae_kernels, dispatch]))
+        stack.enter_context(_rebound(counting.merge_original, counting.weighted_merge, [affmae_kernels, dispatch]))
+        stack.enter_context(_rebound(counting.knn_original, counting.knn_centroids, [affmae_kernels, dispatch]))
+        yield tally
+
+
+def _pack_shape(t: torch.Tensor):
+    # floating activations only: bool masks and indices select elements, so they keep their values
+    return (t.shape, t.dtype, t.device) if t.is_floating_point() else t
+
+
+def _unpack_zeros(packed) -> torch.Tensor:
+    if isinstance(packed, torch.Tensor):
+        return packed
+    shape, dtype, device = packed
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def count_flops(fn: Callable[[], object], exact: bool = False) -> FlopCount:
@@ -267,7 +326,12 @@ def count_flops(fn: Callable[[], object], exact: bool = False) -> FlopCount:
     tally = FlopCount()
     counting = _Counting(tally, exact)
     counter = FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping() if exact else {})
-    with counting.installed(), counter:
+    counting.counter = counter
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(counting.installed())
+        if not exact:  # counts depend on shapes only: keep no activations for the backward
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_pack_shape, _unpack_zeros))
+        stack.enter_context(counter)
         fn()
     per_aten = counter.get_flop_counts().get("Global", {})
     attention_ops = {op for op in per_aten if "attention" in str(op)}

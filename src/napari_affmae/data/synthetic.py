@@ -121,6 +121,7 @@ def _vesicle_field(rng: np.random.Generator, shape: tuple[int, int, int], densit
 
 def _seed_points(rng: np.random.Generator, height: int, width: int, cell_size: float) -> np.ndarray:
     """Jittered-grid seeds ``[N, 2]`` (y, x) covering the image plus a one-cell margin."""
+    cell_size = float(cell_size)
     margin = cell_size
     ys = np.arange(-margin, height + margin, cell_size)
     xs = np.arange(-margin, width + margin, cell_size)

@@ -1,8 +1,10 @@
 """Tiled inference over any 2D image or 3D stack (slice by slice), with bounded memory.
 
 Each slice is covered by overlapping tiles of ``tile_size`` (multiples of 8). The slice is
-reflect-padded by half the overlap so that no image pixel sits on a tile border, and images
-smaller than a tile are padded up to it. Tile logits are weighted by a smooth cosine window and
+reflect-padded by half the overlap (rounded to the 8-pixel patch grid, so every tile sees the
+image's own patch grid) so that no image pixel sits on a tile border; the far edges are padded
+up to a whole number of tile strides, so any image size works, including sizes that are not
+multiples of 8 and images smaller than one tile. Tile logits are weighted by a smooth cosine window and
 accumulated; the blended logits are softmax-ed (probabilities) or arg-maxed (labels).
 
 Memory stays bounded whatever the image size: tiles are processed one row of tiles at a time,
@@ -18,6 +20,7 @@ offset: classes 1..K for sparse-label models); ``"probabilities"`` -> float32 ``
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +74,9 @@ class SegmentConfig:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {self.normalization!r}")
 
 
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` (``length >= tile``)."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
+def _aligned_margin(tile: int, overlap: float) -> int:
+    """Half the overlap in pixels, rounded down to a multiple of the patch size 8."""
+    return 8 * int(tile * overlap / 2 // 8)
 
 
 def cosine_window(height: int, width: int, floor: float = 1e-3) -> np.ndarray:
@@ -118,15 +118,18 @@ class TiledPredictor:
         self.window = cosine_window(*tile_size)  # [th, tw]
 
     def layout(self, height: int, width: int) -> tuple[int, int, list[int], list[int], int, int]:
-        """Margins, tile starts on the padded canvas and its size for a ``height x width`` slice."""
+        """Margins, tile starts on the padded canvas and the canvas size for a ``height x width`` slice.
+
+        Margins and strides are multiples of the patch size 8, so every tile sees the image's own
+        8 x 8 patch grid (a patch model is not equivariant to shifts by a fraction of a patch)."""
         th, tw = self.tile
-        margin_y, margin_x = int(round(th * self.overlap / 2)), int(round(tw * self.overlap / 2))
-        canvas_h = max(height + 2 * margin_y, th)
-        canvas_w = max(width + 2 * margin_x, tw)
-        stride_y = max(8, th - 2 * margin_y)
-        stride_x = max(8, tw - 2 * margin_x)
-        return margin_y, margin_x, tile_starts(canvas_h, th, stride_y), tile_starts(canvas_w, tw, stride_x), \
-            canvas_h, canvas_w
+        margin_y, margin_x = _aligned_margin(th, self.overlap), _aligned_margin(tw, self.overlap)
+        stride_y, stride_x = th - 2 * margin_y, tw - 2 * margin_x
+        n_y = max(1, math.ceil((height + 2 * margin_y - th) / stride_y) + 1)
+        n_x = max(1, math.ceil((width + 2 * margin_x - tw) / stride_x) + 1)
+        ys = [i * stride_y for i in range(n_y)]
+        xs = [i * stride_x for i in range(n_x)]
+        return margin_y, margin_x, ys, xs, ys[-1] + th, xs[-1] + tw
 
     def tiles_per_slice(self, height: int, width: int) -> int:
         _, _, ys, xs, _, _ = self.layout(height, width)

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QSpinBox, QVBoxLayout, QWidget
+from qtpy.QtCore import QSize, Qt
+from qtpy.QtWidgets import QComboBox, QFormLayout, QFrame, QLabel, QScrollArea, QSpinBox, QVBoxLayout, QWidget
 
 from ..engine import CancelToken, ProgressEvent
 from ..engine.checkpoint import CHECKPOINT_NAME
@@ -119,8 +119,18 @@ class JobWidget(QWidget):
         self.last_outcome: JobOutcome | None = None
         token_holder = self.runner
         self.destroyed.connect(lambda *_: token_holder.cancel())  # closing the viewer stops the job
-        self.main_layout = QVBoxLayout(self)
+        # the form lives in a scroll area: on a small screen the dock scrolls instead of squeezing rows
+        self.content = QWidget()
+        self.main_layout = QVBoxLayout(self.content)
         self.main_layout.setContentsMargins(6, 6, 6, 6)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.scroll.setWidget(self.content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll)
 
     # ------------------------------------------------------------------ for subclasses
     def prepare(self) -> Job:  # pragma: no cover - abstract
@@ -131,6 +141,15 @@ class JobWidget(QWidget):
 
     def on_progress(self, event: ProgressEvent) -> None:
         """Extra progress handling (e.g. the loss curve)."""
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
+        hint = self.content.sizeHint()
+        return QSize(hint.width() + self.scroll.verticalScrollBar().sizeHint().width(), hint.height())
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt API
+        """As wide as the form needs (no horizontal clipping), as short as a few rows (it scrolls)."""
+        width = self.content.minimumSizeHint().width() + self.scroll.verticalScrollBar().sizeHint().width()
+        return QSize(width, 200)
 
     # ------------------------------------------------------------------ public
     @property
@@ -191,9 +210,9 @@ class JobWidget(QWidget):
             self.progress.end(message, complete=False)
             notify("error", message)
         elif outcome.cancelled:
-            self.progress.end(f"{self.job_title} cancelled after {outcome.seconds:.1f} s", complete=False)
+            self.progress.end(f"{outcome.name}: cancelled after {outcome.seconds:.1f} s", complete=False)
         else:
-            self.progress.end(f"{self.job_title} finished in {outcome.seconds:.1f} s", complete=True)
+            self.progress.end(f"{outcome.name}: finished in {outcome.seconds:.1f} s", complete=True)
         try:
             self.job_finished(outcome)
         except Exception as err:  # noqa: BLE001 - showing the result must never take the widget down

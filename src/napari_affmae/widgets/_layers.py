@@ -178,5 +178,9 @@ def safe_name(text: str) -> str:
 
 
 def same_geometry(layer: Any) -> dict[str, Any]:
-    """Keyword arguments that place a new layer exactly on top of ``layer``."""
-    return {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
+    """Keyword arguments that place a new layer exactly on top of ``layer`` (scale, offset and units)."""
+    geometry: dict[str, Any] = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
+    units = getattr(layer, "units", None)  # napari >= 0.6
+    if units is not None:
+        geometry["units"] = tuple(str(u) for u in units)
+    return geometry

@@ -152,11 +152,11 @@ class LossPlot(QWidget):
         self.raw_color, self.smooth_color = QColor("#4fa3ff"), QColor("#ffb000")
         self.steps: list[int] = []
         self.losses: list[float] = []
-        self.setMinimumHeight(150)
+        self.setMinimumHeight(130)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
 
     def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
-        return QSize(300, 160)
+        return QSize(300, 140)
 
     def set_history(self, losses: Sequence[float]) -> None:
         """Replace the curve with ``losses`` (one per step from step 1)."""

@@ -96,6 +96,8 @@ def show_segmentation(viewer: Any, image_layer: Any, result: SegmentationResult)
                                    metadata={"class_names": result.class_names,
                                              "package": str(result.package_path)},
                                    **same_geometry(image_layer))
+        if image_layer in list(viewer.layers):  # just above the image: painted strokes stay on top
+            viewer.layers.move(viewer.layers.index(target), viewer.layers.index(image_layer) + 1)
     else:
         region = result.region if result.region is not None else (slice(None),) * len(shape)
         target.data[region] = result.labels.astype(target.data.dtype, copy=False)
@@ -117,11 +119,13 @@ def _show_probabilities(viewer: Any, image_layer: Any, shape: tuple[int, ...], r
         full = probs if result.region is None else np.zeros(full_shape, np.float32)
         if result.region is not None:
             full[region] = probs
-        scale = (1.0, *image_layer.scale)
-        translate = (0.0, *image_layer.translate)
+        geometry = same_geometry(image_layer)
+        geometry["scale"] = (1.0, *geometry["scale"])
+        geometry["translate"] = (0.0, *geometry["translate"])
+        if "units" in geometry:
+            geometry["units"] = ("pixel", *geometry["units"])
         viewer.add_image(full, name=name, colormap="magma", contrast_limits=(0.0, 1.0), visible=False,
-                         scale=scale, translate=translate, metadata={"class_names": result.class_names,
-                                                                     "axis 0": "class"})
+                         metadata={"class_names": result.class_names, "axis 0": "class"}, **geometry)
     else:
         layer.data[region] = probs
         layer.refresh()

@@ -270,7 +270,7 @@ class BatchWidget(JobWidget):
         if set(axes) <= set("zyx"):
             levels, scale = _pyramid(layout)
             layers.append(self.viewer.add_image(levels if len(levels) > 1 else levels[0], multiscale=len(levels) > 1,
-                                                name=name, scale=scale, colormap="gray"))
+                                                name=name, scale=scale, colormap="gray", **_units(layout)))
         else:
             image = read_image(path)
             layers.append(self.viewer.add_image(image.array, name=name, colormap="gray"))
@@ -287,11 +287,17 @@ class BatchWidget(JobWidget):
                 extra = {"features": class_features(names)} if names and all(names) else {}
                 layers.append(self.viewer.add_labels(levels if len(levels) > 1 else levels[0],
                                                      multiscale=len(levels) > 1, name=f"{name} {label_name}",
-                                                     scale=scale, opacity=0.5,
+                                                     scale=scale, opacity=0.5, **_units(labels_layout),
                                                      colormap=label_colormap(max(len(names), 1)), **extra))
         else:
             notify("info", f"{name} has no labels/{label_name} yet; opened the image only")
         return layers
+
+
+def _units(layout: Any) -> dict[str, Any]:
+    """``{"units": (...)}`` from the OME-Zarr axes when every axis names a unit (napari >= 0.6), else empty."""
+    units = [axis.get("unit") for axis in layout.axes]
+    return {"units": tuple(units)} if all(units) else {}
 
 
 def _pyramid(layout: Any) -> tuple[list[Any], tuple[float, ...]]:

@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
     QHeaderView,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
     QWidget,
@@ -49,8 +50,9 @@ class ClassTable(QTableWidget):
         self.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
         self.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.setMinimumHeight(110)
+        self.setMinimumHeight(112)
         self.setMaximumHeight(160)
+        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
         self.set_names(names)
 
     def set_names(self, names: list[str]) -> None:
@@ -92,8 +94,8 @@ class FinetuneWidget(TrainingWidget):
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
-        intro = QLabel("Paint a few strokes of each class (label 0 = unpainted is ignored), then fine-tune. "
-                       "Correct mistakes by painting more and fine-tune again.")
+        intro = QLabel("Paint a few strokes per class (0 = unpainted, ignored), fine-tune, then paint "
+                       "corrections and fine-tune again.")
         intro.setWordWrap(True)
         self.main_layout.addWidget(intro)
         self.labels_picker = LayerPicker(napari_viewer, "labels")
@@ -200,7 +202,7 @@ class FinetuneWidget(TrainingWidget):
             pretrained=pretrained, model=self.scratch_model.currentText(), class_names=names,
             crop_size=self.crop_size(), batch_size=int(self.batch_size.value()), steps=steps,
             device=self.device.currentText(), output_dir=folder, resume=self.resume.isChecked(),
-            checkpoint_every=max(1, min(100, steps // 5 or 1)), warmup_steps=min(20, max(steps // 10, 0)),
+            checkpoint_every=min(100, max(10, steps // 5)), warmup_steps=min(20, max(steps // 10, 0)),
         )
 
     def prepare(self) -> Job:

@@ -54,7 +54,7 @@ class PretrainWidget(TrainingWidget):
         return PretrainConfig(
             model=self.model.currentText(), crop_size=self.crop_size(), batch_size=int(self.batch_size.value()),
             steps=steps, mask_ratio=float(self.mask_ratio.value()), device=self.device.currentText(),
-            output_dir=folder, resume=self.resume.isChecked(), checkpoint_every=max(1, min(100, steps // 5 or 1)),
+            output_dir=folder, resume=self.resume.isChecked(), checkpoint_every=min(100, max(10, steps // 5)),
             warmup_steps=min(50, max(steps // 10, 0)),
         )
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QWidget
 
 from ..engine import SegmentConfig
-from ._base import JobWidget, Job, checked_multiple_of_8, device_combo, int_spin, size_spin
+from ._base import Job, JobWidget, checked_multiple_of_8, device_combo, int_spin, size_spin
 from ._jobs import JobOutcome
 from ._layers import LayerPicker, image_data
 from ._panels import PathEdit, form_label

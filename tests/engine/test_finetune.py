@@ -1,0 +1,109 @@
+"""Fine-tuning: label checks with exact messages, loss only on painted pixels, validation metrics,
+dense mode, cancel and resume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_affmae.engine import CancelToken, FinetuneConfig, JobCancelled, finetune, load_package
+from napari_affmae.engine.finetune import IGNORE, check_labels, confusion, scores_from_confusion, segmentation_loss
+
+TWO_CLASSES = "at least two classes must be painted"
+
+
+def _config(tmp_path, **kw):
+    base = dict(crop_size=(64, 64), batch_size=2, steps=3, warmup_steps=1, device="cpu", output_dir=tmp_path / "ft",
+                checkpoint_every=100)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_label_checks_say_what_is_wrong(em_stack, tmp_path):
+    image, truth = em_stack
+    empty = np.zeros_like(truth)
+    with pytest.raises(ValueError, match="no painted pixels"):
+        finetune(image, empty, _config(tmp_path))
+    one = empty.copy()
+    one[0, 10:20, 10:20] = 2
+    with pytest.raises(ValueError, match=f"only one class \\(2\\) is painted: {TWO_CLASSES}"):
+        finetune(image, one, _config(tmp_path))
+    with pytest.raises(ValueError, match="does not match the image shape"):
+        finetune(image, truth[:, :64], _config(tmp_path))
+    with pytest.raises(ValueError, match="class_names has 2 names but the labels need 3"):
+        finetune(image, truth, _config(tmp_path, class_names=["a", "b"]))
+    assert check_labels(truth, "dense") == (4, [1, 2, 3])
+    assert check_labels(truth, "sparse") == (3, [1, 2, 3])
+
+
+def test_loss_ignores_unpainted_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    target = torch.full((2, 8, 8), IGNORE)
+    target[0, :2, :3] = 0
+    target[1, 5:, 4:] = 2
+    loss = segmentation_loss(logits, target, dice_weight=0.0)
+    # reference: mean cross-entropy over the labelled pixels only
+    painted = target != IGNORE
+    manual = F.cross_entropy(logits.permute(0, 2, 3, 1)[painted], target[painted])
+    torch.testing.assert_close(loss, manual)
+    loss_with_dice = segmentation_loss(logits, target, dice_weight=1.0)
+    loss_with_dice.backward()
+    assert (logits.grad.abs().sum(1)[~painted] == 0).all(), "unpainted pixels must not get gradient"
+    assert (logits.grad.abs().sum(1)[painted] > 0).all()
+
+
+def test_scores_match_hand_computed_iou():
+    truth = np.array([0, 0, 1, 1, 2, 2, IGNORE])
+    pred = np.array([0, 1, 1, 1, 2, 0, 2])
+    scores = scores_from_confusion(confusion(pred, truth, 3), ["a", "b", "c"])
+    assert scores["iou"] == pytest.approx({"a": 1 / 3, "b": 2 / 3, "c": 1 / 2})
+    assert scores["dice"]["b"] == pytest.approx(0.8) and scores["pixels"] == 6
+    assert scores["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_finetune_with_validation_slices_then_segment(trained, em_stack, tmp_path):
+    from napari_affmae.data import sparse_strokes
+
+    image, truth = em_stack
+    strokes = sparse_strokes(truth, fraction=0.05, seed=1, slices=[0, 1, 3])
+    events = []
+    result = finetune(image, strokes, _config(tmp_path, pretrained=trained["pretrained"], val_slices=[3],
+                                              class_names=["membrane", "mito", "cyto"]), progress=events.append)
+    assert result.step == 3 and not result.cancelled
+    val = result.metrics["val"]
+    assert val["val_slices"] == [3] and set(val["iou"]) == {"membrane", "mito", "cyto"}
+    assert val["pixels"] == int((strokes[3] > 0).sum())
+    package = load_package(result.package_path, expect_task="segmentation")
+    assert package.class_names == ["membrane", "mito", "cyto"] and package.num_classes == 3
+    assert package.provenance["pretrained"] == str(trained["pretrained"])
+    assert package.provenance["val_slices"] == [3]
+    assert [e.step for e in events if e.loss is not None] == [1, 2, 3]
+
+
+def test_dense_mode_from_scratch_predicts_background(em_stack, tmp_path):
+    image, truth = em_stack
+    dense = (truth == 2).astype(np.uint8)  # 0 = background, 1 = mitochondrion, every pixel labelled
+    result = finetune(image[:2], dense[:2], _config(tmp_path, label_mode="dense", class_names=["bg", "mito"]))
+    package = load_package(result.package_path)
+    assert package.label_mode == "dense" and package.num_classes == 2 and package.label_offset == 0
+    assert package.provenance["pretrained"] is None
+    assert result.metrics["train"]["pixels"] == 3 * 2 * 64 * 64  # every pixel of every crop counts
+
+
+def test_cancel_then_resume_finishes(trained, em_stack, tmp_path):
+    _, truth = em_stack
+    from napari_affmae.data import sparse_strokes
+
+    image = em_stack[0]
+    strokes = sparse_strokes(truth, fraction=0.05, seed=2, slices=[1])
+    token = CancelToken()
+    config = _config(tmp_path, pretrained=trained["pretrained"], steps=4)
+    with pytest.raises(JobCancelled) as info:
+        finetune(image, strokes, config, progress=lambda e: token.cancel() if e.step == 1 else None, cancel=token)
+    assert info.value.result.step == 1 and info.value.result.cancelled
+    assert load_package(info.value.result.package_path).provenance["steps"] == 1
+    config.resume = True
+    result = finetune(image, strokes, config)
+    assert result.step == 4 and len(result.losses) == 4

@@ -1,0 +1,208 @@
+"""The ``affmae`` command: end-to-end runs on real files, help texts, and every bad-input case
+ending with exit code 2, a one-line message and no traceback."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from napari_affmae.cli import build_parser, main
+from napari_affmae.data import sparse_strokes, synthetic_em
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO / "kernels"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    image, truth = synthetic_em((3, 80, 96), seed=5)
+    tifffile.imwrite(root / "stack.tif", image, imagej=True, metadata={"axes": "ZYX"})
+    strokes = sparse_strokes(truth, fraction=0.05, seed=0, slices=[0, 2])
+    tifffile.imwrite(root / "strokes.tif", strokes, imagej=True, metadata={"axes": "ZYX"})
+    return {"root": root, "image": root / "stack.tif", "strokes": root / "strokes.tif"}
+
+
+@pytest.fixture(scope="module")
+def packages(files) -> dict[str, Path]:
+    """pretrain -> finetune through the CLI (in-process), two steps each."""
+    root = files["root"]
+    common = ["--crop-size", "64", "--batch-size", "2", "--warmup-steps", "1", "--device", "cpu", "--quiet"]
+    assert main(["pretrain", str(files["image"]), "-o", str(root / "pre"), "--steps", "2", *common]) == 0
+    assert main(["finetune", str(files["image"]), str(files["strokes"]), "-o", str(root / "fine"), "--pretrained",
+                 str(root / "pre" / "pretrained.affmae"), "--steps", "2", "--class-names", "membrane,mito,cyto",
+                 "--val-slices", "2", *common]) == 0
+    return {"pretrained": root / "pre" / "pretrained.affmae", "segmentation": root / "fine" / "segmentation.affmae"}
+
+
+def test_end_to_end_segment_info_and_logs(files, packages, tmp_path, capsys):
+    out = tmp_path / "labels.tif"
+    code, stdout, _ = run_cli(capsys, "segment", packages["segmentation"], files["image"], "-o", out,
+                              "--tile-size", "64", "--device", "cpu", "--quiet")
+    assert code == 0 and "segmentation written" in stdout
+    labels = tifffile.imread(out)
+    assert labels.shape == (3, 80, 96) and set(np.unique(labels)) <= {1, 2, 3}
+    code, _, err = run_cli(capsys, "segment", packages["segmentation"], files["image"], "-o", out)
+    assert code == 2 and "already exists" in err
+    npy = tmp_path / "probs.npy"
+    code, _, _ = run_cli(capsys, "segment", packages["segmentation"], files["image"], "-o", npy, "--probabilities",
+                         "--tile-size", "64", "--slices", "1", "--quiet")
+    probs = np.load(npy, mmap_mode="r")
+    assert code == 0 and probs.shape == (3, 3, 80, 96)
+    np.testing.assert_allclose(np.asarray(probs[:, 1]).sum(0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(probs[:, 1]).argmax(0) + 1, labels[1])
+    code, stdout, _ = run_cli(capsys, "info", packages["segmentation"])
+    assert code == 0 and "1=membrane, 2=mito, 3=cyto" in stdout and "val IoU" in stdout
+    code, stdout, _ = run_cli(capsys, "info", packages["pretrained"], "--json")
+    assert code == 0 and json.loads(stdout)["task"] == "mae"
+    # one JSON-lines log per run, with start / progress / end events
+    logs = sorted((files["root"] / "fine").glob("affmae-finetune-*.jsonl"))
+    events = [json.loads(line) for line in logs[0].read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and "progress" in kinds and "config" in kinds
+    assert {e["run"] for e in events} == {events[0]["run"]}
+    result = next(e for e in events if e["event"] == "result")
+    assert result["metrics"]["val"]["val_slices"] == [2]
+
+
+def test_help_explains_every_option(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001
+    assert set(commands) == {"pretrain", "finetune", "segment", "batch", "info", "demo", "bench"}
+    for name, sub in commands.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        for action in sub._actions:  # noqa: SLF001
+            assert action.help and len(action.help) > 8, f"{name}: {action.dest} has no help"
+            for flag in action.option_strings:
+                assert flag in text, f"{name} --help does not mention {flag}"
+
+
+def _bad_inputs(root: Path, packages: dict[str, Path]) -> dict[str, tuple[list, str]]:
+    image, truth = synthetic_em((2, 64, 64), seed=1)
+    tifffile.imwrite(root / "img.tif", image, imagej=True, metadata={"axes": "ZYX"})
+    (root / "corrupt.tif").write_bytes(b"II*\x00" + os.urandom(200))
+    tifffile.imwrite(root / "rgb.tif", np.zeros((2, 64, 64, 3), np.uint8), photometric="rgb")
+    np.save(root / "four_d.npy", np.zeros((2, 2, 64, 64), np.uint8))
+    tifffile.imwrite(root / "small_labels.tif", np.zeros((2, 32, 64), np.uint8))
+    one = np.zeros_like(truth)
+    one[0, 5:20, 5:20] = 3
+    tifffile.imwrite(root / "one_class.tif", one)
+    tifffile.imwrite(root / "unpainted.tif", np.zeros_like(truth))
+    plain = zarr.open_group(str(root / "plain.zarr"), mode="w")
+    plain.create_array("0", shape=(64, 64), dtype="uint8")
+    with zipfile.ZipFile(packages["segmentation"]) as src, zipfile.ZipFile(root / "future.affmae", "w") as dst:
+        manifest = json.loads(src.read("affmae.json"))
+        manifest["format_version"] = 7
+        dst.writestr("affmae.json", json.dumps(manifest))
+        dst.writestr("model.safetensors", src.read("model.safetensors"))
+    out = ["-o", root / "out"]
+    train = ["--steps", "1", "--crop-size", "64", "--device", "cpu", "--quiet"]
+    seg = packages["segmentation"]
+    return {
+        "missing file": (["pretrain", root / "nope.tif", *out, *train], "no such file"),
+        "corrupt TIFF": (["pretrain", root / "corrupt.tif", *out, *train], "corrupt.tif"),
+        "RGB stack": (["segment", seg, root / "rgb.tif", "-o", root / "o.tif"], "RGB"),
+        "4D without axes": (["pretrain", root / "four_d.npy", *out, *train], "without axes"),
+        "labels shape": (["finetune", root / "img.tif", root / "small_labels.tif", *out, "--scratch", *train],
+                         "does not match the image shape"),
+        "one class": (["finetune", root / "img.tif", root / "one_class.tif", *out, "--scratch", *train],
+                      "at least two classes must be painted"),
+        "nothing painted": (["finetune", root / "img.tif", root / "unpainted.tif", *out, "--scratch", *train],
+                            "no painted pixels"),
+        "no multiscales": (["segment", seg, root / "plain.zarr", "-o", root / "o2.tif"], "multiscales"),
+        "package version": (["segment", root / "future.affmae", root / "img.tif", "-o", root / "o3.tif"],
+                            "format version 7"),
+        "pretrained is a segmentation package": (
+            ["finetune", root / "img.tif", root / "strokes_ok.tif", *out, "--pretrained", seg, *train],
+            "segmentation package, but a pretraining"),
+        "crop size": (["pretrain", root / "img.tif", *out, "--crop-size", "60", "--steps", "1"], "multiples of 8"),
+    }
+
+
+def test_every_bad_input_exits_2_with_one_line(packages, tmp_path, capsys):
+    image, truth = synthetic_em((2, 64, 64), seed=1)
+    tifffile.imwrite(tmp_path / "strokes_ok.tif", sparse_strokes(truth, fraction=0.05, seed=0))
+    for name, (args, expected) in _bad_inputs(tmp_path, packages).items():
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2, f"{name}: exit code {code}; stderr {err}"
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("affmae: error: "), f"{name}: {err}"
+        assert expected.lower() in lines[0].lower(), f"{name}: {lines[0]}"
+        assert "Traceback" not in err
+
+
+def test_console_script_bad_input_has_no_traceback(tmp_path):
+    result = subprocess.run([PYTHON, "-m", "napari_affmae.cli", "segment", str(tmp_path / "missing.affmae"),
+                             str(tmp_path / "missing.tif"), "-o", str(tmp_path / "x.tif")],
+                            env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("affmae: error:") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _without_root_powers(command: list[str]) -> list[str]:
+    """Root may write anywhere: run the command with every capability dropped (util-linux setpriv),
+    so directory permissions apply to it as to any user."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "running as root needs util-linux 'setpriv' to drop capabilities for this test"
+    return [setpriv, "--inh-caps=-all", "--bounding-set=-all", "--", *command]
+
+
+def test_read_only_output_location_exits_2(tmp_path):
+    tifffile.imwrite(tmp_path / "img.tif", synthetic_em((64, 64), seed=0)[0])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        command = [PYTHON, "-m", "napari_affmae.cli", "pretrain", str(tmp_path / "img.tif"), "-o",
+                   str(locked / "run"), "--steps", "1", "--crop-size", "32", "--device", "cpu"]
+        result = subprocess.run(_without_root_powers(command), env=_env(), capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "not writable" in result.stderr or "cannot write" in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (locked / "run").exists()
+    finally:
+        locked.chmod(stat.S_IRWXU)
+
+
+def test_demo_runs_end_to_end_at_tiny_scale(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, _ = run_cli(capsys, "demo", "--out", out, "--pretrain-steps", "2", "--finetune-steps", "2",
+                              "--size", "4,64,64", "--device", "cpu", "--quiet")
+    assert code == 0
+    assert "membrane" in stdout and "IoU" in stdout and "mean" in stdout
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["held_out_slices"] == [0, 3] and set(metrics["iou"]) == {"membrane", "mitochondrion", "cytoplasm"}
+    labels = zarr.open_group(str(out / "synthetic_em.ome.zarr" / "labels"), mode="r")
+    assert set(labels.attrs["ome"]["labels"]) == {"affmae", "ground_truth", "strokes"}
+    assert labels["affmae"]["s0"].shape == (4, 64, 64)
