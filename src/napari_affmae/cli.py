@@ -525,8 +525,11 @@ def _cmd_info(args) -> int:
     if info.get("pixel_size"):
         lines.append(f"pixel size    {info['pixel_size']}")
     if prov:
+        loss = prov.get("final_loss")
         lines.append(f"trained by    {prov.get('job')} for {prov.get('steps')} steps on {prov.get('device')}, "
-                     f"final loss {prov.get('final_loss')}")
+                     f"final loss {'n/a' if loss is None else f'{loss:.4f}'}")
+        if prov.get("sources") or prov.get("source"):
+            lines.append(f"trained on    {', '.join(prov.get('sources') or [prov.get('source')])}")
         metrics = prov.get("metrics") or {}
         for split in ("train", "val"):
             if split in metrics and metrics[split].get("iou"):

@@ -267,6 +267,17 @@ def test_page_keeps_the_sections_of_other_devices(skipped_run, tmp_path):
     assert cpu_block in both  # the CPU section is kept as it was
 
 
+def test_flops_only_times_nothing():
+    result = run_benchmark(BenchConfig(families=("vit_mae", "um_mae"), resolutions=(128,), flops_only=True,
+                                       threads=1))
+    for family in ("vit_mae", "um_mae"):
+        cell = result.cell(family, 128)
+        assert cell.flops_train > 0 and cell.flops_seg > 0
+        assert cell.ms_train is None and cell.mem_infer is None and not cell.notes
+    assert result.ratio("um_mae", 128, "flops_train") == pytest.approx(
+        result.cell("vit_mae", 128).flops_train / result.cell("um_mae", 128).flops_train)
+
+
 def test_bad_input_is_reported():
     with pytest.raises(ValueError, match="multiples of 64"):
         BenchConfig(resolutions=(100,))

@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -90,6 +89,7 @@ class BenchConfig:
     mask_ratio: float | None = None
     threads: int | None = None
     seed: int = 0
+    flops_only: bool = False
 
     def __post_init__(self) -> None:
         self.families = tuple(self.families)
@@ -407,6 +407,8 @@ def _measure_cell(family: Family, info: FamilyInfo, mae: nn.Module, seg: nn.Modu
             raise
         runner.clear()
         cell.notes.append(f"FLOP count skipped: out of memory on {device.type} while counting")
+    if config.flops_only:
+        return cell
     if not info.timed:
         cell.notes.append("FLOPs only on CPU: the reference backend runs both neighbourhood modes "
                           "through the same gather; time it on a GPU")
@@ -479,6 +481,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="write/update this Markdown page (e.g. docs/benchmarks.md) and its plots")
     parser.add_argument("--images", type=Path, default=None,
                         help="folder of the plots (default: images/ next to --out)")
+    parser.add_argument("--flops-only", action="store_true", help="count parameters and FLOPs, time nothing")
     parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
                         help="measure nothing: re-render the table/page from a saved --json output")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -499,7 +502,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             config = BenchConfig(families=args.families, size=args.size, resolutions=args.resolutions,
                                  device=args.device, precision=args.precision, repeats=args.repeats,
                                  batch=args.batch, max_step_seconds=args.max_step_seconds,
-                                 mask_ratio=args.mask_ratio, threads=args.threads)
+                                 mask_ratio=args.mask_ratio, threads=args.threads, flops_only=args.flops_only)
     except (ValueError, OSError) as err:
         sys.stderr.write(f"error: {err}\n")
         return 2

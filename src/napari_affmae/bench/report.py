@@ -28,7 +28,6 @@ BOUND_NOTE = ("*AFFMAE, fused-kernel bound: the same step with neighbourhood att
               "`[B, H, Nq, M, D]` neighbour tensors the CPU reference materialises: a lower bound for the Triton "
               "kernels' memory.")
 GPU_COMMAND = "affmae bench efficiency --device cuda --precision bf16 --size small --out docs/benchmarks.md"
-REPO_GPU_COMMAND = "python benchmarks/efficiency.py --device cuda --precision bf16 --size small --out docs/benchmarks.md"
 
 
 def _num(value: float) -> str:
@@ -225,16 +224,20 @@ def _plot(result: BenchResult, path: Path, solid: str, dashed: str, unit: str, s
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
     markers = "osD^v<>"
     family_handles = []
+    bounds_drawn = False
     for i, info in enumerate(result.families):
         color, marker = f"C{i}", markers[i % len(markers)]
         drawn = False
-        for metric, style in ((solid, "-"), (dashed, "--")):
+        for metric, style in ((solid, "-"), (dashed, "--"), (f"{solid}_fused_bound", ":"),
+                              (f"{dashed}_fused_bound", ":")):
             pts = [(c.resolution, getattr(c, metric) * scale) for c in result.cells
-                   if c.family == info.key and getattr(c, metric)]
+                   if c.family == info.key and getattr(c, metric, None)]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, marker=marker, color=color, markerfacecolor="none" if style == "--" else color)
+                ax.plot(xs, ys, style, marker=marker, color=color, markerfacecolor="none" if style == "--" else color,
+                        markersize=4 if style == ":" else 6)
                 drawn = True
+                bounds_drawn = bounds_drawn or style == ":"
         if drawn:
             family_handles.append(Line2D([], [], color=color, marker=marker, label=info.label))
     if not family_handles:
@@ -244,6 +247,8 @@ def _plot(result: BenchResult, path: Path, solid: str, dashed: str, unit: str, s
     style_handles = [Line2D([], [], color="0.3", linestyle="-", label="training step (solid)"),
                      Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="none",
                             label=f"{second} (dashed, hollow)")]
+    if bounds_drawn:
+        style_handles.append(Line2D([], [], color="0.3", linestyle=":", label="AFFMAE fused-kernel bound (dotted)"))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(list(result.config.resolutions))
@@ -285,8 +290,8 @@ HEADER = """# Efficiency benchmark
 AFFMAE against the seed systems (ViT-MAE, UM-MAE, GreenMIM) in the same framework, at matched
 parameter count, on square one-channel tiles. Produced by
 
-    affmae bench efficiency --out docs/benchmarks.md            # CPU, tiny models
-    {gpu_command}   # GPU
+    affmae bench efficiency --threads 1 --out docs/benchmarks.md   # CPU, tiny models
+    {gpu_command}
 
 (or `python benchmarks/efficiency.py ...` from a checkout). Each run replaces its own section
 (device type, size, precision) and keeps the others. `--json` prints the raw results.
@@ -304,7 +309,8 @@ parameter count, on square one-channel tiles. Produced by
   of the segmentation model in inference mode. Time: median of `--repeats` runs after one
   warm-up run, device synchronised. Runs predicted to exceed `--max-step-seconds` (the last
   measured time scaled linearly with the pixel count, a lower bound for every family) are
-  skipped and the reason is listed.
+  skipped and the reason is listed. On a CPU shared with other jobs use `--threads 1`:
+  oversubscribed intra-op threads made steps up to 20x slower on the 2-core machine of the CPU run.
 * **Ratios** are ViT-MAE / family: above 1 the family is cheaper than ViT-MAE.
 * **FLOPs** (`napari_affmae.bench.flops`): 1 multiply-accumulate = 2 FLOPs. Counted: matrix
   products and convolutions (`torch.utils.flop_counter.FlopCounterMode`: mm, addmm, bmm,
@@ -337,7 +343,22 @@ parameter count, on square one-channel tiles. Produced by
   (tensors, kernel workspaces, allocator overhead); `tracemalloc` cannot see torch's memory.
 * **CPU caveat.** On CPU, AFFMAE's neighbourhood ops run on the PyTorch reference backend
   (gather + einsum materialises `[B, H, Nq, M, D]` neighbour tensors), so CPU time and memory
-  say little about the Triton kernels; the FLOP ratios do not depend on the device.
+  say little about the Triton kernels; the FLOP ratios do not depend on the device. The
+  "fused-kernel bound" rows measure AFFMAE again with shape-only neighbourhood ops (nothing
+  materialised): what the model needs besides the kernels.
+
+## Reading the numbers
+
+* Matched parameters are not matched work: ViT-MAE and UM-MAE decode with global attention over
+  every lattice position (quadratic in the pixel count), AFFMAE decodes only the masked
+  positions with neighbourhood attention (linear), GreenMIM's MAE decoder runs on its 64-px
+  unit grid (1/64 of the lattice). For segmentation, UM-MAE and GreenMIM use their pyramid + a
+  fusion neck + a per-patch head with no decoder, while AFFMAE runs its decoder at every lattice
+  position plus a full-resolution refinement.
+* Each family keeps its own masking (AFFMAE 50 %, the others 75 %). For FLOPs at a matched
+  ratio: `affmae bench efficiency --flops-only --mask-ratio 0.75` (or `0.5`).
+* AFFMAE's k-NN search compares every query with every centroid: `5 B Nq Nc` grows with the
+  square of the pixel count (see its share in "Where AFFMAE's FLOPs go").
 """
 
 _BLOCK = re.compile(r"<!-- bench:(?P<key>[\w.-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=key) -->\n", re.S)
@@ -402,8 +423,7 @@ def write_page(result: BenchResult, out: Path, images: Path) -> Path:
     gpu_status = ("GPU sections below were measured on the device named in each." if has_gpu else
                   "**GPU figures owed.** No GPU was lent to the runs on this page, so the step-time target "
                   f"(>= 5x at 1024^2 on GPU) is not measured yet. Produce them with `{GPU_COMMAND}`.")
-    text = HEADER.format(gpu_command=REPO_GPU_COMMAND.replace("python benchmarks/efficiency.py", "affmae bench efficiency"),
-                         gpu_status=gpu_status)
+    text = HEADER.format(gpu_command=GPU_COMMAND, gpu_status=gpu_status)
     order = sorted(blocks, key=lambda k: (not k.startswith("cuda"), k))
     for key in order:
         text += f"\n<!-- bench:{key} -->\n{blocks[key]}<!-- /bench:{key} -->\n"

@@ -58,6 +58,14 @@ class DistContext:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item() > 0)
 
+    def sum_array(self, array, device: torch.device):
+        """Element-wise sum of a numpy array over ranks (no-op for a single process)."""
+        if not self.enabled:
+            return array
+        tensor = torch.as_tensor(array, device=device)
+        dist.all_reduce(tensor)
+        return tensor.cpu().numpy()
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -91,7 +99,7 @@ def wrap_model(model: nn.Module, context: DistContext, device: torch.device) -> 
     if not context.enabled:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

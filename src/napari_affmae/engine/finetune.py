@@ -424,7 +424,7 @@ def _run(img, train_labels, val_labels, split_info, num_classes, painted, config
             emit(emit_progress, ProgressEvent(
                 "finetune", step, total, loss=step_loss, lr=lr,
                 images_per_s=config.batch_size * config.grad_accum / max(seconds, 1e-9), eta_s=meter.eta(step)))
-    metrics["train"] = scores_from_confusion(conf_train, class_names)
+    metrics["train"] = scores_from_confusion(context.sum_array(conf_train, device), class_names)
     if val_labels is not None and context.is_main:
         emit(emit_progress, ProgressEvent("finetune", step, total, message="validating on held-out labels"))
         metrics["val"] = _validate(model, img, val_labels, stats, num_classes, config, device, dtype, class_names,
