@@ -67,11 +67,17 @@ def check_index_range(idx: torch.Tensor, num_keys: int) -> None:
 
 
 def gather_neighbors(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t ``[B, H, Nk, D]``, idx ``[B, Nq, M]`` -> ``[B, H, Nq, M, D]``."""
-    b, h, _, d = t.shape
+    """t ``[B, H, Nk, D]``, idx ``[B, Nq, M]`` -> ``[B, H, Nq, M, D]``.
+
+    Gathers whole D-rows with one ``index_select`` (its backward is a row-wise ``index_add``),
+    several times faster on CPU than an element-wise ``gather`` with an expanded index.
+    """
+    b, h, nk, d = t.shape
     nq, m = idx.shape[1], idx.shape[2]
-    flat = idx.long().reshape(b, 1, nq * m, 1).expand(b, h, nq * m, d)
-    return torch.gather(t, 2, flat).reshape(b, h, nq, m, d)
+    rows = t.reshape(b * h * nk, d)  # [B*H*Nk, D]
+    offsets = torch.arange(b * h, device=idx.device).reshape(b, h, 1, 1) * nk
+    flat = (idx.long()[:, None] + offsets).reshape(-1)  # [B*H*Nq*M]
+    return rows.index_select(0, flat).reshape(b, h, nq, m, d)
 
 
 def neighborhood_attention(

@@ -327,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks shipped with the package (affmae bench efficiency --help)",
                        description="Run a benchmark of napari_affmae.bench; everything after its name is passed "
                                    "to it (see 'affmae bench efficiency --help').")
-    p.add_argument("name", choices=("efficiency",), help="which benchmark: efficiency (FLOPs, memory, step "
-                                                           "times of AFFMAE and the baselines)")
+    p.add_argument("name", choices=("efficiency", "segmentation"),
+                   help="which benchmark: efficiency (FLOPs, memory, step times of AFFMAE and the baselines) or "
+                        "segmentation (real-EM fine-tuning from few labels, all arms)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
                    help="options of the benchmark (e.g. --device cuda --out docs/benchmarks.md)")
     return parser
@@ -599,8 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except _bad_input_types() as err:
             return _fail(str(err))
     if args.command == "bench":
-        from .bench.efficiency import main as bench_main  # noqa: PLC0415
-
+        if args.name == "segmentation":
+            from .bench.em_segmentation import main as bench_main  # noqa: PLC0415
+        else:
+            from .bench.efficiency import main as bench_main  # noqa: PLC0415
         return bench_main(args.bench_args, prog=f"affmae bench {args.name}")
     from .engine import JobCancelled  # noqa: PLC0415
 

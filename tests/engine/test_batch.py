@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zarr
 
 from napari_affmae.engine import BatchConfig, SegmentConfig, batch_segment, load_package, segment

@@ -19,6 +19,9 @@ def test_registry_lists_and_builds_by_pattern():
     names = list_models("affmae_*")
     assert {"affmae_tiny", "affmae_small", "affmae_base"} <= set(names)
     assert list_models("no_such_*") == []
+    pretrainable = list_models(task="mae")
+    assert "affmae_tiny" in pretrainable and not any(n.startswith("unet_") for n in pretrainable)
+    assert "unet_tiny" in list_models(task="segmentation")
     with pytest.raises(ValueError, match="unknown model"):
         create_model("affmae_huge")
     with pytest.raises(ValueError, match="unknown AFFMAE option"):

@@ -22,7 +22,9 @@ package are written and `JobCancelled` is raised with ``.result`` = `FinetuneRes
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
+from contextlib import nullcontext
 import math
 import time
 from dataclasses import dataclass, field
@@ -45,7 +47,7 @@ from .inputs import InputImage, as_input_image, as_label_array, image_pixel_size
 from .package import LABEL_MODES, ModelPackage, load_package, save_package
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
 from .schedule import WarmupCosine
-from .segment import SegmentConfig, TiledPredictor, model_predictor
+from .segment import TiledPredictor, model_predictor
 from .training import StepMeter, cancelled, emit, finite_or_raise, param_groups, prepare_output_dir, \
     resume_location
 
@@ -265,7 +267,10 @@ def _starting_model(config: FinetuneConfig, num_classes: int) -> tuple[torch.nn.
                          "from a pretraining (MAE) package")
     mae = package.build_model("cpu")
     model = create_model(package.model_name, task="segmentation", num_classes=num_classes, **package.config)
-    model.load_encoder_from(mae, decoder=config.load_decoder)
+    if "decoder" in inspect.signature(model.load_encoder_from).parameters:
+        model.load_encoder_from(mae, decoder=config.load_decoder)
+    else:  # the baselines transfer their encoder only
+        model.load_encoder_from(mae)
     info = {"pretrained": None if package.path is None else str(package.path), "pretrained_model": package.model_name,
             "pretrained_provenance": {k: package.provenance.get(k) for k in ("job", "steps", "final_loss", "sources")}}
     return model, info
@@ -398,7 +403,7 @@ def _run(img, train_labels, val_labels, split_info, num_classes, painted, config
             x = torch.from_numpy(np.ascontiguousarray(crops[shard]))[:, None].to(device)  # [b, 1, h, w]
             target = torch.from_numpy(_targets(np.ascontiguousarray(crop_labels[shard]))).to(device)  # [b, h, w]
             sync = micro == config.grad_accum - 1 or not context.enabled
-            with (ddp_model.no_sync() if not sync else _Null()):
+            with (ddp_model.no_sync() if not sync else nullcontext()):
                 with autocast(device, dtype):
                     logits = ddp_model(x)  # [b, K, h, w]
                 loss = segmentation_loss(logits, target, config.dice_weight) / config.grad_accum
@@ -456,10 +461,3 @@ def _validate(model, img: InputImage, val_labels: np.ndarray, stats: Normalizati
     model.train()
     return scores_from_confusion(conf, class_names)
 
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import nullcontext
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from ..data.augment import AugmentConfig, augment_batch
 from ..data.normalize import NormalizationStats
 from ..data.sampling import PatchSampler, as_crop_shape
 from ..models import create_model
-from ..models.masking import MASK_TYPES, make_mask
+from ..models.masking import MASK_TYPES
 from .checkpoint import CHECKPOINT_NAME, RngStates, load_checkpoint, restore_checkpoint, save_checkpoint
 from .device import autocast, make_grad_scaler, precision_name, resolve_device, resolve_precision
 from .distributed import setup_distributed, teardown_distributed, wrap_model
@@ -37,7 +38,7 @@ from .package import ModelPackage, save_package
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
 from .schedule import WarmupCosine
 from .training import StepMeter, cancelled, emit, finite_or_raise, param_groups, prepare_output_dir, \
-    resume_location, unwrap
+    resume_location
 
 log = logging.getLogger(__name__)
 PRETRAIN_PACKAGE = "pretrained.affmae"
@@ -144,6 +145,15 @@ def _normalised_batch(sampler: PatchSampler, stats: list[NormalizationStats], n:
     return np.stack(crops).astype(np.float32)
 
 
+def _model_overrides(config: PretrainConfig) -> dict[str, Any]:
+    """model_options plus the masking / merging options that this model family has."""
+    with torch.device("meta"):
+        probe = create_model(config.model, **config.model_options)
+    known = {f.name for f in dataclasses.fields(probe.config)}
+    wanted = dict(mask_ratio=config.mask_ratio, mask_type=config.mask_type, keep_rate=config.keep_rate)
+    return dict(config.model_options, **{k: v for k, v in wanted.items() if k in known})
+
+
 def pretrain(images: Any, config: PretrainConfig | None = None, progress: ProgressCallback | None = None,
              cancel: CancelToken | None = None) -> PretrainResult:
     """Pretrain ``config.model`` as a masked autoencoder on ``images``.
@@ -184,9 +194,7 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
         total = int(checkpoint.meta["scheduler"]["total_steps"])
     shard = context.shard(config.batch_size)
     rngs = RngStates.seeded(config.seed)
-    overrides = dict(config.model_options, mask_ratio=config.mask_ratio, mask_type=config.mask_type,
-                     keep_rate=config.keep_rate)
-    model = create_model(config.model, **overrides)
+    model = create_model(config.model, **_model_overrides(config))
     if checkpoint is not None and checkpoint.meta.get("model_name") != config.model:
         raise ValueError(f"the checkpoint at {checkpoint.path} was made for {checkpoint.meta.get('model_name')}, "
                          f"not {config.model}; resume with the same --model or start a fresh output directory")
@@ -253,11 +261,12 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
             batch = _normalised_batch(sampler, per_image_stats, config.batch_size)  # [B, h, w]
             if config.augment:
                 batch, _ = augment_batch(batch, None, rngs.numpy, _GEOMETRY_ONLY)
-            mask = make_mask(config.mask_type, config.batch_size, h // 8, w // 8, config.mask_ratio,
-                             generator=rngs.torch)  # [B, h/8, w/8], same on every rank
+            # each family draws masks of its own structure (UM-MAE: one per 2x2, GreenMIM: shared units)
+            mask = model.random_mask(config.batch_size, h // 8, w // 8,
+                                     generator=rngs.torch)  # [B, h/8, w/8], same on every rank
             x = torch.from_numpy(np.ascontiguousarray(batch[shard]))[:, None].to(device)  # [b, 1, h, w]
             sync = micro == config.grad_accum - 1 or not context.enabled
-            with (ddp_model.no_sync() if not sync else _null()):
+            with (ddp_model.no_sync() if not sync else nullcontext()):
                 with autocast(device, dtype):
                     out = ddp_model(x, mask=mask[shard].to(device))
                 loss = out["loss"].float() / config.grad_accum
@@ -279,15 +288,8 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
         if step % config.log_every == 0 or step in (1, total):
             emit(emit_progress, ProgressEvent(
                 "pretrain", step, total, loss=step_loss, lr=lr, images_per_s=images_per_step / max(seconds, 1e-9),
-                eta_s=meter.eta(step), extra={k: float(v) for k, v in out["losses"].items()}))
+                eta_s=meter.eta(step), extra={k: float(v) for k, v in out.get("losses", {}).items()}))
     context.barrier()
     return PretrainResult(package_path, checkpoint_path, step, total, losses[-1] if losses else math.nan, losses,
                           seconds=time.perf_counter() - started)
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

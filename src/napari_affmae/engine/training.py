@@ -10,7 +10,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from .checkpoint import CHECKPOINT_NAME
@@ -132,10 +131,3 @@ def finite_or_raise(loss: float, step: int) -> None:
         raise FloatingPointError(f"training diverged: the loss became {loss} at step {step}; lower the learning "
                                  "rate or use fp32 precision")
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
-def torch_threads_note() -> str:
-    return f"torch threads: {torch.get_num_threads()}"

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .affmae_encoder import StageOutput
 from .clustering import Clusters, build_neighborhood, curve_order, gather_tokens, relative_features
 from .common import sincos_position_code
-from .layers import Mlp, NeighborhoodAttention
+from .layers import Mlp, NeighborhoodAttention, RelativePositionBias
 
 #: Typical spacing (lattice units) used to normalise query-to-query offsets.
 QUERY_SCALE = 2.0
@@ -30,10 +30,10 @@ class DecoderLayer(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, q, keys, cross_nb, cross_feat, self_nb, self_feat):
-        """q ``[B, Nq, D]``, keys ``[B, Nk, D]`` -> ``[B, Nq, D]``."""
-        q = q + self.cross(self.norm_cross(q), cross_nb, cross_feat, context=keys)
-        q = q + self.self_attn(self.norm_self(q), self_nb, self_feat)
+    def forward(self, q, keys, cross_nb, cross_bias, self_nb, self_bias):
+        """q ``[B, Nq, D]``, keys ``[B, Nk, D]``, biases ``[B, H, Nq, M]`` -> ``[B, Nq, D]``."""
+        q = q + self.cross(self.norm_cross(q), cross_nb, cross_bias, context=keys)
+        q = q + self.self_attn(self.norm_self(q), self_nb, self_bias)
         return q + self.mlp(self.norm_mlp(q))
 
 
@@ -56,6 +56,9 @@ class AFFMAEDecoder(nn.Module):
         self.pos_proj = nn.Linear(dim, dim)
         self.key_proj = nn.ModuleList(nn.Linear(d, dim) for d in reversed(encoder_dims))
         self.layers = nn.ModuleList(DecoderLayer(dim, heads, mlp_ratio) for _ in encoder_dims)
+        # the queries' own neighbourhood is the same for every layer: one shared bias MLP
+        self.self_bias = RelativePositionBias(heads, len(encoder_dims))
+        self.cross_bias = nn.ModuleList(RelativePositionBias(heads) for _ in encoder_dims)
 
     def forward(self, query_pos: torch.Tensor, stages: list[StageOutput], canvas: tuple[int, int],
                 query_init: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -68,11 +71,12 @@ class AFFMAEDecoder(nn.Module):
             q = q + gather_tokens(query_init, order)
         queries = Clusters.from_sorted(qpos, self.cluster_size)
         self_nb = build_neighborhood(queries, queries, self.nearest_clusters, self.neighborhood)
-        self_feat = relative_features(self_nb.rel, QUERY_SCALE)
+        self_biases = self.self_bias(relative_features(self_nb.rel, QUERY_SCALE))  # one per layer
         outputs = []
-        for layer, proj, stage in zip(self.layers, self.key_proj, reversed(stages)):
+        for layer, proj, cross_bias, self_bias, stage in zip(self.layers, self.key_proj, self.cross_bias, self_biases,
+                                                             reversed(stages)):
             cross_nb = build_neighborhood(queries, stage.clusters, self.nearest_clusters, self.neighborhood)
-            cross_feat = relative_features(cross_nb.rel, stage.scale)
-            q = layer(q, proj(stage.tokens), cross_nb, cross_feat, self_nb, self_feat)
+            (bias,) = cross_bias(relative_features(cross_nb.rel, stage.scale))
+            q = layer(q, proj(stage.tokens), cross_nb, bias, self_nb, self_bias)
             outputs.append(gather_tokens(q, inverse))
         return outputs

@@ -18,7 +18,7 @@ from affmae_kernels import weighted_merge
 
 from .clustering import Clusters, Neighborhood, build_neighborhood, curve_order, gather_tokens, relative_features
 from .common import PATCH_SIZE, lattice_positions, split_by_mask
-from .layers import Block, Mlp
+from .layers import Block, Mlp, RelativePositionBias
 
 
 @dataclass
@@ -128,6 +128,7 @@ class AFFMAEEncoder(nn.Module):
         self.stages = nn.ModuleList(
             nn.ModuleList(Block(dims[i], heads[i], mlp_ratio) for _ in range(depths[i])) for i in range(len(dims))
         )
+        self.stage_bias = nn.ModuleList(RelativePositionBias(heads[i], depths[i]) for i in range(len(dims)))
         self.merges = nn.ModuleList(
             AdaptiveMerge(dims[i], dims[i + 1], keep_rate) for i in range(len(dims) - 1)
         )
@@ -161,9 +162,9 @@ class AFFMAEEncoder(nn.Module):
             clusters = Clusters.from_sorted(pos, self.cluster_size)
             nb = build_neighborhood(clusters, clusters, self.nearest_clusters, self.neighborhood)
             scale = self.stage_scale(i)
-            rel_feat = relative_features(nb.rel, scale)  # [B, N, M, 5], shared by the stage's blocks
-            for block in blocks:
-                tokens = block(tokens, nb, rel_feat)
+            biases = self.stage_bias[i](relative_features(nb.rel, scale))  # one [B, H, N, M] per block
+            for block, bias in zip(blocks, biases):
+                tokens = block(tokens, nb, bias)
             outputs.append(StageOutput(self.norms[i](tokens), pos, clusters, scale))
             if i < len(self.merges):
                 tokens, pos, _ = self.merges[i](tokens, pos, nb, scale)

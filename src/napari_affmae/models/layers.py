@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from affmae_kernels import neighborhood_attention
 
-from .clustering import Neighborhood, relative_features
+from .clustering import Neighborhood
 
 HEAD_DIM = 32
 
@@ -23,14 +23,22 @@ class Mlp(nn.Module):
 
 
 class RelativePositionBias(nn.Module):
-    """Per-head bias from a small MLP on (dy, dx, |d|, dy/|d|, dx/|d|): ``[B, Nq, M, 2] -> [B, H, Nq, M]``."""
+    """Per-head biases of several attention layers from one small MLP on (dy, dx, |d|, dy/|d|, dx/|d|).
 
-    def __init__(self, heads: int, hidden: int = 32) -> None:
+    All layers that attend over the same neighbourhood share the MLP's hidden activations, which
+    are the memory hot spot (one value per query, neighbour and hidden unit):
+    rel_feat ``[B, Nq, M, 5]`` -> one bias ``[B, H, Nq, M]`` per layer.
+    """
+
+    def __init__(self, heads: int, layers: int = 1, hidden: int = 32) -> None:
         super().__init__()
-        self.mlp = Mlp(5, hidden, heads)
+        self.heads = heads
+        self.layers = layers
+        self.mlp = Mlp(5, hidden, heads * layers)
 
-    def forward(self, rel_feat: torch.Tensor) -> torch.Tensor:
-        return self.mlp(rel_feat.to(self.mlp.fc1.weight.dtype)).permute(0, 3, 1, 2)
+    def forward(self, rel_feat: torch.Tensor) -> list[torch.Tensor]:
+        out = self.mlp(rel_feat.to(self.mlp.fc1.weight.dtype))  # [B, Nq, M, H * layers]
+        return [b.permute(0, 3, 1, 2) for b in out.split(self.heads, dim=-1)]
 
 
 class NeighborhoodAttention(nn.Module):
@@ -48,20 +56,18 @@ class NeighborhoodAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim or dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.bias = RelativePositionBias(heads)
         self.blank_k = nn.Parameter(torch.zeros(heads, self.head_dim))
         self.blank_v = nn.Parameter(torch.zeros(heads, self.head_dim))
         nn.init.trunc_normal_(self.blank_k, std=0.02)
 
-    def forward(self, x: torch.Tensor, nb: Neighborhood, rel_feat: torch.Tensor,
+    def forward(self, x: torch.Tensor, nb: Neighborhood, bias: torch.Tensor,
                 context: torch.Tensor | None = None) -> torch.Tensor:
-        """x ``[B, Nq, C]``, context ``[B, Nk, Cc]``, rel_feat ``[B, Nq, M, 5]`` -> ``[B, Nq, C]``."""
+        """x ``[B, Nq, C]``, context ``[B, Nk, Cc]``, bias ``[B, H, Nq, M]`` -> ``[B, Nq, C]``."""
         b, nq, c = x.shape
         ctx = x if context is None else context
         q = self.q(x).reshape(b, nq, self.heads, self.head_dim).transpose(1, 2)  # [B, H, Nq, D]
         kv = self.kv(ctx).reshape(b, ctx.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv[0], kv[1]  # [B, H, Nk, D]
-        bias = self.bias(rel_feat)  # [B, H, Nq, M]
         pad = nb.padded_queries - nq
         if pad:  # cluster mode: the kernel sees whole clusters of queries
             q = F.pad(q, (0, 0, 0, pad))
@@ -82,11 +88,6 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, nb: Neighborhood, rel_feat: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), nb, rel_feat)
+    def forward(self, x: torch.Tensor, nb: Neighborhood, bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), nb, bias)
         return x + self.mlp(self.norm2(x))
-
-
-def stage_features(nb: Neighborhood, scale: float) -> torch.Tensor:
-    """Relative-position features of a neighbourhood, shared by all blocks of a stage."""
-    return relative_features(nb.rel, scale)

@@ -13,24 +13,27 @@ import torch.nn as nn
 
 TASKS = ("mae", "segmentation")
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_TASKS: dict[str, tuple[str, ...]] = {}
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: register ``builder`` under ``name`` (must be unique)."""
+def register_model(name: str, tasks: tuple[str, ...] = TASKS) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``builder`` under ``name`` (must be unique) for the given tasks."""
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is registered twice")
         _REGISTRY[name] = builder
+        _TASKS[name] = tuple(tasks)
         return builder
 
     return wrap
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Sorted model names matching a shell-style pattern, e.g. ``"affmae_*"``."""
+def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
+    """Sorted model names matching a shell-style pattern, e.g. ``"affmae_*"``; ``task`` keeps only
+    the models that support it (``"mae"`` lists the pretrainable ones)."""
     _import_all()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern) and (task is None or task in _TASKS[n]))
 
 
 def create_model(name: str, task: str = "mae", num_classes: int | None = None, **overrides) -> nn.Module:

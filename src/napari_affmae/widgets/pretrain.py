@@ -31,7 +31,7 @@ class PretrainWidget(TrainingWidget):
         intro.setWordWrap(True)
         self.main_layout.addWidget(intro)
         self.model = QComboBox()
-        self.model.addItems(list_models())
+        self.model.addItems(list_models(task="mae"))
         self.model.setCurrentText(DEFAULT_MODEL)
         self.model.setToolTip("affmae_tiny suits a CPU; affmae_small / affmae_base want a GPU. The other "
                               "names are baselines (ViT-MAE, UM-MAE, GreenMIM)")

@@ -5,13 +5,14 @@
   Swin pyramid on the compacted quarter-size image.
 - ``greenmim_{tiny,small,base}``: GreenMIM (`greenmim`), Swin with group window attention
   over visible tokens and sparse merging.
+- ``unet_{tiny,small}``: a plain U-Net (`unet`), segmentation from scratch only (the lab baseline).
 
 All take one-channel ``[B, 1, H, W]`` input on the 8-px patch lattice; ``model.size_multiple``
 is the side multiple (pixels) a model needs (16 for UM-MAE pretraining, 8 otherwise), and
 ``model.random_mask(batch, h, w, device=None, generator=None)`` (same signature as AFFMAE) draws a
 mask of the family's structure.
 """
-from . import greenmim, um_mae, vit_mae  # noqa: F401  (registration)
+from . import greenmim, um_mae, unet, vit_mae  # noqa: F401  (registration)
 from .greenmim import GreenMIM, GreenMIMConfig, GreenMIMSegmenter
 from .um_mae import UMMAE, UMMAEConfig, UMMAESegmenter
 from .vit_mae import ViTMAE, ViTMAEConfig, ViTSegmenter

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..common import PATCH_SIZE, lattice_positions, masked_mse, patch_targets, sincos_position_code, unpatchify
+from ..layers import Mlp
 from ..registry import register_model
 
 #: Pixels per patch (one channel): the length of every reconstruction target.
@@ -58,18 +59,6 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-class Mlp(nn.Module):
-    """Linear -> GELU -> Linear: ``[..., C] -> [..., out]``."""
-
-    def __init__(self, dim: int, hidden: int, out: int | None = None) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, out or dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Attention(nn.Module):
