@@ -230,10 +230,7 @@ def test_family_mask_structure_is_enforced():
 
 @pytest.mark.parametrize("size", SIZES)
 def test_parameter_counts_match_affmae_within_5_percent(size):
-    try:
-        target = _count(f"affmae_{size}")
-    except (ImportError, ValueError) as err:  # pragma: no cover - only before AFFMAE lands
-        pytest.skip(f"AFFMAE not importable yet: {err}")
+    target = _count(f"affmae_{size}")
     for family in FAMILIES:
         count = _count(f"{family}_{size}")
         assert abs(count / target - 1) <= 0.05, f"{family}_{size}: {count} vs affmae_{size}: {target}"
