@@ -48,7 +48,7 @@ from .package import LABEL_MODES, ModelPackage, load_package, save_package
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
 from .schedule import WarmupCosine
 from .segment import TiledPredictor, model_predictor
-from .training import StepMeter, cancelled, emit, finite_or_raise, param_groups, prepare_output_dir, \
+from .training import StepMeter, cancelled, emit, finite_or_raise, optimizer_step, param_groups, prepare_output_dir, \
     resume_location
 
 log = logging.getLogger(__name__)
@@ -412,12 +412,7 @@ def _run(img, train_labels, val_labels, split_info, num_classes, painted, config
             with torch.no_grad():
                 pred = logits.argmax(1).cpu().numpy()
                 conf_train += confusion(pred, target.cpu().numpy(), num_classes)
-        if config.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, config.grad_clip)
         step += 1
         step_loss = context.mean(step_loss, device)
         finite_or_raise(step_loss, step)

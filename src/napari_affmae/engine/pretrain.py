@@ -37,7 +37,7 @@ from .inputs import InputImage, as_input_image, combined_stats, image_pixel_size
 from .package import ModelPackage, save_package
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
 from .schedule import WarmupCosine
-from .training import StepMeter, cancelled, emit, finite_or_raise, param_groups, prepare_output_dir, \
+from .training import StepMeter, cancelled, emit, finite_or_raise, optimizer_step, param_groups, prepare_output_dir, \
     resume_location
 
 log = logging.getLogger(__name__)
@@ -272,12 +272,7 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
                 loss = out["loss"].float() / config.grad_accum
                 scaler.scale(loss).backward()
             step_loss += float(loss.detach())
-        if config.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, config.grad_clip)
         step += 1
         step_loss = context.mean(step_loss, device)
         finite_or_raise(step_loss, step)

@@ -10,6 +10,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .checkpoint import CHECKPOINT_NAME
@@ -131,3 +132,14 @@ def finite_or_raise(loss: float, step: int) -> None:
         raise FloatingPointError(f"training diverged: the loss became {loss} at step {step}; lower the learning "
                                  "rate or use fp32 precision")
 
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   grad_clip: float | None) -> None:
+    """Clip (after unscaling), step through the GradScaler, and clear the gradients."""
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
