@@ -327,9 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks shipped with the package (affmae bench efficiency --help)",
                        description="Run a benchmark of napari_affmae.bench; everything after its name is passed "
                                    "to it (see 'affmae bench efficiency --help').")
-    p.add_argument("name", choices=("efficiency", "segmentation"),
-                   help="which benchmark: efficiency (FLOPs, memory, step times of AFFMAE and the baselines) or "
-                        "segmentation (real-EM fine-tuning from few labels, all arms)")
+    p.add_argument("name", choices=("efficiency", "segmentation", "ablation"),
+                   help="which benchmark: efficiency (FLOPs, memory, step times of AFFMAE and the baselines), "
+                        "segmentation (real-EM fine-tuning from few labels, all arms) or ablation (one-change "
+                        "variants of AFFMAE pretraining on the segmentation benchmark's setting)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
                    help="options of the benchmark (e.g. --device cuda --out docs/benchmarks.md)")
     return parser
@@ -602,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         if args.name == "segmentation":
             from .bench.em_segmentation import main as bench_main  # noqa: PLC0415
+        elif args.name == "ablation":
+            from .bench.em_ablation import main as bench_main  # noqa: PLC0415
         else:
             from .bench.efficiency import main as bench_main  # noqa: PLC0415
         return bench_main(args.bench_args, prog=f"affmae bench {args.name}")

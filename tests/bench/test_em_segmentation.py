@@ -7,33 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tifffile
 
 from napari_affmae.bench import em_segmentation as S
-from napari_affmae.data import MEMBRANE, MITOCHONDRION, synthetic_em
 from napari_affmae.models import create_model
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _write(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, array, photometric="minisblack")
-
-
-@pytest.fixture
-def tiny_data_dir(tmp_path: Path) -> Path:
-    """The real layout (vnc/, isbi2012/) with 6 x 96 x 96 synthetic stacks."""
-    root = tmp_path / "data"
-    image, classes = synthetic_em((6, 96, 96), seed=1, cell_size=24.0)
-    other, _ = synthetic_em((6, 96, 96), seed=2, cell_size=24.0)
-    _write(root / "vnc" / "stack1_raw.tif", image)
-    _write(root / "vnc" / "stack1_mito.tif", (classes == MITOCHONDRION).astype(np.uint8))
-    _write(root / "vnc" / "stack1_membranes.tif", (classes == MEMBRANE).astype(np.uint8))
-    _write(root / "vnc" / "stack2_raw.tif", other)
-    return root
 
 
 def test_script_runs_end_to_end_and_writes_the_page(tiny_data_dir: Path, tmp_path: Path) -> None:
@@ -66,6 +45,13 @@ def test_script_runs_end_to_end_and_writes_the_page(tiny_data_dir: Path, tmp_pat
     assert "evaluated on z [3, 4, 5]" in page
     for png in ("results_iou_vs_k.png", "results_overlays.png"):
         assert (out.parent / "images" / png).stat().st_size > 1000
+    # the page can be written again from results.json alone (e.g. after a change of wording)
+    (out.parent / S.ABLATION_PAGE).write_text("# variants\n")
+    assert S.main(["--render-only", str(work / "results.json"), "--out", str(out)]) == 0
+    again = out.read_text()
+    assert again.replace(f"[{S.ABLATION_PAGE}]({S.ABLATION_PAGE})", "") != again  # links the variants page
+    assert again.split("## Verdict")[0] == page.split("## Verdict")[0]  # same command, table and plots
+    assert S.main(["--render-only", str(tiny_data_dir / "vnc" / "stack1_raw.tif"), "--out", str(out)]) == 2
 
 
 def test_bad_options_give_a_clear_error(tmp_path: Path, capsys) -> None:
@@ -89,3 +75,36 @@ def test_unet_baseline_is_segmentation_only() -> None:
         model(torch.randn(1, 1, 36, 40))
     with pytest.raises(ValueError, match="no pretrained"):
         model.load_encoder_from(create_model("affmae_tiny"))
+
+
+def test_affmae_options_reach_pretraining_and_both_affmae_arms(tiny_data_dir: Path, tmp_path: Path) -> None:
+    from napari_affmae.engine import load_package
+
+    work = tmp_path / "work"
+    code = S.main(["--data-dir", str(tiny_data_dir), "--work-dir", str(work), "--out", str(tmp_path / "r.md"),
+                   "--k", "1", "--arms", "affmae_pretrained,affmae_scratch", "--pretrain-steps", "2",
+                   "--finetune-steps", "1", "--batch-size", "2", "--crop", "32", "--tile", "64", "--device", "cpu",
+                   "--max-eval-slices", "1", "--quiet", "--affmae-option", "mask_ratio=0.75",
+                   "--affmae-option", "norm_pix_loss=false", "--affmae-option", "refine=false"])
+    assert code == 0
+    mae = load_package(next((work / "vnc_mito").glob("pretrain_affmae_s0/*.affmae")))
+    assert mae.config["mask_ratio"] == 0.75 and mae.config["norm_pix_loss"] is False
+    for arm in ("affmae_pretrained", "affmae_scratch"):
+        seg = load_package(next((work / "vnc_mito").glob(f"{arm}_sparse_k1_s0/*.affmae")))
+        assert seg.config["refine"] is False, arm
+        assert not any(k.startswith("refine.") for k in seg.state_dict), arm
+    page = (tmp_path / "r.md").read_text()
+    assert "blob masks 75%" in page and '"norm_pix_loss": false' in page
+
+
+def test_bad_affmae_options_are_refused_before_training(tmp_path: Path, capsys) -> None:
+    assert S.parse_options(["mask_ratio=0.75", "refine=False", "neighborhood=cluster"]) == {
+        "mask_ratio": 0.75, "refine": False, "neighborhood": "cluster"}
+    base = ["--data-dir", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "r.md")]
+    assert S.main([*base, "--affmae-option", "maskratio=0.7"]) == 2
+    assert "unknown AFFMAE option(s) ['maskratio']" in capsys.readouterr().err
+    assert S.main([*base, "--affmae-option", "keep_rate=0"]) == 2
+    assert "keep_rate must be in (0, 1]" in capsys.readouterr().err
+    assert S.main([*base, "--affmae-option", "refine"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -49,6 +49,8 @@ UNET_SIZE = {"tiny": "tiny", "small": "small", "base": "small"}
 # masking per family, as each was published for EM / natural images (DESIGN.md sections 3 and 5)
 TIE_IOU = 0.01  # IoU differences at or below this count as ties in the verdict
 MASKING = {"affmae": {"mask_ratio": 0.5, "mask_type": "blob"}, "vit_mae": {"mask_ratio": 0.75, "mask_type": "random"}}
+ABLATION_PAGE = "results-ablations.md"  # written by `bench.em_ablation` next to the results page
+PRETRAIN_FIELDS = ("mask_ratio", "mask_type", "keep_rate")  # set through PretrainConfig, not model_options
 
 
 @dataclass
@@ -72,6 +74,7 @@ class EMBenchConfig:
     tolerance: float = P.BOUNDARY_TOLERANCE
     device: str = "auto"
     threads: int | None = None
+    affmae_options: dict[str, Any] = field(default_factory=dict)  # AFFMAEConfig fields for both AFFMAE arms
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in P.TASKS]
@@ -91,6 +94,26 @@ class EMBenchConfig:
             raise ValueError(f"crop and tile must be multiples of 8 and >= 32 px; got {self.crop}, {self.tile}")
         if not (self.tasks and self.ks and self.regimes and self.seeds and self.arms):
             raise ValueError("tasks, k, regimes, seeds and arms must each name at least one value")
+        from ..models.affmae import AFFMAEConfig  # noqa: PLC0415
+
+        known = {f.name for f in dataclasses.fields(AFFMAEConfig)}
+        unknown = sorted(set(self.affmae_options) - known)
+        if unknown:
+            raise ValueError(f"unknown AFFMAE option(s) {unknown}; choose from {', '.join(sorted(known))}")
+        AFFMAEConfig(**self.affmae_options)  # bad values raise here, before any training
+
+    def masking(self, family: str) -> dict[str, Any]:
+        """Pretraining mask ratio / type (and AFFMAE keep rate) of ``family``."""
+        masking = dict(MASKING[family])
+        if family == "affmae":
+            masking.update({k: v for k, v in self.affmae_options.items() if k in PRETRAIN_FIELDS})
+        return masking
+
+    def model_options(self, family: str) -> dict[str, Any]:
+        """Model config fields of ``family`` beyond masking (``affmae_options`` for AFFMAE)."""
+        if family != "affmae":
+            return {}
+        return {k: v for k, v in self.affmae_options.items() if k not in PRETRAIN_FIELDS}
 
     def model_name(self, family: str) -> str:
         return f"unet_{UNET_SIZE[self.size]}" if family == "unet" else f"{family}_{self.size}"
@@ -132,15 +155,16 @@ def _pretrain(config: EMBenchConfig, family: str, images: list[np.ndarray], task
     out = config.work_dir / task / f"pretrain_{family}_s{seed}"
     if out.exists():
         shutil.rmtree(out)
-    masking = MASKING[family]
+    masking, options = config.masking(family), config.model_options(family)
     started = time.perf_counter()
     result = pretrain(images, PretrainConfig(
         model=config.model_name(family), crop_size=(config.crop, config.crop), batch_size=config.batch_size,
         steps=config.pretrain_steps, warmup_steps=min(50, config.pretrain_steps // 10), seed=seed, device=device,
         output_dir=out, checkpoint_every=config.pretrain_steps, log_every=max(1, config.pretrain_steps // 10),
-        **masking), progress=_log_progress)
+        model_options=options, **masking), progress=_log_progress)
     info = {"model": config.model_name(family), "steps": result.step, "seconds": time.perf_counter() - started,
-            "final_loss": result.final_loss, "first_loss": result.losses[0] if result.losses else None, **masking}
+            "final_loss": result.final_loss, "first_loss": result.losses[0] if result.losses else None,
+            "losses": [float(v) for v in result.losses], **masking, **options}
     return result.package_path, info
 
 
@@ -156,6 +180,7 @@ def _finetune_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarra
     started = time.perf_counter()
     result = finetune(raw, labels, FinetuneConfig(
         pretrained=pretrained, model=record.model, class_names=list(task.class_names), label_mode="sparse",
+        model_options=config.model_options(ARMS[record.arm][0]),
         crop_size=(config.crop, config.crop), batch_size=config.batch_size, steps=config.finetune_steps,
         warmup_steps=min(20, config.finetune_steps // 10), seed=record.seed, device=device, output_dir=out,
         checkpoint_every=config.finetune_steps, log_every=max(1, config.finetune_steps // 5),
@@ -400,6 +425,14 @@ def verdict(results: dict[str, Any]) -> str:
     return head + " (" + "; ".join(lines) + ")." + tail
 
 
+def _masking_text(cfg: dict[str, Any], family: str) -> str:
+    masking = dict(MASKING[family])
+    if family == "affmae":
+        masking.update({k: v for k, v in cfg.get("affmae_options", {}).items() if k in PRETRAIN_FIELDS})
+    text = f"{masking['mask_type']} masks {masking['mask_ratio']:.0%}"
+    return text + (f", keep rate {masking['keep_rate']}" if "keep_rate" in masking else "")
+
+
 def render_page(results: dict[str, Any], images: dict[str, str], command: str) -> str:
     cfg, env = results["config"], results["environment"]
     lines = [
@@ -415,10 +448,12 @@ def render_page(results: dict[str, Any], images: dict[str, str], command: str) -
         f"batch {cfg['batch_size']}, crops {cfg['crop']} x {cfg['crop']} px, tiled inference {cfg['tile']} px "
         f"tiles; size `{cfg['size']}`; seeds {cfg['seeds']}. Parameters (segmentation models): "
         + ", ".join(f"{n} {c / 1e6:.2f} M" for n, c in results["parameters"].items()) + ".", "",
-        "Arms: `affmae_pretrained` (AFFMAE pretrained on the stack itself + its unlabelled stack, blob masks "
-        "50 %), `affmae_scratch`, `vit_mae_pretrained` (ViT-MAE, random masks 75 %, same images and steps), "
-        "`unet_scratch` (plain U-Net). All fine-tuned with the same loop: cross-entropy + Dice on labelled "
-        "pixels, AdamW, warm-up + cosine, flips/rot90/intensity augmentation.", "",
+        f"Arms: `affmae_pretrained` (AFFMAE pretrained on the stack itself + its unlabelled stack, "
+        f"{_masking_text(cfg, 'affmae')}), `affmae_scratch`, `vit_mae_pretrained` (ViT-MAE, "
+        f"{_masking_text(cfg, 'vit_mae')}, same images and steps), `unet_scratch` (plain U-Net). All fine-tuned "
+        "with the same loop: cross-entropy + Dice on labelled pixels, AdamW, warm-up + cosine, "
+        "flips/rot90/intensity augmentation."
+        + (f" AFFMAE options: `{json.dumps(cfg['affmae_options'])}`." if cfg.get("affmae_options") else ""), "",
         "Labels: class 1 = background, class 2 = the structure; `dense` = every pixel of the k labelled "
         f"slices, `sparse` = simulated brush strokes of both classes inside their class (about "
         f"{P.SPARSE_FRACTION:.0%} of each labelled slice). Metrics on the held-out slices, pixels pooled: "
@@ -451,6 +486,9 @@ def render_page(results: dict[str, Any], images: dict[str, str], command: str) -
             lines.append(f"| {p['task']} | {p['seed']} | {p['model']} | {p['steps']} | {p['first_loss']:.4f} "
                          f"| {p['final_loss']:.4f} | {p['seconds']:.0f} |")
     lines += ["", "## Verdict", "", verdict(results), ""]
+    if "ablations" in images:
+        lines += [f"What we tried to make pretraining help (mask ratio, keep rate, target, steps, refinement head): "
+                  f"[{images['ablations']}]({images['ablations']}).", ""]
     if "iou" in images:
         lines += [f"![foreground IoU vs labelled slices]({images['iou']})", ""]
     if "overlays" in images:
@@ -470,9 +508,12 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
     plot_iou_vs_k(results, iou_png)
     images["iou"] = f"images/{iou_png.name}"
     overlay_png = image_dir / "results_overlays.png"
-    plot_overlays(results, overlay_png)
+    if "overlays" in results:  # re-rendered pages (``--render-only``) keep the PNG of the run
+        plot_overlays(results, overlay_png)
     if overlay_png.exists():
         images["overlays"] = f"images/{overlay_png.name}"
+    if (out.parent / ABLATION_PAGE).exists():
+        images["ablations"] = ABLATION_PAGE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_page(results, images, command), encoding="utf-8")
     return out
@@ -508,8 +549,29 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=P.BOUNDARY_TOLERANCE, help="boundary F1 tolerance (px)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--affmae-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="AFFMAEConfig field for both AFFMAE arms, repeatable: e.g. mask_ratio=0.75, keep_rate=0.6, "
+                   "norm_pix_loss=false, refine=false")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--render-only", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="run nothing: write the page again from a results.json of an earlier run (its command "
+                   "and overlay PNG are kept)")
     return p
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["mask_ratio=0.75", "refine=false"]`` -> ``{"mask_ratio": 0.75, "refine": False}`` (JSON values, else text)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--affmae-option takes KEY=VALUE (e.g. mask_ratio=0.75); got {item!r}")
+        try:
+            options[key.strip()] = json.loads(text.strip().lower() if text.strip().lower() in ("true", "false")
+                                              else text.strip())
+        except json.JSONDecodeError:
+            options[key.strip()] = text.strip()
+    return options
 
 
 def config_from_args(args: argparse.Namespace) -> EMBenchConfig:
@@ -524,7 +586,7 @@ def config_from_args(args: argparse.Namespace) -> EMBenchConfig:
         regimes=_list(args.regimes), seeds=seeds, arms=_list(args.arms), size=args.size,
         pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
         crop=args.crop, tile=args.tile, max_eval_slices=args.max_eval_slices, tolerance=args.tolerance,
-        device=args.device, threads=args.threads)
+        device=args.device, threads=args.threads, affmae_options=parse_options(args.affmae_option))
     config.validate()
     return config
 
@@ -534,6 +596,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     if not args.quiet and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.render_only is not None:
+        return _render_only(args.render_only, args.out)
     try:
         config = config_from_args(args)
         results = run_benchmark(config)
@@ -543,8 +607,22 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     shown = list(sys.argv[1:] if argv is None else argv)
     command = " ".join([prog or "python benchmarks/em_segmentation.py", *shown])
     page = write_report(results, args.out, command)
-    raw = {k: v for k, v in results.items() if k != "overlays"}
+    raw = {k: v for k, v in results.items() if k != "overlays"} | {"command": command}
     (config.work_dir / "results.json").write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
     sys.stderr.write(f"wrote {page} and {config.work_dir / 'results.json'}\n")
     failed = [r for r in results["runs"] if r["error"]]
     return 1 if failed and len(failed) == len(results["runs"]) else 0
+
+
+def _render_only(results_json: Path, out: Path) -> int:
+    try:
+        results = json.loads(Path(results_json).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8 text or not JSON
+        sys.stderr.write(f"error: cannot read {results_json} as a results.json: {err}\n")
+        return 2
+    if not {"config", "runs", "summary"} <= set(results):
+        sys.stderr.write(f"error: {results_json} is not a results.json of this benchmark\n")
+        return 2
+    command = results.get("command", "python benchmarks/em_segmentation.py")
+    sys.stderr.write(f"wrote {write_report(results, out, command)}\n")
+    return 0

@@ -62,6 +62,8 @@ class FinetuneConfig:
 
     pretrained: str | Path | ModelPackage | None = None  # MAE package; None = train from scratch
     model: str = "affmae_tiny"  # architecture when training from scratch
+    model_options: dict[str, Any] = field(default_factory=dict)  # model config fields (e.g. refine=False);
+    # from scratch they configure ``model``, with a package they override its config
     class_names: list[str] | None = None  # names of classes 1..K (sparse) or 0..K-1 (dense)
     label_mode: str = "sparse"
     crop_size: tuple[int, int] = (128, 128)
@@ -259,14 +261,15 @@ def scores_from_confusion(conf: np.ndarray, names: Sequence[str]) -> dict[str, A
 def _starting_model(config: FinetuneConfig, num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     pre = config.pretrained
     if pre is None:
-        model = create_model(config.model, task="segmentation", num_classes=num_classes)
+        model = create_model(config.model, task="segmentation", num_classes=num_classes, **config.model_options)
         return model, {"pretrained": None}
     package = pre if isinstance(pre, ModelPackage) else load_package(pre, expect_task="mae")
     if package.task != "mae":
         raise ValueError(f"the starting package {package.path} is a {package.task} package; fine-tuning starts "
                          "from a pretraining (MAE) package")
     mae = package.build_model("cpu")
-    model = create_model(package.model_name, task="segmentation", num_classes=num_classes, **package.config)
+    model = create_model(package.model_name, task="segmentation", num_classes=num_classes,
+                         **{**package.config, **config.model_options})
     if "decoder" in inspect.signature(model.load_encoder_from).parameters:
         model.load_encoder_from(mae, decoder=config.load_decoder)
     else:  # the baselines transfer their encoder only

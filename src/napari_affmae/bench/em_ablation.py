@@ -1,0 +1,247 @@
+"""What holds AFFMAE pretraining back with few labels? Variants of the real-EM benchmark's default.
+
+Each variant changes one thing of the AFFMAE pretrained arm of `bench.em_segmentation` (mask
+ratio, keep rate, reconstruction target, pretraining steps, refinement head) and is run on one
+setting (default: VNC mitochondria, k = 1, sparse strokes, seed 0) with the same fine-tuning budget.
+A variant that changes the segmentation model itself (``refine``) also re-runs AFFMAE from scratch,
+so its difference is measured against a matching scratch model. The reference (no change) is run
+too, or read from the benchmark's own ``results.json`` with ``--reference``.
+
+Writes a Markdown table (``docs/results-ablations.md``) and ``ablations.json`` in the work directory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import em_protocol as P
+from . import em_segmentation as S
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE_FIELDS = ("refine",)  # options that change the segmentation model, not only pretraining
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One change to the default AFFMAE pretrained arm."""
+
+    name: str
+    change: str  # what is different, in words
+    affmae_options: dict[str, Any] = field(default_factory=dict)
+    pretrain_steps_factor: float = 1.0  # x the benchmark's pretraining steps
+
+    @property
+    def changes_architecture(self) -> bool:
+        return any(k in self.affmae_options for k in ARCHITECTURE_FIELDS)
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("reference", "none (the benchmark's default arm)"),
+    Variant("raw_pixels", "unnormalised reconstruction target (norm_pix_loss = false)", {"norm_pix_loss": False}),
+    Variant("mask_75", "blob masks hide 75 % instead of 50 %", {"mask_ratio": 0.75}),
+    Variant("keep_70", "each merge keeps 70 % of the tokens instead of 40 %", {"keep_rate": 0.7}),
+    Variant("steps_x3", "3 x the pretraining steps", pretrain_steps_factor=3.0),
+    Variant("no_refine", "no full-resolution refinement head (both arms)", {"refine": False}),
+)}
+
+
+@dataclass
+class AblationConfig:
+    """The setting every variant is run on; budgets as in `em_segmentation.EMBenchConfig`."""
+
+    data_dir: Path
+    work_dir: Path = Path("runs/em_ablation")
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    task: str = "vnc_mito"
+    k: int | str = 1
+    regime: str = "sparse"
+    seed: int = 0
+    pretrain_steps: int = 300
+    finetune_steps: int = 200
+    batch_size: int = 8
+    crop: int = 128
+    tile: int = 256
+    max_eval_slices: int | None = None
+    device: str = "auto"
+    threads: int | None = None
+    reference: Path | None = None  # results.json of the main benchmark holding the reference rows
+
+    def bench_config(self, variant: Variant) -> S.EMBenchConfig:
+        arms = ["affmae_pretrained"] + (["affmae_scratch"] if variant.name == "reference"
+                                        or variant.changes_architecture else [])
+        return S.EMBenchConfig(
+            data_dir=self.data_dir, work_dir=self.work_dir / variant.name, tasks=[self.task], ks=[self.k],
+            regimes=[self.regime], seeds=[self.seed], arms=arms, size="tiny",
+            pretrain_steps=max(1, round(self.pretrain_steps * variant.pretrain_steps_factor)),
+            finetune_steps=self.finetune_steps, batch_size=self.batch_size, crop=self.crop, tile=self.tile,
+            max_eval_slices=self.max_eval_slices, device=self.device, threads=self.threads,
+            affmae_options=dict(variant.affmae_options))
+
+    def validate(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        if self.reference is not None and not Path(self.reference).is_file():
+            raise FileNotFoundError(f"--reference {self.reference}: no such results.json (run "
+                                    "benchmarks/em_segmentation.py first, or leave the option out)")
+        for name in self.variants:
+            self.bench_config(VARIANTS[name]).validate()
+
+
+def _row(results: dict[str, Any], arm: str) -> dict[str, Any] | None:
+    return next((r for r in results["runs"] if r["arm"] == arm), None)
+
+
+def reference_from(path: Path, config: AblationConfig) -> dict[str, Any]:
+    """The reference rows from a benchmark ``results.json``, checked to match ``config``'s setting and budget."""
+    results = json.loads(Path(path).read_text(encoding="utf-8"))
+    cfg = results["config"]
+    wanted = {"pretrain_steps": config.pretrain_steps, "finetune_steps": config.finetune_steps,
+              "batch_size": config.batch_size, "crop": config.crop, "tile": config.tile, "size": "tiny",
+              "max_eval_slices": config.max_eval_slices}
+    differ = {k: (cfg.get(k), v) for k, v in wanted.items() if cfg.get(k) != v}
+    if cfg.get("affmae_options"):
+        differ["affmae_options"] = (cfg["affmae_options"], {})
+    if differ:
+        raise ValueError(f"{path} was run with another budget (theirs, ours): {differ}")
+    runs = [r for r in results["runs"] if r["task"] == config.task and r["regime"] == config.regime
+            and str(r["k"]) == str(config.k) and r["seed"] == config.seed]
+    arms = {r["arm"] for r in runs if r["scores"] is not None}
+    if not {"affmae_pretrained", "affmae_scratch"} <= arms:
+        raise ValueError(f"{path} has no scored AFFMAE pretrained and scratch runs for {config.task}, "
+                         f"{config.regime}, k={config.k}, seed {config.seed}")
+    pretraining = [p for p in results["pretraining"] if p["task"] == config.task and p["seed"] == config.seed
+                   and p["family"] == "affmae"]
+    return {"runs": runs, "pretraining": pretraining, "total_s": None, "from": str(path)}
+
+
+def run_ablation(config: AblationConfig) -> dict[str, Any]:
+    """Run every variant; returns one row per variant (JSON-able)."""
+    config.validate()
+    from ..engine import resolve_device  # noqa: PLC0415
+
+    device = resolve_device(config.device).type
+    rows = []
+    for name in config.variants:
+        variant = VARIANTS[name]
+        if name == "reference" and config.reference is not None:
+            results = reference_from(config.reference, config)
+        else:
+            log.info("=== variant %s: %s", name, variant.change)
+            started = time.perf_counter()
+            results = S.run_benchmark(config.bench_config(variant))
+            results["total_s"] = time.perf_counter() - started
+        pre, scratch = _row(results, "affmae_pretrained"), _row(results, "affmae_scratch")
+        pretraining = next(iter(results["pretraining"]), {})
+        rows.append({
+            "variant": name, "change": variant.change, "options": variant.affmae_options,
+            "pretrain_steps": pretraining.get("steps"), "first_loss": pretraining.get("first_loss"),
+            "final_loss": pretraining.get("final_loss"), "pretrain_error": pretraining.get("error"),
+            "fg_iou": None if pre is None or pre["scores"] is None else pre["scores"]["fg_iou"],
+            "scratch_fg_iou": None if scratch is None or scratch["scores"] is None else scratch["scores"]["fg_iou"],
+            "error": None if pre is None else pre["error"], "minutes": None if results["total_s"] is None
+            else results["total_s"] / 60, "reused_from": results.get("from"),
+        })
+    return {"config": {**dataclasses.asdict(config), "data_dir": str(config.data_dir),
+                       "work_dir": str(config.work_dir), "reference": None if config.reference is None
+                       else str(config.reference)},
+            "environment": S.environment(device), "rows": rows}
+
+
+def render_page(results: dict[str, Any], command: str) -> str:
+    cfg, env = results["config"], results["environment"]
+    rows = results["rows"]
+    scratch = next((r["scratch_fg_iou"] for r in rows if r["variant"] == "reference"), None)
+    lines = [
+        "# What we tried: AFFMAE pretraining variants on real EM", "",
+        "Written by `python benchmarks/em_ablation.py` (`napari_affmae.bench.em_ablation`). Each variant changes "
+        "one thing of the AFFMAE pretrained arm of the [real-EM benchmark](results.md) and keeps its fine-tuning "
+        "budget; the difference column is against AFFMAE from scratch (the matching scratch model where the "
+        "variant changes the segmentation model).", "",
+        f"Command: `{command}`", "",
+        f"Machine: {env['machine']} ({env['platform']}, {env['cpu_count']} CPU cores, {env['torch_threads']} torch "
+        f"threads); device: **{env['device']}**" + (f" ({env['gpu']})" if env.get("gpu") else "") + ".", "",
+        f"Setting: {P.TASKS[cfg['task']].title}, k = {cfg['k']} labelled slice(s), {cfg['regime']} labels, seed "
+        f"{cfg['seed']}, affmae_tiny; pretraining {cfg['pretrain_steps']} steps (x factor), fine-tuning "
+        f"{cfg['finetune_steps']} steps, batch {cfg['batch_size']}, crops {cfg['crop']} px, tiles {cfg['tile']} px.",
+        "", "| variant | change | pretraining steps | loss first → final | fg IoU pretrained | fg IoU scratch "
+        "| pretrained − scratch | minutes |", "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = r["scratch_fg_iou"] if r["scratch_fg_iou"] is not None else scratch
+        iou = "–" if r["fg_iou"] is None else f"{r['fg_iou']:.3f}"
+        delta = "–" if r["fg_iou"] is None or base is None else f"{r['fg_iou'] - base:+.3f}"
+        loss = ("failed: " + r["pretrain_error"] if r.get("pretrain_error") else
+                "–" if r["first_loss"] is None else f"{r['first_loss']:.3f} → {r['final_loss']:.3f}")
+        minutes = "(from results.json)" if r["reused_from"] else "–" if r["minutes"] is None else f"{r['minutes']:.1f}"
+        lines.append(f"| {r['variant']} | {r['change']} | {r['pretrain_steps'] or '–'} | {loss} | {iou} | "
+                     f"{'–' if base is None else f'{base:.3f}'} | {delta} | {minutes} |")
+    errors = [r for r in rows if r["error"]]
+    if errors:
+        lines += [""] + [f"- {r['variant']} failed: {r['error']}" for r in errors]
+    lines += ["", "One seed: differences of a few hundredths of IoU are within seed-to-seed noise "
+              "(see the spread over seeds on the GPU grid).", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"folder with vnc/ and isbi2012/ (default ${P.DATA_ENV} or <repo>/../shared/data)")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/em_ablation"))
+    p.add_argument("--out", type=Path, default=Path("docs") / S.ABLATION_PAGE)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="results.json of benchmarks/em_segmentation.py with the same budget: reuse its AFFMAE "
+                   "pretrained and scratch runs as the reference instead of running them again")
+    p.add_argument("--task", default="vnc_mito", choices=list(P.TASKS))
+    p.add_argument("--k", default="1", help="labelled slices (integer or 'all')")
+    p.add_argument("--regime", default="sparse", choices=list(P.REGIMES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--max-eval-slices", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    if not args.quiet and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        config = AblationConfig(
+            data_dir=Path(args.data_dir if args.data_dir is not None else P.default_data_dir()),
+            work_dir=args.work_dir, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+            task=args.task, k=P.parse_k(args.k), regime=args.regime, seed=args.seed,
+            pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
+            crop=args.crop, tile=args.tile, max_eval_slices=args.max_eval_slices, device=args.device,
+            threads=args.threads, reference=args.reference)
+        results = run_ablation(config)
+    except (ValueError, FileNotFoundError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    shown = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join([prog or "python benchmarks/em_ablation.py", *shown])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render_page(results, command), encoding="utf-8")
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    (config.work_dir / "ablations.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    sys.stderr.write(f"wrote {args.out} and {config.work_dir / 'ablations.json'}\n")
+    return 0 if any(r["fg_iou"] is not None for r in results["rows"]) else 1
