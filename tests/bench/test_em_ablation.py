@@ -17,10 +17,14 @@ def test_variants_run_and_the_page_compares_each_with_its_scratch_model(tiny_dat
                                                                          tmp_path: Path) -> None:
     work, out = tmp_path / "work", tmp_path / "docs" / "results-ablations.md"
     code = A.main(["--data-dir", str(tiny_data_dir), "--work-dir", str(work), "--out", str(out),
-                   "--variants", "reference,steps_x3,no_refine", *TINY])
+                   "--variants", "steps_x3,no_refine,keep_70", *TINY])  # the reference is added
     assert code == 0
     rows = {r["variant"]: r for r in json.loads((work / "ablations.json").read_text())["rows"]}
-    assert set(rows) == {"reference", "steps_x3", "no_refine"}
+    assert list(rows) == ["reference", "steps_x3", "no_refine", "keep_70"]
+    assert rows["keep_70"]["scratch_fg_iou"] is not None  # keep rate shapes the segmentation encoder too
+    for arm in ("affmae_pretrained", "affmae_scratch"):
+        seg = load_package(work / "keep_70" / "vnc_mito" / f"{arm}_sparse_k1_s0" / "segmentation.affmae")
+        assert seg.config["keep_rate"] == 0.7, arm
     assert rows["reference"]["pretrain_steps"] == 2 and rows["steps_x3"]["pretrain_steps"] == 6
     assert rows["steps_x3"]["scratch_fg_iou"] is None  # pretraining-only change: compared with the reference
     assert rows["no_refine"]["scratch_fg_iou"] is not None  # its own scratch model without the head
@@ -41,21 +45,30 @@ def _results_json(path: Path, **config) -> Path:
             "max_eval_slices": None, "affmae_options": {}}
     runs = [{"task": "vnc_mito", "regime": "sparse", "k": 1, "seed": 0, "arm": arm, "error": None,
              "scores": {"fg_iou": iou}} for arm, iou in (("affmae_pretrained", 0.31), ("affmae_scratch", 0.27))]
-    path.write_text(json.dumps({"config": {**base, **config}, "runs": runs, "pretraining": [
+    env = {"device": config.pop("device", "cpu")}
+    path.write_text(json.dumps({"config": {"data_dir": str(path.parent), **base, **config}, "environment": env,
+                                "runs": runs, "pretraining": [
         {"task": "vnc_mito", "seed": 0, "family": "affmae", "steps": 300, "first_loss": 1.5, "final_loss": 1.15}]}))
     return path
 
 
 def test_reference_is_reused_only_from_a_run_with_the_same_budget(tmp_path: Path) -> None:
-    config = A.AblationConfig(data_dir=tmp_path)
+    config = A.AblationConfig(data_dir=tmp_path, device="cpu")
     ref = A.reference_from(_results_json(tmp_path / "same.json"), config)
     assert [r["scores"]["fg_iou"] for r in ref["runs"]] == [0.31, 0.27]
     with pytest.raises(ValueError, match="another budget.*finetune_steps"):
         A.reference_from(_results_json(tmp_path / "short.json", finetune_steps=50), config)
     with pytest.raises(ValueError, match="another budget.*affmae_options"):
         A.reference_from(_results_json(tmp_path / "opts.json", affmae_options={"refine": False}), config)
+    with pytest.raises(ValueError, match="another budget.*device"):
+        A.reference_from(_results_json(tmp_path / "gpu.json", device="cuda"), config)
+    with pytest.raises(ValueError, match="another budget.*data_dir"):
+        A.reference_from(_results_json(tmp_path / "same.json"), A.AblationConfig(data_dir=tmp_path / "x", device="cpu"))
     with pytest.raises(ValueError, match="no scored AFFMAE"):
-        A.reference_from(_results_json(tmp_path / "k4.json"), A.AblationConfig(data_dir=tmp_path, k=4))
+        A.reference_from(_results_json(tmp_path / "k4.json"), A.AblationConfig(data_dir=tmp_path, k=4, device="cpu"))
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    with pytest.raises(ValueError, match="not a results.json"):
+        A.reference_from(tmp_path / "other.json", config)
 
 
 def test_bad_ablation_options_give_a_clear_error(tmp_path: Path, capsys) -> None:
@@ -64,7 +77,11 @@ def test_bad_ablation_options_give_a_clear_error(tmp_path: Path, capsys) -> None
     assert A.main(["--data-dir", str(tmp_path), "--reference", str(tmp_path / "none.json"),
                    "--out", str(tmp_path / "r.md")]) == 2
     assert "no such results.json" in capsys.readouterr().err
-    assert not (tmp_path / "r.md").exists()
+    short = _results_json(tmp_path / "short.json", finetune_steps=50)  # refused before any training
+    assert A.main(["--data-dir", str(tmp_path), "--reference", str(short), "--device", "cpu",
+                   "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "r.md")]) == 2
+    assert "another budget" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists() and not (tmp_path / "w").exists()
 
 
 def test_affmae_bench_ablation_is_the_same_script(tmp_path: Path, capsys) -> None:

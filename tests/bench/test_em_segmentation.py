@@ -85,13 +85,16 @@ def test_affmae_options_reach_pretraining_and_both_affmae_arms(tiny_data_dir: Pa
                    "--k", "1", "--arms", "affmae_pretrained,affmae_scratch", "--pretrain-steps", "2",
                    "--finetune-steps", "1", "--batch-size", "2", "--crop", "32", "--tile", "64", "--device", "cpu",
                    "--max-eval-slices", "1", "--quiet", "--affmae-option", "mask_ratio=0.75",
-                   "--affmae-option", "norm_pix_loss=false", "--affmae-option", "refine=false"])
+                   "--affmae-option", "norm_pix_loss=false", "--affmae-option", "refine=false",
+                   "--affmae-option", "keep_rate=0.6"])
     assert code == 0
     mae = load_package(next((work / "vnc_mito").glob("pretrain_affmae_s0/*.affmae")))
     assert mae.config["mask_ratio"] == 0.75 and mae.config["norm_pix_loss"] is False
-    for arm in ("affmae_pretrained", "affmae_scratch"):
+    assert mae.config["keep_rate"] == 0.6
+    for arm in ("affmae_pretrained", "affmae_scratch"):  # the options that shape the segmentation model
         seg = load_package(next((work / "vnc_mito").glob(f"{arm}_sparse_k1_s0/*.affmae")))
         assert seg.config["refine"] is False, arm
+        assert seg.config["keep_rate"] == 0.6, arm
         assert not any(k.startswith("refine.") for k in seg.state_dict), arm
     page = (tmp_path / "r.md").read_text()
     assert "blob masks 75%" in page and '"norm_pix_loss": false' in page
@@ -105,6 +108,8 @@ def test_bad_affmae_options_are_refused_before_training(tmp_path: Path, capsys) 
     assert "unknown AFFMAE option(s) ['maskratio']" in capsys.readouterr().err
     assert S.main([*base, "--affmae-option", "keep_rate=0"]) == 2
     assert "keep_rate must be in (0, 1]" in capsys.readouterr().err
+    assert S.main([*base, "--affmae-option", "mask_ratio=1.5"]) == 2
+    assert "mask_ratio must be between 0 and 1" in capsys.readouterr().err
     assert S.main([*base, "--affmae-option", "refine"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()

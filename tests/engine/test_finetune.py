@@ -107,3 +107,28 @@ def test_cancel_then_resume_finishes(trained, em_stack, tmp_path):
     config.resume = True
     result = finetune(image, strokes, config)
     assert result.step == 4 and len(result.losses) == 4
+
+
+def test_model_options_override_the_package_config_and_keep_the_pretrained_encoder(trained, em_stack, tmp_path):
+    from napari_affmae.engine.finetune import _starting_model
+
+    pre = load_package(trained["pretrained"])
+    assert pre.config["refine"] is True and pre.config["keep_rate"] == 0.4
+    config = _config(tmp_path, pretrained=trained["pretrained"], model_options={"refine": False})
+    model, info = _starting_model(config, num_classes=3)
+    assert model.refine is None and model.config.refine is False
+    mae = pre.build_model("cpu")
+    for name, value in mae.encoder.state_dict().items():  # the encoder still starts from the package
+        assert torch.equal(model.encoder.state_dict()[name], value), name
+    assert info["pretrained"] == str(trained["pretrained"])
+    scratch, _ = _starting_model(_config(tmp_path, model="affmae_tiny", model_options={"keep_rate": 0.7}), 3)
+    assert scratch.config.keep_rate == 0.7 and scratch.refine is not None
+    with pytest.raises(ValueError, match=r"unknown AFFMAE option\(s\) \['refin'\]"):
+        _starting_model(_config(tmp_path, model="affmae_tiny", model_options={"refin": False}), 3)
+
+
+def test_pretrain_config_refuses_masking_options_hidden_in_model_options():
+    from napari_affmae.engine import PretrainConfig
+
+    with pytest.raises(ValueError, match="set mask_ratio as PretrainConfig option"):
+        PretrainConfig(model_options={"mask_ratio": 0.9})

@@ -26,7 +26,6 @@ from . import em_segmentation as S
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURE_FIELDS = ("refine",)  # options that change the segmentation model, not only pretraining
 
 
 @dataclass(frozen=True)
@@ -40,14 +39,15 @@ class Variant:
 
     @property
     def changes_architecture(self) -> bool:
-        return any(k in self.affmae_options for k in ARCHITECTURE_FIELDS)
+        """True if the segmentation model differs too (keep rate, refine, ...): then scratch is re-run."""
+        return any(k not in S.PRETRAINING_ONLY for k in self.affmae_options)
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("reference", "none (the benchmark's default arm)"),
     Variant("raw_pixels", "unnormalised reconstruction target (norm_pix_loss = false)", {"norm_pix_loss": False}),
     Variant("mask_75", "blob masks hide 75 % instead of 50 %", {"mask_ratio": 0.75}),
-    Variant("keep_70", "each merge keeps 70 % of the tokens instead of 40 %", {"keep_rate": 0.7}),
+    Variant("keep_70", "each merge keeps 70 % of the tokens instead of 40 % (both arms)", {"keep_rate": 0.7}),
     Variant("steps_x3", "3 x the pretraining steps", pretrain_steps_factor=3.0),
     Variant("no_refine", "no full-resolution refinement head (both arms)", {"refine": False}),
 )}
@@ -92,8 +92,12 @@ class AblationConfig:
         if self.reference is not None and not Path(self.reference).is_file():
             raise FileNotFoundError(f"--reference {self.reference}: no such results.json (run "
                                     "benchmarks/em_segmentation.py first, or leave the option out)")
+        if "reference" not in self.variants:  # every difference is measured against it
+            self.variants = ["reference", *self.variants]
         for name in self.variants:
             self.bench_config(VARIANTS[name]).validate()
+        if self.reference is not None:
+            reference_from(self.reference, self)  # a mismatch fails now, not after hours of training
 
 
 def _row(results: dict[str, Any], arm: str) -> dict[str, Any] | None:
@@ -102,12 +106,22 @@ def _row(results: dict[str, Any], arm: str) -> dict[str, Any] | None:
 
 def reference_from(path: Path, config: AblationConfig) -> dict[str, Any]:
     """The reference rows from a benchmark ``results.json``, checked to match ``config``'s setting and budget."""
-    results = json.loads(Path(path).read_text(encoding="utf-8"))
-    cfg = results["config"]
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        cfg, env = results["config"], results["environment"]
+        results["runs"], results["pretraining"]  # noqa: B018  (present?)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a results.json of benchmarks/em_segmentation.py ({err})") from None
+    from ..engine import resolve_device  # noqa: PLC0415
+
     wanted = {"pretrain_steps": config.pretrain_steps, "finetune_steps": config.finetune_steps,
               "batch_size": config.batch_size, "crop": config.crop, "tile": config.tile, "size": "tiny",
               "max_eval_slices": config.max_eval_slices}
     differ = {k: (cfg.get(k), v) for k, v in wanted.items() if cfg.get(k) != v}
+    if env.get("device") != resolve_device(config.device).type:
+        differ["device"] = (env.get("device"), resolve_device(config.device).type)
+    if Path(cfg.get("data_dir", "")).resolve() != Path(config.data_dir).resolve():
+        differ["data_dir"] = (cfg.get("data_dir"), str(config.data_dir))
     if cfg.get("affmae_options"):
         differ["affmae_options"] = (cfg["affmae_options"], {})
     if differ:
@@ -141,8 +155,12 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
             results["total_s"] = time.perf_counter() - started
         pre, scratch = _row(results, "affmae_pretrained"), _row(results, "affmae_scratch")
         pretraining = next(iter(results["pretraining"]), {})
+        if variant.changes_architecture and scratch is None:
+            scratch = {"scores": None, "error": "no scratch run"}
         rows.append({
             "variant": name, "change": variant.change, "options": variant.affmae_options,
+            "own_scratch": name == "reference" or variant.changes_architecture,
+            "scratch_error": None if scratch is None else scratch["error"],
             "pretrain_steps": pretraining.get("steps"), "first_loss": pretraining.get("first_loss"),
             "final_loss": pretraining.get("final_loss"), "pretrain_error": pretraining.get("error"),
             "fg_iou": None if pre is None or pre["scores"] is None else pre["scores"]["fg_iou"],
@@ -176,7 +194,7 @@ def render_page(results: dict[str, Any], command: str) -> str:
         "| pretrained − scratch | minutes |", "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        base = r["scratch_fg_iou"] if r["scratch_fg_iou"] is not None else scratch
+        base = r["scratch_fg_iou"] if r["own_scratch"] else scratch  # never a scratch model of another shape
         iou = "–" if r["fg_iou"] is None else f"{r['fg_iou']:.3f}"
         delta = "–" if r["fg_iou"] is None or base is None else f"{r['fg_iou'] - base:+.3f}"
         loss = ("failed: " + r["pretrain_error"] if r.get("pretrain_error") else
@@ -184,9 +202,10 @@ def render_page(results: dict[str, Any], command: str) -> str:
         minutes = "(from results.json)" if r["reused_from"] else "–" if r["minutes"] is None else f"{r['minutes']:.1f}"
         lines.append(f"| {r['variant']} | {r['change']} | {r['pretrain_steps'] or '–'} | {loss} | {iou} | "
                      f"{'–' if base is None else f'{base:.3f}'} | {delta} | {minutes} |")
-    errors = [r for r in rows if r["error"]]
+    errors = [f"- {r['variant']}: pretrained arm failed: {r['error']}" for r in rows if r["error"]]
+    errors += [f"- {r['variant']}: scratch arm failed: {r['scratch_error']}" for r in rows if r["scratch_error"]]
     if errors:
-        lines += [""] + [f"- {r['variant']} failed: {r['error']}" for r in errors]
+        lines += [""] + errors
     lines += ["", "One seed: differences of a few hundredths of IoU are within seed-to-seed noise "
               "(see the spread over seeds on the GPU grid).", ""]
     return "\n".join(lines)

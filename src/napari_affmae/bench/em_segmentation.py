@@ -51,6 +51,7 @@ TIE_IOU = 0.01  # IoU differences at or below this count as ties in the verdict
 MASKING = {"affmae": {"mask_ratio": 0.5, "mask_type": "blob"}, "vit_mae": {"mask_ratio": 0.75, "mask_type": "random"}}
 ABLATION_PAGE = "results-ablations.md"  # written by `bench.em_ablation` next to the results page
 PRETRAIN_FIELDS = ("mask_ratio", "mask_type", "keep_rate")  # set through PretrainConfig, not model_options
+PRETRAINING_ONLY = ("mask_ratio", "mask_type", "norm_pix_loss", "loss_weights")  # no effect on segmentation
 
 
 @dataclass
@@ -101,19 +102,29 @@ class EMBenchConfig:
         if unknown:
             raise ValueError(f"unknown AFFMAE option(s) {unknown}; choose from {', '.join(sorted(known))}")
         AFFMAEConfig(**self.affmae_options)  # bad values raise here, before any training
+        from ..engine import PretrainConfig  # noqa: PLC0415
+
+        PretrainConfig(model=self.model_name("affmae"), **self.masking("affmae"))  # e.g. mask_ratio in (0, 1)
 
     def masking(self, family: str) -> dict[str, Any]:
-        """Pretraining mask ratio / type (and AFFMAE keep rate) of ``family``."""
+        """Pretraining mask ratio / type (and AFFMAE keep rate) of ``family``: `PretrainConfig` fields."""
         masking = dict(MASKING[family])
         if family == "affmae":
             masking.update({k: v for k, v in self.affmae_options.items() if k in PRETRAIN_FIELDS})
         return masking
 
-    def model_options(self, family: str) -> dict[str, Any]:
-        """Model config fields of ``family`` beyond masking (``affmae_options`` for AFFMAE)."""
+    def pretrain_options(self, family: str) -> dict[str, Any]:
+        """`PretrainConfig.model_options` of ``family``: the AFFMAE options that are not `masking` fields."""
         if family != "affmae":
             return {}
         return {k: v for k, v in self.affmae_options.items() if k not in PRETRAIN_FIELDS}
+
+    def segmentation_options(self, family: str) -> dict[str, Any]:
+        """`FinetuneConfig.model_options` of ``family``, the same for the pretrained and the scratch arm:
+        every AFFMAE option that shapes the segmentation model (keep rate, refine, ...)."""
+        if family != "affmae":
+            return {}
+        return {k: v for k, v in self.affmae_options.items() if k not in PRETRAINING_ONLY}
 
     def model_name(self, family: str) -> str:
         return f"unet_{UNET_SIZE[self.size]}" if family == "unet" else f"{family}_{self.size}"
@@ -155,7 +166,7 @@ def _pretrain(config: EMBenchConfig, family: str, images: list[np.ndarray], task
     out = config.work_dir / task / f"pretrain_{family}_s{seed}"
     if out.exists():
         shutil.rmtree(out)
-    masking, options = config.masking(family), config.model_options(family)
+    masking, options = config.masking(family), config.pretrain_options(family)
     started = time.perf_counter()
     result = pretrain(images, PretrainConfig(
         model=config.model_name(family), crop_size=(config.crop, config.crop), batch_size=config.batch_size,
@@ -180,7 +191,7 @@ def _finetune_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarra
     started = time.perf_counter()
     result = finetune(raw, labels, FinetuneConfig(
         pretrained=pretrained, model=record.model, class_names=list(task.class_names), label_mode="sparse",
-        model_options=config.model_options(ARMS[record.arm][0]),
+        model_options=config.segmentation_options(ARMS[record.arm][0]),
         crop_size=(config.crop, config.crop), batch_size=config.batch_size, steps=config.finetune_steps,
         warmup_steps=min(20, config.finetune_steps // 10), seed=record.seed, device=device, output_dir=out,
         checkpoint_every=config.finetune_steps, log_every=max(1, config.finetune_steps // 5),

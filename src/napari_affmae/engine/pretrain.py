@@ -98,6 +98,9 @@ class PretrainConfig:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}; got {self.mask_type!r}")
         if not 0.0 < self.keep_rate <= 1.0:
             raise ValueError(f"keep_rate must be in (0, 1]; got {self.keep_rate}")
+        shadowed = sorted({"mask_ratio", "mask_type", "keep_rate"} & set(self.model_options))
+        if shadowed:
+            raise ValueError(f"set {', '.join(shadowed)} as PretrainConfig option(s), not in model_options")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
