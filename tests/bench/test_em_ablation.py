@@ -38,6 +38,18 @@ def test_variants_run_and_the_page_compares_each_with_its_scratch_model(tiny_dat
     ref = rows["reference"]
     assert f"| {ref['fg_iou']:.3f} | {ref['scratch_fg_iou']:.3f} | {ref['fg_iou'] - ref['scratch_fg_iou']:+.3f} |" \
         in page
+    # every variant's pretrained package is probed against the flat-patch predictor (per-patch normalised
+    # targets: 63/64 of the summed loss weights 1.17, up to the 1e-6 variance epsilon and flat crop borders)
+    for row in rows.values():
+        assert row["trivial_loss"] == pytest.approx(63 / 64 * 1.17, rel=0.05)
+        assert row["ratio"] == pytest.approx(row["probe_loss"] / row["trivial_loss"])
+        assert f"{row['probe_loss']:.3f} / {row['trivial_loss']:.3f} ({row['ratio']:.2f})" in page
+    # probing again needs no training and rewrites the page with the run's own command
+    out.write_text("stale")
+    assert A.main(["--work-dir", str(work), "--out", str(out), "--probe-only", "--quiet"]) == 0
+    again = out.read_text()
+    assert "--variants steps_x3,no_refine,keep_70" in again and again.split("Reconstruction probe")[1] == \
+        page.split("Reconstruction probe")[1]
 
 
 def _results_json(path: Path, **config) -> Path:

@@ -154,3 +154,44 @@ def test_load_task_reads_the_layout_and_names_missing_files(tmp_path) -> None:
     assert extra == []  # stack2_raw absent: pretraining uses the stack itself only
     with pytest.raises(FileNotFoundError, match="stack1_membranes.tif"):
         P.load_task(tmp_path, "vnc_membranes")
+
+
+def _disk_image(dark: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy [2, 64, 64] image with a disk of radius 14 (the structure) darker or brighter than the rest."""
+    yy, xx = np.mgrid[:64, :64]
+    disk = ((yy - 32) ** 2 + (xx - 30) ** 2 < 14**2).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    inside, outside = (60.0, 160.0) if dark else (160.0, 60.0)
+    image = np.where(disk, inside, outside) + rng.normal(0, 25, (2, 64, 64))
+    return np.clip(image, 0, 255).astype(np.uint8), np.stack([disk, disk])
+
+
+@pytest.mark.parametrize("dark", [True, False])
+def test_threshold_fitted_on_strokes_recovers_a_disk(dark: bool) -> None:
+    image, truth = _disk_image(dark)
+    labels = P.training_labels(truth, [0], "sparse", seed=0)  # strokes on slice 0 only
+    cut = P.fit_threshold(image, labels)
+    assert cut.dark_foreground is dark
+    assert 85 < cut.threshold < 135  # between the two grey levels 60 and 160
+    scores = P.segmentation_scores(cut.predict(image[1]), truth[1], ["background", "structure"])
+    assert scores["fg_iou"] > 0.9  # the unlabelled slice: smoothing removes the noise
+
+
+def test_threshold_is_the_balanced_accuracy_optimum_on_crafted_values() -> None:
+    # structure painted at 10, 20, 30, 35, background at 32, 40, 50. Cuts (structure < cut) in (20, 30] score
+    # (2/4 + 3/3) / 2 = 0.75, in (30, 32] (3/4 + 3/3) / 2 = 0.875, in (35, 40] (4/4 + 2/3) / 2 = 0.83: the best
+    # cut lies in (30, 32]
+    image = np.array([[10, 20, 30, 35, 32, 40, 50]], np.float32)
+    labels = np.array([[2, 2, 2, 2, 1, 1, 1]], np.uint8)
+    cut = P.fit_threshold(image, labels, sigma=0)
+    assert cut.dark_foreground
+    assert 30 < cut.threshold <= 32
+    assert cut.predict(image).tolist() == [[1, 1, 1, 0, 0, 0, 0]]
+
+
+def test_threshold_needs_both_classes_and_matching_shapes() -> None:
+    image = np.zeros((8, 8), np.uint8)
+    with pytest.raises(ValueError, match="both classes"):
+        P.fit_threshold(image, np.ones((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="must have the image's shape"):
+        P.fit_threshold(image, np.ones((8, 9), np.uint8))

@@ -113,3 +113,26 @@ def test_bad_affmae_options_are_refused_before_training(tmp_path: Path, capsys) 
     assert S.main([*base, "--affmae-option", "refine"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_runs_of_different_arms_merge_into_one_page(tiny_data_dir: Path, tmp_path: Path, capsys) -> None:
+    common = ["--data-dir", str(tiny_data_dir), "--k", "1,2", "--finetune-steps", "1", "--batch-size", "2",
+              "--crop", "32", "--tile", "64", "--device", "cpu", "--quiet"]
+    jsons = {}
+    for name, arms, extra in (("a", "threshold", []), ("b", "unet_scratch", []),
+                              ("c", "unet_scratch,threshold", ["--tile", "32"])):
+        work = tmp_path / name
+        assert S.main([*common, *extra, "--arms", arms, "--work-dir", str(work),
+                       "--out", str(tmp_path / f"{name}.md")]) == 0
+        jsons[name] = work / "results.json"
+    out = tmp_path / "merged.md"
+    assert S.main(["--render-only", str(jsons["b"]), str(jsons["a"]), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("Commands (one page from several runs): `") == 1 and "--arms threshold" in page
+    rows = [line.split(" | ")[2:4] for line in page.splitlines() if line.startswith("| VNC mitochondria")]
+    assert rows == [["1", "unet_scratch"], ["1", "threshold"], ["2", "unet_scratch"], ["2", "threshold"]]
+    capsys.readouterr()
+    assert S.main(["--render-only", str(jsons["a"]), str(jsons["c"]), "--out", str(out)]) == 2
+    assert "differs from" in capsys.readouterr().err  # another tile size: not the same budget
+    assert S.main(["--render-only", str(jsons["a"]), str(jsons["a"]), "--out", str(out)]) == 2
+    assert "repeats the run" in capsys.readouterr().err

@@ -164,3 +164,28 @@ def test_bad_mask_raises_clear_value_error():
         model(x, mask=uneven)
     with pytest.raises(ValueError, match="hide some patches"):
         model(x, mask=torch.zeros(2, 8, 8, dtype=torch.bool))
+
+
+def test_trivial_reference_loss_matches_a_hand_computation():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 48, dtype=torch.float64)
+    mask = random_mask(2, 4, 6, 0.5, torch.Generator().manual_seed(1))  # [2, 4, 6], True = masked
+    weights = {"res2": 1.0, "res4": 0.12, "res5": 0.05}
+    # per-patch normalised targets: a flat patch is 0 after normalisation -> mean square of the targets,
+    # (p*p - 1) / (p*p) for every non-flat patch (unbiased variance)
+    model = create_model("affmae_tiny").double()
+    out = model(x, mask=mask)
+    assert out["reference_loss"].item() == pytest.approx(63 / 64 * sum(weights.values()), rel=1e-4)  # eps 1e-6
+    # raw targets: masked patches predicted at the mean of the sample's visible pixels
+    model = create_model("affmae_tiny", norm_pix_loss=False).double()
+    out = model(x, mask=mask)
+    patches = x.reshape(2, 4, 8, 6, 8).permute(0, 1, 3, 2, 4).reshape(2, 24, 64)  # row-major cells
+    flat_mask = mask.reshape(2, 24)
+    expected = []
+    for b in range(2):
+        visible_mean = patches[b][~flat_mask[b]].mean()
+        expected.append(((patches[b][flat_mask[b]] - visible_mean) ** 2).mean())
+    hand = torch.stack(expected).mean().item() * sum(weights.values())  # same number of masked cells per sample
+    assert int(flat_mask[0].sum()) == int(flat_mask[1].sum())
+    assert out["reference_loss"].item() == pytest.approx(hand, rel=1e-6)  # the loss is taken in float32
+    assert not out["reference_loss"].requires_grad

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import torch
+
 from . import em_protocol as P
 from . import em_segmentation as S
 
@@ -137,6 +140,51 @@ def reference_from(path: Path, config: AblationConfig) -> dict[str, Any]:
     return {"runs": runs, "pretraining": pretraining, "total_s": None, "from": str(path)}
 
 
+def probe_pretraining(package_path: Path, images: Sequence[np.ndarray], crop: int, batches: int = 16,
+                      batch_size: int = 8, seed: int = 1234) -> dict[str, float]:
+    """Reconstruction loss of a pretrained AFFMAE package and of the trivial predictor (every masked patch
+    flat at the visible mean, `AFFMAEPretrain.trivial_loss`) on the same fixed crops and masks of ``images``
+    (2D/3D arrays), normalised as in pretraining. ``ratio`` < 1: the model predicts more than flat patches."""
+    from ..data.sampling import PatchSampler  # noqa: PLC0415
+    from ..engine import load_package  # noqa: PLC0415
+    from ..engine.inputs import as_input_image, combined_stats  # noqa: PLC0415
+    from ..engine.pretrain import normalised_batch  # noqa: PLC0415
+
+    model = load_package(package_path, expect_task="mae").build_model("cpu").eval()
+    inputs = [as_input_image(image) for image in images]
+    _, stats = combined_stats(inputs, seed=0)
+    sampler = PatchSampler([i.array for i in inputs], (crop, crop), seed=seed, pad=True)
+    generator = torch.Generator().manual_seed(seed)
+    losses, trivial = [], []
+    with torch.no_grad():
+        for _ in range(batches):
+            x = torch.from_numpy(normalised_batch(sampler, stats, batch_size))[:, None]  # [B, 1, crop, crop]
+            out = model(x, mask=model.random_mask(batch_size, crop // 8, crop // 8, generator=generator))
+            losses.append(float(out["loss"]))
+            trivial.append(float(out["reference_loss"]))
+    loss, floor = float(np.mean(losses)), float(np.mean(trivial))
+    return {"probe_loss": loss, "trivial_loss": floor, "ratio": loss / floor}
+
+
+def _package_of(config: AblationConfig, variant: str) -> Path:
+    from ..engine.pretrain import PRETRAIN_PACKAGE  # noqa: PLC0415
+
+    root = Path(config.reference).parent if variant == "reference" and config.reference else config.work_dir / variant
+    return root / config.task / f"pretrain_affmae_s{config.seed}" / PRETRAIN_PACKAGE
+
+
+def add_probes(rows: list[dict[str, Any]], config: AblationConfig) -> None:
+    """Probe every variant's pretrained package on the task's evaluation slices (in place)."""
+    raw, _, _ = P.load_task(config.data_dir, P.TASKS[config.task])
+    eval_slices = list(P.make_split(raw.shape[0]).eval_slices)
+    for row in rows:
+        package = _package_of(config, row["variant"])
+        if package.exists():
+            row.update(probe_pretraining(package, [raw[eval_slices]], config.crop))
+        else:
+            row.update({"probe_loss": None, "trivial_loss": None, "ratio": None})
+
+
 def run_ablation(config: AblationConfig) -> dict[str, Any]:
     """Run every variant; returns one row per variant (JSON-able)."""
     config.validate()
@@ -168,6 +216,7 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
             "error": None if pre is None else pre["error"], "minutes": None if results["total_s"] is None
             else results["total_s"] / 60, "reused_from": results.get("from"),
         })
+    add_probes(rows, config)
     return {"config": {**dataclasses.asdict(config), "data_dir": str(config.data_dir),
                        "work_dir": str(config.work_dir), "reference": None if config.reference is None
                        else str(config.reference)},
@@ -190,8 +239,12 @@ def render_page(results: dict[str, Any], command: str) -> str:
         f"Setting: {P.TASKS[cfg['task']].title}, k = {cfg['k']} labelled slice(s), {cfg['regime']} labels, seed "
         f"{cfg['seed']}, affmae_tiny; pretraining {cfg['pretrain_steps']} steps (x factor), fine-tuning "
         f"{cfg['finetune_steps']} steps, batch {cfg['batch_size']}, crops {cfg['crop']} px, tiles {cfg['tile']} px.",
-        "", "| variant | change | pretraining steps | loss first → final | fg IoU pretrained | fg IoU scratch "
-        "| pretrained − scratch | minutes |", "|---|---|---|---|---|---|---|---|",
+        "", "Reconstruction probe: the pretrained model's loss on 16 fixed batches of crops from the evaluation "
+        "slices (same masks for all), next to the loss of the trivial predictor that fills every masked patch "
+        "flat at the visible mean; a ratio below 1 means the model predicts more than flat patches.", "",
+        "| variant | change | pretraining steps | loss first → final | probe: model / trivial (ratio) "
+        "| fg IoU pretrained | fg IoU scratch | pretrained − scratch | minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r["scratch_fg_iou"] if r["own_scratch"] else scratch  # never a scratch model of another shape
@@ -200,7 +253,9 @@ def render_page(results: dict[str, Any], command: str) -> str:
         loss = ("failed: " + r["pretrain_error"] if r.get("pretrain_error") else
                 "–" if r["first_loss"] is None else f"{r['first_loss']:.3f} → {r['final_loss']:.3f}")
         minutes = "(from results.json)" if r["reused_from"] else "–" if r["minutes"] is None else f"{r['minutes']:.1f}"
-        lines.append(f"| {r['variant']} | {r['change']} | {r['pretrain_steps'] or '–'} | {loss} | {iou} | "
+        probe = ("–" if r.get("probe_loss") is None else
+                 f"{r['probe_loss']:.3f} / {r['trivial_loss']:.3f} ({r['ratio']:.2f})")
+        lines.append(f"| {r['variant']} | {r['change']} | {r['pretrain_steps'] or '–'} | {loss} | {probe} | {iou} | "
                      f"{'–' if base is None else f'{base:.3f}'} | {delta} | {minutes} |")
     errors = [f"- {r['variant']}: pretrained arm failed: {r['error']}" for r in rows if r["error"]]
     errors += [f"- {r['variant']}: scratch arm failed: {r['scratch_error']}" for r in rows if r["scratch_error"]]
@@ -237,6 +292,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--probe-only", action="store_true",
+                   help="train nothing: probe the packages of an earlier run (its --work-dir/ablations.json) again "
+                   "and rewrite the page")
     return p
 
 
@@ -252,15 +310,28 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
             crop=args.crop, tile=args.tile, max_eval_slices=args.max_eval_slices, device=args.device,
             threads=args.threads, reference=args.reference)
-        results = run_ablation(config)
+        results = _probe_again(config) if args.probe_only else run_ablation(config)
     except (ValueError, FileNotFoundError) as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
-    shown = list(sys.argv[1:] if argv is None else argv)
-    command = " ".join([prog or "python benchmarks/em_ablation.py", *shown])
+    shown = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--probe-only"]
+    command = results.get("command") or " ".join([prog or "python benchmarks/em_ablation.py", *shown])
+    results["command"] = command
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render_page(results, command), encoding="utf-8")
     config.work_dir.mkdir(parents=True, exist_ok=True)
     (config.work_dir / "ablations.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     sys.stderr.write(f"wrote {args.out} and {config.work_dir / 'ablations.json'}\n")
     return 0 if any(r["fg_iou"] is not None for r in results["rows"]) else 1
+
+
+def _probe_again(config: AblationConfig) -> dict[str, Any]:
+    path = config.work_dir / "ablations.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--probe-only: no {path}; run the variants first")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    stored = results["config"]
+    config = AblationConfig(**{**stored, "data_dir": Path(stored["data_dir"]), "work_dir": config.work_dir,
+                               "reference": None if stored["reference"] is None else Path(stored["reference"])})
+    add_probes(results["rows"], config)
+    return results

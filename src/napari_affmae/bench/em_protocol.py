@@ -162,6 +162,62 @@ def training_labels(truth: np.ndarray, slices: Sequence[int], regime: str, *, se
     return out
 
 
+# ----------------------------------------------------------------------------------------------- threshold
+
+THRESHOLD_SIGMA = 2.0  # px: Gaussian smoothing before the intensity threshold
+
+
+@dataclass(frozen=True)
+class IntensityThreshold:
+    """The simplest lab baseline: smooth, then one grey-value cut fitted on the painted pixels."""
+
+    threshold: float  # on the smoothed grey values
+    dark_foreground: bool  # True: pixels darker than the threshold are the structure
+    sigma: float = THRESHOLD_SIGMA
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Binary structure mask (uint8, 1 = structure) of ``[Y, X]`` or ``[Z, Y, X]`` (per slice)."""
+        smooth = _smooth_slices(image, self.sigma)
+        return ((smooth < self.threshold) if self.dark_foreground else (smooth >= self.threshold)).astype(np.uint8)
+
+
+def _smooth_slices(image: np.ndarray, sigma: float) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        return ndimage.gaussian_filter(image, sigma) if sigma > 0 else image
+    return np.stack([_smooth_slices(s, sigma) for s in image])
+
+
+def fit_threshold(image: np.ndarray, labels: np.ndarray, sigma: float = THRESHOLD_SIGMA) -> IntensityThreshold:
+    """Fit the cut maximising balanced accuracy on the painted pixels (1 = background, 2 = structure);
+    among equally good cuts, the middle one.
+
+    ``image`` and ``labels``: same shape, ``[Y, X]`` or ``[Z, Y, X]``; only slices with paint are smoothed.
+    """
+    image, labels = np.asarray(image), np.asarray(labels)
+    if image.shape != labels.shape:
+        raise ValueError(f"labels {labels.shape} must have the image's shape {image.shape}")
+    if labels.ndim == 3:  # smooth only the painted slices
+        painted = np.flatnonzero((labels > 0).any(axis=(1, 2)))
+        image, labels = image[painted], labels[painted]
+    smooth = _smooth_slices(image, sigma)
+    fg, bg = smooth[labels == FOREGROUND], smooth[labels == BACKGROUND]
+    if fg.size == 0 or bg.size == 0:
+        raise ValueError("a threshold needs painted pixels of both classes (1 = background, 2 = structure)")
+    dark = bool(np.median(fg) < np.median(bg))
+    cuts = np.unique(np.quantile(np.concatenate([fg, bg]), np.linspace(0, 1, 257)))
+    fg_sorted, bg_sorted = np.sort(fg), np.sort(bg)
+    below_fg = np.searchsorted(fg_sorted, cuts, side="left") / fg.size  # share strictly below each cut
+    below_bg = np.searchsorted(bg_sorted, cuts, side="left") / bg.size
+    balanced = (below_fg + 1 - below_bg) / 2 if dark else (1 - below_fg + below_bg) / 2
+    # the middle of the first run of best cuts: the widest margin between the classes, not the edge of one
+    start = int(np.argmax(balanced))
+    end = start
+    while end + 1 < len(cuts) and balanced[end + 1] >= balanced[start] - 1e-12:
+        end += 1
+    return IntensityThreshold(float(cuts[start] + cuts[end]) / 2, dark, sigma)
+
+
 # ----------------------------------------------------------------------------------------------- metrics
 
 def segmentation_scores(pred: np.ndarray, truth: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:

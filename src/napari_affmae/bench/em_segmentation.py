@@ -9,7 +9,9 @@ with `engine.segment` on the held-out slices:
 * ``affmae_scratch``     the same AFFMAE fine-tuned from random weights;
 * ``vit_mae_pretrained`` ViT-MAE of about the same parameter count, pretrained on the same
   images with the same step budget, then fine-tuned;
-* ``unet_scratch``       a plain small U-Net (``unet_*``) from scratch, the usual lab baseline.
+* ``unet_scratch``       a plain small U-Net (``unet_*``) from scratch, the usual lab baseline;
+* ``threshold``          no network: smoothed grey-value cut fitted on the painted pixels (the floor a
+  network must beat to have learned more than brightness).
 
 One pretraining per (task, family, seed) is shared by every k and label regime. The default
 setting (VNC mitochondria, k = 1 and 4, sparse labels, one seed, tiny models) is sized for 2 CPU
@@ -44,6 +46,7 @@ ARMS: dict[str, tuple[str, bool]] = {  # arm -> (model family, pretrained?)
     "affmae_scratch": ("affmae", False),
     "vit_mae_pretrained": ("vit_mae", True),
     "unet_scratch": ("unet", False),
+    "threshold": ("threshold", False),  # no network: smoothed grey-value cut fitted on the painted pixels
 }
 UNET_SIZE = {"tiny": "tiny", "small": "small", "base": "small"}
 # masking per family, as each was published for EM / natural images (DESIGN.md sections 3 and 5)
@@ -127,6 +130,8 @@ class EMBenchConfig:
         return {k: v for k, v in self.affmae_options.items() if k not in PRETRAINING_ONLY}
 
     def model_name(self, family: str) -> str:
+        if family == "threshold":
+            return "threshold"
         return f"unet_{UNET_SIZE[self.size]}" if family == "unet" else f"{family}_{self.size}"
 
 
@@ -188,6 +193,8 @@ def _finetune_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarra
     if out.exists():
         shutil.rmtree(out)
     task = P.TASKS[record.task]
+    if record.arm == "threshold":
+        return _threshold_and_score(config, record, raw, truth, labels, eval_slices, keep_slice)
     started = time.perf_counter()
     result = finetune(raw, labels, FinetuneConfig(
         pretrained=pretrained, model=record.model, class_names=list(task.class_names), label_mode="sparse",
@@ -203,6 +210,21 @@ def _finetune_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarra
     record.inference_s = time.perf_counter() - started
     pred_fg = (np.asarray(pred) == P.FOREGROUND).astype(np.uint8)  # [Z, Y, X], 1 = structure
     record.scores = P.evaluate_stack(pred_fg, truth, task, eval_slices, config.tolerance)
+    return None if keep_slice is None else pred_fg[keep_slice]
+
+
+def _threshold_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarray, truth: np.ndarray,
+                         labels: np.ndarray, eval_slices: list[int], keep_slice: int | None) -> np.ndarray | None:
+    started = time.perf_counter()
+    cut = P.fit_threshold(raw, labels)
+    record.finetune_s = time.perf_counter() - started
+    log.info("  threshold: %s than %.1f after smoothing (sigma %.1f px)",
+             "darker" if cut.dark_foreground else "brighter", cut.threshold, cut.sigma)
+    started = time.perf_counter()
+    pred_fg = np.zeros(raw.shape, np.uint8)  # [Z, Y, X], 1 = structure; only the scored slices are filled
+    pred_fg[eval_slices] = cut.predict(raw[eval_slices])
+    record.inference_s = time.perf_counter() - started
+    record.scores = P.evaluate_stack(pred_fg, truth, P.TASKS[record.task], eval_slices, config.tolerance)
     return None if keep_slice is None else pred_fg[keep_slice]
 
 
@@ -300,7 +322,7 @@ def parameter_counts(config: EMBenchConfig) -> dict[str, int]:
     """Parameters of each arm's segmentation model (binary task)."""
     from ..models import create_model  # noqa: PLC0415
 
-    names = sorted({config.model_name(ARMS[a][0]) for a in config.arms})
+    names = sorted({config.model_name(ARMS[a][0]) for a in config.arms if ARMS[a][0] != "threshold"})
     return {n: sum(p.numel() for p in create_model(n, task="segmentation", num_classes=2).parameters()) for n in names}
 
 
@@ -389,14 +411,15 @@ def plot_overlays(results: dict[str, Any], path: Path, crop: int = 384) -> None:
     tasks = [t for t in results["overlays"] if results["overlays"][t]["pred"]]
     if not tasks:
         return
-    cols = 1 + len(ARMS)
+    arms = [a for a in ARMS if a in results["config"]["arms"]]
+    cols = 1 + len(arms)
     fig, axes = plt.subplots(len(tasks), cols, figsize=(2.6 * cols, 2.8 * len(tasks)), squeeze=False)
     for row, task in zip(axes, tasks):
         item = results["overlays"][task]
         raw, truth = np.asarray(item["raw"]), np.asarray(item["truth"])
         y0, x0 = max(0, (raw.shape[0] - crop) // 2), max(0, (raw.shape[1] - crop) // 2)
         view = (slice(y0, y0 + crop), slice(x0, x0 + crop))
-        panels = [("truth", truth)] + [(arm, item["pred"].get(arm)) for arm in ARMS]
+        panels = [("truth", truth)] + [(arm, item["pred"].get(arm)) for arm in arms]
         for ax, (name, mask) in zip(row, panels):
             ax.imshow(raw[view], cmap="gray")
             if mask is not None:
@@ -450,11 +473,13 @@ def render_page(results: dict[str, Any], images: dict[str, str], command: str) -
         "# Real-EM evaluation: few labels, pretrained vs from scratch", "",
         "Written by `python benchmarks/em_segmentation.py` (`napari_affmae.bench.em_segmentation`); "
         "protocol in `napari_affmae.bench.em_protocol`.", "",
-        f"Command: `{command}`", "",
+        ("Commands (one page from several runs): " if " + " in command else "Command: ")
+        + " + ".join(f"`{c}`" for c in command.split(" + ")), "",
         f"Machine: {env['machine']} ({env['platform']}, {env['processor']}, {env['cpu_count']} CPU cores, "
         f"{env['torch_threads']} torch threads); device: **{env['device']}**"
         + (f" ({env['gpu']})" if env.get("gpu") else "") + f"; torch {env['torch']}. "
-        f"Total wall time {results['total_s'] / 60:.1f} min.", "",
+        f"Total wall time {results['total_s'] / 60:.1f} min" + (" (sum of the runs)." if " + " in command else "."),
+        "",
         f"Budget per arm: pretraining {cfg['pretrain_steps']} steps, fine-tuning {cfg['finetune_steps']} steps, "
         f"batch {cfg['batch_size']}, crops {cfg['crop']} x {cfg['crop']} px, tiled inference {cfg['tile']} px "
         f"tiles; size `{cfg['size']}`; seeds {cfg['seeds']}. Parameters (segmentation models): "
@@ -463,7 +488,9 @@ def render_page(results: dict[str, Any], images: dict[str, str], command: str) -
         f"{_masking_text(cfg, 'affmae')}), `affmae_scratch`, `vit_mae_pretrained` (ViT-MAE, "
         f"{_masking_text(cfg, 'vit_mae')}, same images and steps), `unet_scratch` (plain U-Net). All fine-tuned "
         "with the same loop: cross-entropy + Dice on labelled pixels, AdamW, warm-up + cosine, "
-        "flips/rot90/intensity augmentation."
+        "flips/rot90/intensity augmentation. `threshold` (no network, where run): Gaussian smoothing "
+        f"(sigma {P.THRESHOLD_SIGMA:g} px), then the grey-value cut that best separates the painted pixels "
+        "(balanced accuracy) — what a network must beat to have learned more than brightness."
         + (f" AFFMAE options: `{json.dumps(cfg['affmae_options'])}`." if cfg.get("affmae_options") else ""), "",
         "Labels: class 1 = background, class 2 = the structure; `dense` = every pixel of the k labelled "
         f"slices, `sparse` = simulated brush strokes of both classes inside their class (about "
@@ -564,9 +591,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="AFFMAEConfig field for both AFFMAE arms, repeatable: e.g. mask_ratio=0.75, keep_rate=0.6, "
                    "norm_pix_loss=false, refine=false")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
-    p.add_argument("--render-only", type=Path, default=None, metavar="RESULTS_JSON",
-                   help="run nothing: write the page again from a results.json of an earlier run (its command "
-                   "and overlay PNG are kept)")
+    p.add_argument("--render-only", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="run nothing: write the page again from the results.json of earlier runs (their commands "
+                   "and the overlay PNG are kept); several runs of the same setting and budget that ran different "
+                   "arms (e.g. on different machines) are merged into one page")
     return p
 
 
@@ -625,15 +653,63 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     return 1 if failed and len(failed) == len(results["runs"]) else 0
 
 
-def _render_only(results_json: Path, out: Path) -> int:
+def _render_only(paths: Sequence[Path], out: Path) -> int:
     try:
-        results = json.loads(Path(results_json).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # ValueError: not UTF-8 text or not JSON
-        sys.stderr.write(f"error: cannot read {results_json} as a results.json: {err}\n")
+        results = merge_results([_read_results(p) for p in paths], [str(p) for p in paths])
+    except ValueError as err:
+        sys.stderr.write(f"error: {err}\n")
         return 2
-    if not {"config", "runs", "summary"} <= set(results):
-        sys.stderr.write(f"error: {results_json} is not a results.json of this benchmark\n")
-        return 2
-    command = results.get("command", "python benchmarks/em_segmentation.py")
-    sys.stderr.write(f"wrote {write_report(results, out, command)}\n")
+    sys.stderr.write(f"wrote {write_report(results, out, results['command'])}\n")
     return 0
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8 text or not JSON
+        raise ValueError(f"cannot read {path} as a results.json: {err}") from None
+    if not isinstance(results, dict) or not {"config", "runs", "summary", "environment"} <= set(results):
+        raise ValueError(f"{path} is not a results.json of this benchmark")
+    return results
+
+
+# config fields that may differ between runs merged into one page
+MERGEABLE = ("arms", "work_dir", "threads")
+
+
+def merge_results(parts: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """One results dict from runs of the same setting and budget that ran different arms."""
+    first = parts[0]
+    if len(parts) == 1:
+        return {**first, "command": first.get("command", "python benchmarks/em_segmentation.py")}
+    same = {k: v for k, v in first["config"].items() if k not in MERGEABLE}
+    for part, name in zip(parts[1:], names[1:]):
+        differ = sorted(k for k in set(same) | set(part["config"]) - set(MERGEABLE)
+                        if part["config"].get(k) != same.get(k))
+        if part["environment"].get("device") != first["environment"].get("device"):
+            differ.append("device")
+        if differ:
+            raise ValueError(f"{name} differs from {names[0]} in {differ}: only runs of the same setting and "
+                             "budget can share a page")
+    seen = set()
+    for part, name in zip(parts, names):
+        for r in part["runs"]:
+            key = (r["task"], r["regime"], str(r["k"]), r["seed"], r["arm"])
+            if key in seen:
+                raise ValueError(f"{name} repeats the run {key}; merge runs of different arms only")
+            seen.add(key)
+    cfg = first["config"]
+    order = {"task": list(cfg["tasks"]), "regime": list(cfg["regimes"]), "k": [str(k) for k in cfg["ks"]],
+             "arm": list(ARMS)}
+    runs = sorted((r for part in parts for r in part["runs"]),  # the order a single run would have
+                  key=lambda r: (order["task"].index(r["task"]), r["seed"], order["regime"].index(r["regime"]),
+                                 order["k"].index(str(r["k"])), order["arm"].index(r["arm"])))
+    arms = [a for a in ARMS if any(a in part["config"]["arms"] for part in parts)]
+    records = [RunRecord(**r) for r in runs]
+    return {
+        **first, "config": {**first["config"], "arms": arms}, "runs": runs, "summary": summarise_runs(records),
+        "pretraining": [p for part in parts for p in part["pretraining"]],
+        "parameters": {k: v for part in parts for k, v in part.get("parameters", {}).items()},
+        "total_s": sum(part["total_s"] for part in parts),
+        "command": " + ".join(part.get("command", "python benchmarks/em_segmentation.py") for part in parts),
+    }

@@ -140,7 +140,7 @@ def _as_list(images: Any) -> list[Any]:
     return [images]
 
 
-def _normalised_batch(sampler: PatchSampler, stats: list[NormalizationStats], n: int) -> np.ndarray:
+def normalised_batch(sampler: PatchSampler, stats: list[NormalizationStats], n: int) -> np.ndarray:
     """``n`` crops ``[n, h, w]`` float32, each normalised with its own image's statistics."""
     crops = []
     for location in sampler.sample_locations(n):
@@ -261,7 +261,7 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
         lr = scheduler.apply(step)
         step_loss = 0.0
         for micro in range(config.grad_accum):
-            batch = _normalised_batch(sampler, per_image_stats, config.batch_size)  # [B, h, w]
+            batch = normalised_batch(sampler, per_image_stats, config.batch_size)  # [B, h, w]
             if config.augment:
                 batch, _ = augment_batch(batch, None, rngs.numpy, _GEOMETRY_ONLY)
             # each family draws masks of its own structure (UM-MAE: one per 2x2, GreenMIM: shared units)

@@ -115,9 +115,27 @@ class AFFMAEPretrain(nn.Module):
             preds[name] = self.heads[name](layers[_LAYER_OF[name]])  # [B, Nm, 64]
             losses[name] = masked_mse(preds[name], target)
         loss = sum(self.config.loss_weights[n] * losses[n] for n in losses)
+        reference = self.trivial_loss(x, mask, target)
         pred = torch.zeros(b, h * w, self.patch_size**2, device=x.device, dtype=preds["res2"].dtype)
         pred = pred.scatter(1, masked[..., None].expand(-1, -1, pred.shape[-1]), preds["res2"])
-        return {"loss": loss, "pred": pred, "mask": mask, "losses": {k: v.detach() for k, v in losses.items()}}
+        return {"loss": loss, "pred": pred, "mask": mask, "losses": {k: v.detach() for k, v in losses.items()},
+                "reference_loss": reference}
+
+    @torch.no_grad()
+    def trivial_loss(self, x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss a model without any image understanding gets: every masked patch predicted flat, at the
+        mean of the sample's visible pixels (0 with per-patch normalised targets). Same weighting as ``loss``.
+
+        x ``[B, 1, H, W]``, mask ``[B, h, w]`` (True = masked), target ``[B, Nm, p*p]``. A pretrained model
+        has learned something about the images only where its loss is below this."""
+        if self.config.norm_pix_loss:
+            flat = torch.zeros_like(target)
+        else:
+            patches = patchify(x, self.patch_size).float()  # [B, h*w, p*p]
+            visible = (~mask.reshape(mask.shape[0], -1, 1)).float()  # [B, h*w, 1]
+            mean = (patches * visible).sum((1, 2)) / (visible.sum((1, 2)) * patches.shape[-1])  # [B]
+            flat = mean[:, None, None].expand_as(target)
+        return masked_mse(flat, target) * sum(self.config.loss_weights.values())
 
     def reconstruct(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """Image ``[B, 1, H, W]``: visible patches from x, masked ones from the prediction (de-normalised)."""
