@@ -65,6 +65,8 @@ def test_pretrain_button_trains_writes_a_package_and_keeps_the_viewer_responsive
     assert widget.progress.bar.value() == widget.progress.bar.maximum()
     assert widget.loss_plot.steps == [1, 2, 3, 4, 5]
     assert np.allclose(widget.loss_plot.losses, outcome.result.losses)
+    # the dashed baseline: the flat-patch predictor's loss, (p*p - 1)/(p*p) x the summed loss weights 1.17
+    assert widget.loss_plot.reference == pytest.approx(63 / 64 * 1.17, rel=0.05)
     assert str(package_path) in widget.result_label.text()
     assert widget.button.text() == "Pretrain on this image" and not widget.is_running
     # remembered for the other widgets
@@ -168,3 +170,40 @@ def test_bad_input_gives_a_notification_and_the_widget_stays_usable(
     assert [layer.name for layer in viewer.layers] == ["photo", "4d", "flat"]
     assert np.array_equal(viewer.layers["photo"].data, rgb)
     assert not (tmp_path / "pre").exists()
+
+
+def test_loss_plot_draws_the_baseline_where_its_value_lies(qtbot):
+    from qtpy.QtGui import QColor
+
+    from napari_affmae.widgets._panels import LossPlot
+
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    plot.resize(320, 160)
+    for step, loss in enumerate([2.0, 1.8, 1.4, 1.2, 1.0], start=1):  # the range is [1.0, 2.0]
+        plot.add(step, loss)
+    for value in (1.2, 1.3):  # the line sits at their mean, 1.25: a quarter of the range up from the bottom
+        plot.add_reference(value)
+    assert plot.reference == pytest.approx(1.25)
+    image = plot.grab().toImage()
+    top, left = plot.MARGIN_TOP, plot.MARGIN_LEFT
+    height = plot.height() - top - plot.MARGIN_BOTTOM
+    width = plot.width() - left - plot.MARGIN_RIGHT
+    background = QColor(image.pixel(left + 2, top + height - 2)).lightness()
+
+    def grey_rows(x0: int, x1: int) -> set[int]:
+        """Rows with grey (not the blue / orange curves), clearly lighter than the background, pixels."""
+        rows = set()
+        for y in range(top + 18, top + height - 2):  # below the labels, above the frame
+            for x in range(x0, x1):
+                c = QColor(image.pixel(x, y))
+                if max(c.red(), c.green(), c.blue()) - min(c.red(), c.green(), c.blue()) < 16 \
+                        and c.lightness() > background + 40:
+                    rows.add(y)
+        return rows
+
+    expected = top + height * 0.75
+    rows = grey_rows(left + width // 3, left + width // 3 + 30)  # away from the text label at the top left
+    assert rows and all(abs(y - expected) <= 2 for y in rows), (rows, expected)
+    plot.clear()
+    assert plot.reference is None and plot.steps == []

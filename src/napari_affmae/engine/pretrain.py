@@ -259,7 +259,7 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
             err.result = result
             raise err
         lr = scheduler.apply(step)
-        step_loss = 0.0
+        step_loss, step_trivial = 0.0, None
         for micro in range(config.grad_accum):
             batch = normalised_batch(sampler, per_image_stats, config.batch_size)  # [B, h, w]
             if config.augment:
@@ -275,6 +275,8 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
                 loss = out["loss"].float() / config.grad_accum
                 scaler.scale(loss).backward()
             step_loss += float(loss.detach())
+            if "reference_loss" in out:  # the flat-patch predictor's loss on the same batch (AFFMAE)
+                step_trivial = (step_trivial or 0.0) + float(out["reference_loss"]) / config.grad_accum
         optimizer_step(model, optimizer, scaler, config.grad_clip)
         step += 1
         step_loss = context.mean(step_loss, device)
@@ -286,7 +288,8 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
         if step % config.log_every == 0 or step in (1, total):
             emit(emit_progress, ProgressEvent(
                 "pretrain", step, total, loss=step_loss, lr=lr, images_per_s=images_per_step / max(seconds, 1e-9),
-                eta_s=meter.eta(step), extra={k: float(v) for k, v in out.get("losses", {}).items()}))
+                eta_s=meter.eta(step), extra={**{k: float(v) for k, v in out.get("losses", {}).items()},
+                                              **({} if step_trivial is None else {"trivial": step_trivial})}))
     context.barrier()
     return PretrainResult(package_path, checkpoint_path, step, total, losses[-1] if losses else math.nan, losses,
                           seconds=time.perf_counter() - started)

@@ -152,6 +152,9 @@ class LossPlot(QWidget):
         self.raw_color, self.smooth_color = QColor("#4fa3ff"), QColor("#ffb000")
         self.steps: list[int] = []
         self.losses: list[float] = []
+        self.reference_color = QColor("#9aa0a6")
+        self.reference_values: list[float] = []  # a baseline loss per step (e.g. the flat-patch predictor's)
+        self.reference_label = "flat-patch loss"
         self.setMinimumHeight(130)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
 
@@ -162,6 +165,21 @@ class LossPlot(QWidget):
         """Replace the curve with ``losses`` (one per step from step 1)."""
         self.losses = [float(v) for v in losses]
         self.steps = list(range(1, len(self.losses) + 1))
+        self.update()
+
+    @property
+    def reference(self) -> float | None:
+        """Mean of the last 50 baseline values: drawn as a dashed line (None: no line)."""
+        recent = [v for v in self.reference_values[-50:] if math.isfinite(v)]
+        return sum(recent) / len(recent) if recent else None
+
+    def add_reference(self, value: float) -> None:
+        """A baseline loss of the current step, e.g. what predicting flat patches would score."""
+        self.reference_values.append(float(value))
+        self.update()
+
+    def clear(self) -> None:
+        self.steps, self.losses, self.reference_values = [], [], []
         self.update()
 
     def add(self, step: int, loss: float) -> None:
@@ -197,7 +215,9 @@ class LossPlot(QWidget):
         if not points:
             painter.drawText(box, Qt.AlignCenter, "the loss curve appears here while training")
             return
-        low, high = min(v for _, v in points), max(v for _, v in points)
+        reference = self.reference
+        values = [v for _, v in points] + ([] if reference is None else [reference])
+        low, high = min(values), max(values)
         if high - low < 1e-12:
             low, high = low - 0.5 * max(abs(low), 1e-3), high + 0.5 * max(abs(high), 1e-3)
         last_step = max(points[-1][0], 2)
@@ -218,7 +238,15 @@ class LossPlot(QWidget):
             painter.setPen(QPen(color, pen_width))
             polygon = QPolygonF([to_xy(step, value) for (step, _), value in zip(points, values)])
             painter.drawPolyline(polygon)
+        if reference is not None:
+            y = to_xy(0, reference).y()
+            painter.setPen(QPen(self.reference_color, 1.5, Qt.DashLine))
+            painter.drawLine(QPointF(left, y), QPointF(left + width, y))
         painter.setClipping(False)
+        if reference is not None:
+            painter.setPen(QPen(self.reference_color, 1))
+            painter.drawText(QRectF(left + 4, top + 2, width - 8, 14), Qt.AlignLeft,
+                             f"{self.reference_label} {reference:.3g}")
         painter.setPen(QPen(self.raw_color, 1))
         painter.drawText(QRectF(left + 4, top + 2, width - 8, 14), Qt.AlignRight, "per step")
         painter.setPen(QPen(self.smooth_color, 1))

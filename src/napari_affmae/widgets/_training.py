@@ -86,10 +86,12 @@ class TrainingWidget(JobWidget):
     def on_progress(self, event: ProgressEvent) -> None:
         if event.loss is not None:
             self.loss_plot.add(event.step, event.loss)
+        if event.extra and "trivial" in event.extra:  # pretraining: below this line it learns more than flat patches
+            self.loss_plot.add_reference(event.extra["trivial"])
 
     def prepare_plot(self) -> None:
         if not self.resume.isChecked():
-            self.loss_plot.set_history([])
+            self.loss_plot.clear()
 
     def training_finished(self, outcome: JobOutcome, what: str) -> Path | None:
         """Common reporting for a training job; returns the package path it wrote (None on error)."""
