@@ -206,3 +206,18 @@ def test_demo_runs_end_to_end_at_tiny_scale(tmp_path, capsys):
     labels = zarr.open_group(str(out / "synthetic_em.ome.zarr" / "labels"), mode="r")
     assert set(labels.attrs["ome"]["labels"]) == {"affmae", "ground_truth", "strokes"}
     assert labels["affmae"]["s0"].shape == (4, 64, 64)
+
+
+def test_pretraining_progress_shows_the_flat_patch_baseline(files, tmp_path):
+    import io
+
+    from napari_affmae.cli import TerminalProgress
+    from napari_affmae.engine import PretrainConfig, pretrain
+
+    stream = io.StringIO()
+    pretrain(str(files["image"]), PretrainConfig(crop_size=(64, 64), batch_size=2, steps=2, warmup_steps=1,
+                                                 device="cpu", output_dir=tmp_path / "pre"),
+             progress=TerminalProgress(stream))
+    last = [line for line in stream.getvalue().splitlines() if "2/2" in line][-1]
+    baseline = float(last.split("(flat patches ")[1].split(")")[0])
+    assert baseline == pytest.approx(63 / 64 * 1.17, rel=0.05)  # (p*p - 1)/(p*p) x the summed loss weights

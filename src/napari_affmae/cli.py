@@ -99,6 +99,8 @@ class TerminalProgress:
         parts = [f"{event.job:<8} [{'#' * filled}{'.' * (self.width - filled)}] {event.step}/{event.total}"]
         if event.loss is not None:
             parts.append(f"loss {event.loss:.4f}")
+        if event.extra and "trivial" in event.extra:  # learning beyond flat patches once loss is below it
+            parts.append(f"(flat patches {event.extra['trivial']:.4f})")
         if event.lr is not None:
             parts.append(f"lr {event.lr:.2e}")
         if event.images_per_s is not None:
