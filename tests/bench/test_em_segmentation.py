@@ -136,3 +136,17 @@ def test_runs_of_different_arms_merge_into_one_page(tiny_data_dir: Path, tmp_pat
     assert "differs from" in capsys.readouterr().err  # another tile size: not the same budget
     assert S.main(["--render-only", str(jsons["a"]), str(jsons["a"]), "--out", str(out)]) == 2
     assert "repeats the run" in capsys.readouterr().err
+
+
+def test_verdict_names_pretraining_ties_and_networks_no_better_than_a_threshold() -> None:
+    def row(arm: str, iou: float, k: str = "1") -> dict:
+        return {"task": "vnc_mito", "regime": "sparse", "k": k, "arm": arm, "n_labelled": int(k),
+                "fg_iou": {"mean": iou, "std": None, "n": 1}}
+
+    results = {"config": {"seeds": [0]}, "summary": [
+        row("affmae_pretrained", 0.125), row("affmae_scratch", 0.120), row("unet_scratch", 0.300),
+        row("threshold", 0.118), row("affmae_pretrained", 0.40, "4"), row("threshold", 0.13, "4")]}
+    text = S.verdict(results)
+    assert "did **not** beat AFFMAE from scratch" in text and "k=1: +0.005 IoU" in text
+    assert "k=1 (threshold 0.118): affmae_pretrained, affmae_scratch." in text  # both within 0.01 of it
+    assert "unet_scratch" not in text.split("threshold 0.118")[1] and "k=4" not in text.split("IoU, i.e.")[1]

@@ -449,14 +449,32 @@ def verdict(results: dict[str, Any]) -> str:
         wins += delta > TIE_IOU
         lines.append(f"{P.TASKS[task].title}, {regime}, k={k}: {delta:+.3f} IoU")
     if total == 0:
-        return "No 1-2-slice comparison of AFFMAE pretrained vs from scratch was run."
+        return "No 1-2-slice comparison of AFFMAE pretrained vs from scratch was run." + _threshold_verdict(rows)
     head = (f"AFFMAE pretraining beat AFFMAE from scratch by more than {TIE_IOU} foreground IoU in {wins} of "
             f"{total} settings with 1-2 labelled slices" if wins else
             f"AFFMAE pretraining did **not** beat AFFMAE from scratch by more than {TIE_IOU} foreground IoU "
             "with 1-2 labelled slices in this run")
     seeds = len(results["config"]["seeds"])
     tail = "" if seeds > 1 else " One seed only: differences of a few hundredths are within seed-to-seed noise."
-    return head + " (" + "; ".join(lines) + ")." + tail
+    return head + " (" + "; ".join(lines) + ")." + tail + _threshold_verdict(rows)
+
+
+def _threshold_verdict(rows: dict[tuple, dict[str, Any]]) -> str:
+    """Which networks did not beat the grey-value threshold (by more than TIE_IOU) in each setting."""
+    parts = []
+    for (task, regime, k, arm), row in sorted(rows.items()):
+        cut = row["fg_iou"]["mean"]
+        if arm != "threshold" or cut is None:
+            continue
+        behind = [a for a in ARMS if a != "threshold" and (task, regime, k, a) in rows
+                  and rows[(task, regime, k, a)]["fg_iou"]["mean"] is not None
+                  and rows[(task, regime, k, a)]["fg_iou"]["mean"] <= cut + TIE_IOU]
+        if behind:
+            parts.append(f"{P.TASKS[task].title}, {regime}, k={k} (threshold {cut:.3f}): {', '.join(behind)}")
+    if not parts:
+        return ""
+    return (" Networks that did not beat a smoothed grey-value threshold by more than "
+            f"{TIE_IOU} IoU, i.e. learned no more than brightness: " + "; ".join(parts) + ".")
 
 
 def _masking_text(cfg: dict[str, Any], family: str) -> str:
