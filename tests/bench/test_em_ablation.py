@@ -43,7 +43,7 @@ def test_variants_run_and_the_page_compares_each_with_its_scratch_model(tiny_dat
     for row in rows.values():
         assert row["trivial_loss"] == pytest.approx(63 / 64 * 1.17, rel=0.05)
         assert row["ratio"] == pytest.approx(row["probe_loss"] / row["trivial_loss"])
-        assert f"{row['probe_loss']:.3f} / {row['trivial_loss']:.3f} ({row['ratio']:.2f})" in page
+        assert f"{row['probe_loss']:.3f} / {row['trivial_loss']:.3f} ({row['ratio']:.3f})" in page
     # probing again needs no training and rewrites the page with the run's own command
     out.write_text("stale")
     assert A.main(["--work-dir", str(work), "--out", str(out), "--probe-only", "--quiet"]) == 0

@@ -254,7 +254,7 @@ def render_page(results: dict[str, Any], command: str) -> str:
                 "–" if r["first_loss"] is None else f"{r['first_loss']:.3f} → {r['final_loss']:.3f}")
         minutes = "(from results.json)" if r["reused_from"] else "–" if r["minutes"] is None else f"{r['minutes']:.1f}"
         probe = ("–" if r.get("probe_loss") is None else
-                 f"{r['probe_loss']:.3f} / {r['trivial_loss']:.3f} ({r['ratio']:.2f})")
+                 f"{r['probe_loss']:.3f} / {r['trivial_loss']:.3f} ({r['ratio']:.3f})")
         lines.append(f"| {r['variant']} | {r['change']} | {r['pretrain_steps'] or '–'} | {loss} | {probe} | {iou} | "
                      f"{'–' if base is None else f'{base:.3f}'} | {delta} | {minutes} |")
     errors = [f"- {r['variant']}: pretrained arm failed: {r['error']}" for r in rows if r["error"]]
