@@ -59,6 +59,7 @@ def _results_json(path: Path, **config) -> Path:
              "scores": {"fg_iou": iou}} for arm, iou in (("affmae_pretrained", 0.31), ("affmae_scratch", 0.27))]
     env = {"device": config.pop("device", "cpu")}
     path.write_text(json.dumps({"config": {"data_dir": str(path.parent), **base, **config}, "environment": env,
+                                "summary": [],
                                 "runs": runs, "pretraining": [
         {"task": "vnc_mito", "seed": 0, "family": "affmae", "steps": 300, "first_loss": 1.5, "final_loss": 1.15}]}))
     return path

@@ -109,12 +109,8 @@ def _row(results: dict[str, Any], arm: str) -> dict[str, Any] | None:
 
 def reference_from(path: Path, config: AblationConfig) -> dict[str, Any]:
     """The reference rows from a benchmark ``results.json``, checked to match ``config``'s setting and budget."""
-    try:
-        results = json.loads(Path(path).read_text(encoding="utf-8"))
-        cfg, env = results["config"], results["environment"]
-        results["runs"], results["pretraining"]  # noqa: B018  (present?)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a results.json of benchmarks/em_segmentation.py ({err})") from None
+    results = S.read_results(path)
+    cfg, env = results["config"], results["environment"]
     from ..engine import resolve_device  # noqa: PLC0415
 
     wanted = {"pretrain_steps": config.pretrain_steps, "finetune_steps": config.finetune_steps,
@@ -170,7 +166,7 @@ def _package_of(config: AblationConfig, variant: str) -> Path:
     from ..engine.pretrain import PRETRAIN_PACKAGE  # noqa: PLC0415
 
     root = Path(config.reference).parent if variant == "reference" and config.reference else config.work_dir / variant
-    return root / config.task / f"pretrain_affmae_s{config.seed}" / PRETRAIN_PACKAGE
+    return S.pretrain_dir(root, config.task, "affmae", config.seed) / PRETRAIN_PACKAGE
 
 
 def add_probes(rows: list[dict[str, Any]], config: AblationConfig) -> None:

@@ -57,6 +57,19 @@ PRETRAIN_FIELDS = ("mask_ratio", "mask_type", "keep_rate")  # set through Pretra
 PRETRAINING_ONLY = ("mask_ratio", "mask_type", "norm_pix_loss", "loss_weights")  # no effect on segmentation
 
 
+def masking_for(family: str, affmae_options: dict[str, Any]) -> dict[str, Any]:
+    """`MASKING` of ``family``, with the AFFMAE options that are `PretrainConfig` fields applied."""
+    masking = dict(MASKING[family])
+    if family == "affmae":
+        masking.update({k: v for k, v in affmae_options.items() if k in PRETRAIN_FIELDS})
+    return masking
+
+
+def pretrain_dir(work_dir: Path, task: str, family: str, seed: int) -> Path:
+    """Where the benchmark pretrains ``family`` for ``task`` and ``seed`` (the package is inside)."""
+    return Path(work_dir) / task / f"pretrain_{family}_s{seed}"
+
+
 @dataclass
 class EMBenchConfig:
     """One benchmark run. Sizes in pixels; steps are optimiser steps."""
@@ -111,10 +124,7 @@ class EMBenchConfig:
 
     def masking(self, family: str) -> dict[str, Any]:
         """Pretraining mask ratio / type (and AFFMAE keep rate) of ``family``: `PretrainConfig` fields."""
-        masking = dict(MASKING[family])
-        if family == "affmae":
-            masking.update({k: v for k, v in self.affmae_options.items() if k in PRETRAIN_FIELDS})
-        return masking
+        return masking_for(family, self.affmae_options)
 
     def pretrain_options(self, family: str) -> dict[str, Any]:
         """`PretrainConfig.model_options` of ``family``: the AFFMAE options that are not `masking` fields."""
@@ -168,7 +178,7 @@ def _pretrain(config: EMBenchConfig, family: str, images: list[np.ndarray], task
               device: str) -> tuple[Any, dict[str, Any]]:
     from ..engine import PretrainConfig, pretrain  # noqa: PLC0415
 
-    out = config.work_dir / task / f"pretrain_{family}_s{seed}"
+    out = pretrain_dir(config.work_dir, task, family, seed)
     if out.exists():
         shutil.rmtree(out)
     masking, options = config.masking(family), config.pretrain_options(family)
@@ -478,9 +488,7 @@ def _threshold_verdict(rows: dict[tuple, dict[str, Any]]) -> str:
 
 
 def _masking_text(cfg: dict[str, Any], family: str) -> str:
-    masking = dict(MASKING[family])
-    if family == "affmae":
-        masking.update({k: v for k, v in cfg.get("affmae_options", {}).items() if k in PRETRAIN_FIELDS})
+    masking = masking_for(family, cfg.get("affmae_options", {}))
     text = f"{masking['mask_type']} masks {masking['mask_ratio']:.0%}"
     return text + (f", keep rate {masking['keep_rate']}" if "keep_rate" in masking else "")
 
@@ -673,7 +681,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
 def _render_only(paths: Sequence[Path], out: Path) -> int:
     try:
-        results = merge_results([_read_results(p) for p in paths], [str(p) for p in paths])
+        results = merge_results([read_results(p) for p in paths], [str(p) for p in paths])
     except ValueError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
@@ -681,12 +689,13 @@ def _render_only(paths: Sequence[Path], out: Path) -> int:
     return 0
 
 
-def _read_results(path: Path) -> dict[str, Any]:
+def read_results(path: Path) -> dict[str, Any]:
+    """A ``results.json`` written by this benchmark; ValueError naming the file if it is not one."""
     try:
         results = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # ValueError: not UTF-8 text or not JSON
         raise ValueError(f"cannot read {path} as a results.json: {err}") from None
-    if not isinstance(results, dict) or not {"config", "runs", "summary", "environment"} <= set(results):
+    if not isinstance(results, dict) or not {"config", "runs", "summary", "environment", "pretraining"} <= set(results):
         raise ValueError(f"{path} is not a results.json of this benchmark")
     return results
 
