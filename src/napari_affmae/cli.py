@@ -189,7 +189,11 @@ def _add_common(parser: argparse.ArgumentParser, *, training: bool) -> None:
                            help="write a checkpoint (and package) every N steps (default: 100)")
         group.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                            help="continue from the checkpoint in --output-dir (no value) or from the given "
-                                "checkpoint file/directory; restores weights, optimiser, schedule, step and RNG")
+                                "checkpoint file/directory; restores weights, optimiser, schedule, step and RNG "
+                                "(the checkpoint's checksum is verified first)")
+        group.add_argument("--overwrite", action="store_true",
+                           help="replace an earlier run in --output-dir (without it, a folder that holds a run is "
+                                "refused unless --resume is given)")
 
 
 def _add_image_options(parser: argparse.ArgumentParser) -> None:
@@ -380,7 +384,7 @@ def _cmd_pretrain(args, progress, cancel, run_log) -> int:
                             keep_rate=args.keep_rate, seed=args.seed, device=args.device, precision=args.precision,
                             grad_accum=args.grad_accum, grad_clip=args.grad_clip or None,
                             output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
-                            resume=_resume_value(args.resume))
+                            resume=_resume_value(args.resume), overwrite=args.overwrite)
     run_log.write("config", config=config.to_dict())
     result = pretrain(images, config, progress=progress, cancel=cancel)
     run_log.write("result", package=result.package_path, checkpoint=result.checkpoint_path, step=result.step,
@@ -405,7 +409,7 @@ def _cmd_finetune(args, progress, cancel, run_log) -> int:
                             val_fraction=args.val_fraction, seed=args.seed, device=args.device,
                             precision=args.precision, grad_accum=args.grad_accum, grad_clip=args.grad_clip or None,
                             output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
-                            resume=_resume_value(args.resume))
+                            resume=_resume_value(args.resume), overwrite=args.overwrite)
     run_log.write("config", config=config.to_dict())
     result = finetune(image, labels, config, progress=progress, cancel=cancel)
     run_log.write("result", package=result.package_path, step=result.step, final_loss=result.final_loss,
@@ -421,30 +425,57 @@ def _format_scores(scores: dict[str, float | None]) -> str:
     return ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in scores.items())
 
 
-def _open_output(path: Path, shape: tuple[int, ...], dtype: Any, overwrite: bool):
-    """An array to stream results into: .npy memory map, zarr array, or in memory for TIFF."""
-    import numpy as np  # noqa: PLC0415
+INCOMPLETE_ATTR = "affmae_incomplete"  # set on a .zarr output while it is being written
+
+
+def _check_output(path: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
+    """Everything about ``--output`` that can be checked before any work: type, clash with an input,
+    an existing result without --overwrite, a writable folder."""
+    from .engine.training import check_output_not_input, prepare_output_dir  # noqa: PLC0415
 
     suffix = path.suffix.lower()
     if suffix not in (".tif", ".tiff", ".npy", ".zarr"):
         raise ValueError(f"unsupported output type {suffix or '(none)'!r} for {path}; use .tif, .npy or .zarr")
+    check_output_not_input(path, inputs, nested_inputs=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite or choose another --output")
-    from .engine.training import prepare_output_dir  # noqa: PLC0415
-
     prepare_output_dir(path.parent if str(path.parent) else Path("."))
+
+
+def _open_output(path: Path, shape: tuple[int, ...], dtype: Any):
+    """An array to stream results into at ``path`` (a temporary sibling of the real output): .npy memory
+    map, zarr array marked incomplete until `_finish_output`, or in memory for TIFF."""
+    import numpy as np  # noqa: PLC0415
+
+    suffix = path.suffix.lower()
     if suffix == ".npy":
         return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     if suffix == ".zarr":
-        import shutil  # noqa: PLC0415
-
         import zarr  # noqa: PLC0415
 
-        if path.exists():
-            shutil.rmtree(path)
         chunks = tuple([1] * (len(shape) - 2) + [min(512, shape[-2]), min(512, shape[-1])])
-        return zarr.open_array(str(path), mode="w", shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
+        array = zarr.open_array(str(path), mode="w", shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
+        array.attrs[INCOMPLETE_ATTR] = True
+        return array
     return np.zeros(shape, dtype)
+
+
+def _finish_output(result: Any, tmp: Path, output: Path, probabilities: bool) -> None:
+    """Complete the temporary output and move it onto ``output`` (an earlier result is replaced only now)."""
+    import numpy as np  # noqa: PLC0415
+
+    from .engine.training import replace_path  # noqa: PLC0415
+
+    suffix = output.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile  # noqa: PLC0415
+
+        tifffile.imwrite(tmp, np.asarray(result), imagej=not probabilities and result.ndim <= 3, compression="zlib")
+    elif suffix == ".npy":
+        result.flush()
+    else:
+        del result.attrs[INCOMPLETE_ATTR]
+    replace_path(tmp, output)
 
 
 def _cmd_segment(args, progress, cancel, run_log) -> int:
@@ -452,7 +483,8 @@ def _cmd_segment(args, progress, cancel, run_log) -> int:
 
     from .engine import SegmentConfig, load_package, segment  # noqa: PLC0415
     from .engine.inputs import as_input_image  # noqa: PLC0415
-    from .engine.segment import labels_dtype, resolve_package  # noqa: PLC0415
+    from .engine.segment import output_labels, resolve_package, slice_list  # noqa: PLC0415
+    from .engine.training import remove_path  # noqa: PLC0415
 
     package = resolve_package(load_package(args.package, expect_task="segmentation"))
     image = as_input_image(args.image, what=str(args.image), axes=args.axes, channel=args.channel,
@@ -461,28 +493,41 @@ def _cmd_segment(args, progress, cancel, run_log) -> int:
                            device=args.device, precision=args.precision,
                            output="probabilities" if args.probabilities else "labels",
                            normalization=args.normalization, slices=args.slices)
+    slice_list(config.slices, image.shape[0] if image.ndim == 3 else 1, image.ndim)
+    _check_output(args.output, args.overwrite, [args.image, args.package])
     if args.probabilities:
         shape, dtype = (int(package.num_classes), *image.shape), np.float32
     else:
-        shape, dtype = image.shape, labels_dtype(int(package.num_classes) - 1 + package.label_offset)
-    out = _open_output(args.output, shape, dtype, args.overwrite)
+        shape, dtype = image.shape, output_labels(package)[1]
+    # everything is checked: write into a hidden sibling, moved onto --output only when complete
+    tmp = args.output.with_name(f".{args.output.name}.tmp-{uuid.uuid4().hex[:8]}{args.output.suffix}")
     run_log.write("config", package=str(args.package), image=str(args.image), output=str(args.output),
                   tile_size=list(config.tile_size), overlap=config.overlap)
     started = time.perf_counter()
-    result = segment(package, image, config, progress=progress, cancel=cancel, out=out)
-    if args.output.suffix.lower() in (".tif", ".tiff"):
-        import tifffile  # noqa: PLC0415
-
-        tmp = args.output.with_name(f".{args.output.name}.tmp-{uuid.uuid4().hex[:6]}")
-        tifffile.imwrite(tmp, np.asarray(result), imagej=not args.probabilities and result.ndim <= 3,
-                         compression="zlib")
-        os.replace(tmp, args.output)
-    elif hasattr(result, "flush"):
-        result.flush()
+    try:
+        result = segment(package, image, config, progress=progress, cancel=cancel,
+                         out=_open_output(tmp, shape, dtype))
+        _finish_output(result, tmp, args.output, args.probabilities)
+    finally:
+        remove_path(tmp)
     seconds = time.perf_counter() - started
     run_log.write("result", output=str(args.output), shape=list(shape), seconds=seconds)
     _say(f"segmentation written to {args.output} ({' x '.join(map(str, shape))}, {seconds:.1f} s)")
     return EXIT_OK
+
+
+def _check_report(path: Path) -> None:
+    """Refuse an unusable --report before the work starts (a directory, an unwritable file or folder)."""
+    from .engine.package import _check_writable_dir  # noqa: PLC0415
+
+    if path.is_dir():
+        raise IsADirectoryError(f"--report {path} is a directory; give a file name such as report.json")
+    try:
+        _check_writable_dir(path.parent if str(path.parent) else Path("."))
+    except PermissionError as err:
+        raise PermissionError(f"--report {path}: {err}") from err
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(f"--report {path} is not writable; choose another --report path")
 
 
 def _cmd_batch(args, progress, cancel, run_log) -> int:
@@ -492,10 +537,14 @@ def _cmd_batch(args, progress, cancel, run_log) -> int:
     config = BatchConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
                          device=args.device, precision=args.precision, normalization=args.normalization,
                          overwrite=args.overwrite, channel=args.channel, timepoint=args.timepoint)
+    if args.report is not None and _is_main_rank():
+        _check_report(args.report)
     report = batch_segment(args.datasets, package, config, label_name=args.name, progress=progress, cancel=cancel)
     run_log.write("result", report=report.to_dict())
     if args.report is not None and _is_main_rank():
-        args.report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        tmp = args.report.with_name(f".{args.report.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        os.replace(tmp, args.report)
     if _is_main_rank():
         for item in report.results:
             detail = item.error if item.error else f"{item.chunks_written}/{item.chunks_total} chunks written"
@@ -572,12 +621,25 @@ def _say(text: str) -> None:
         print(text)
 
 
+def _check_outputs_apart(args: argparse.Namespace) -> None:
+    """Refuse an output location that is (or is inside) an input before anything is written."""
+    from .engine.training import check_output_not_input  # noqa: PLC0415
+
+    if args.command == "segment":
+        check_output_not_input(args.output, [args.image, args.package], nested_inputs=True)
+    elif args.command == "pretrain":
+        check_output_not_input(args.output_dir, args.images, option="--output-dir")
+    elif args.command == "finetune":
+        starts = [] if args.pretrained is None else [args.pretrained]
+        check_output_not_input(args.output_dir, [args.image, args.labels, *starts], option="--output-dir")
+
+
 def _default_log(args: argparse.Namespace) -> Path | None:
     if getattr(args, "log_file", None) is not None:
         return args.log_file
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    if args.command in ("pretrain", "finetune"):
-        return args.output_dir / f"affmae-{args.command}-{stamp}.jsonl"
+    if args.command in ("pretrain", "finetune"):  # one file per run: concurrent runs never share a log
+        return args.output_dir / f"affmae-{args.command}-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
     if args.command == "segment":
         return args.output.parent / f"{args.output.name}.affmae-log.jsonl"
     if args.command == "demo":
@@ -615,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_log = RunLog(None, args.command)
     started = time.perf_counter()
     try:
+        _check_outputs_apart(args)  # before the log file: it is written next to the output
         log_path = _default_log(args) if _is_main_rank() else None
         try:
             run_log = RunLog(log_path, args.command)

@@ -5,7 +5,8 @@ metadata, nearest-neighbour pyramid, ``source.image`` link). Level 0 is computed
 a band is one row of label chunks of one slice; the slice's tiles that touch the band are run
 (`TiledPredictor` with a row range, so values equal a whole-slice run) and the band's chunks are
 stored. Bands whose chunks were all stored by an earlier, interrupted run are skipped, so a rerun
-only computes what is missing. The image group is opened read-only: image arrays are never written.
+only computes what is missing. The labels record the SHA-256 of the package; resuming them with
+another package is refused (``overwrite`` starts again), so one result never mixes two models. The image group is opened read-only: image arrays are never written.
 
 A dataset that fails (unreadable, no multiscales, ...) is recorded in the `BatchReport` with its
 message and the others continue. Under torchrun the datasets are split across ranks round-robin;
@@ -14,6 +15,7 @@ every rank returns the combined report.
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import time
@@ -30,9 +32,10 @@ from ..data.sampling import as_crop_shape
 from .device import resolve_device, resolve_precision
 from .distributed import setup_distributed, teardown_distributed
 from .inputs import as_input_image
-from .package import ModelPackage
+from .package import ModelPackage, package_bytes
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
-from .segment import NORMALIZATIONS, TiledPredictor, labels_dtype, model_predictor, resolve_package
+from .segment import NORMALIZATIONS, TiledPredictor, intensity_warning, model_predictor, output_labels, \
+    predicted_labels_to_names, resolve_package
 from .training import emit
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class BatchConfig:
             raise ValueError(f"tile_size must be multiples of 8 and at least 32 x 32; got {th} x {tw}")
         if not 0.0 <= self.overlap <= 0.5:
             raise ValueError(f"overlap is a fraction of the tile between 0 and 0.5; got {self.overlap}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size (tiles per forward pass) must be >= 1; got {self.batch_size}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {self.normalization!r}")
 
@@ -136,6 +141,7 @@ def batch_segment(paths: str | os.PathLike | Sequence[str | os.PathLike], packag
     config = config or BatchConfig()
     pkg = resolve_package(package)
     datasets = find_datasets(paths)
+    fingerprint = hashlib.sha256(package_bytes(pkg)).hexdigest()  # recorded in the labels; a resume must match
     device = resolve_device(config.device)
     dtype = resolve_precision(device, config.precision)
     context = setup_distributed(device)
@@ -150,7 +156,7 @@ def batch_segment(paths: str | os.PathLike | Sequence[str | os.PathLike], packag
             started = time.perf_counter()
             try:
                 result = _segment_dataset(path, pkg, predict, config, label_name, device, progress, cancel, i,
-                                          len(mine))
+                                          len(mine), fingerprint)
             except JobCancelled as err:
                 report.results.append(DatasetResult(path, "cancelled", seconds=time.perf_counter() - started))
                 err.result = report
@@ -174,7 +180,7 @@ def batch_segment(paths: str | os.PathLike | Sequence[str | os.PathLike], packag
 
 def _segment_dataset(path: str, pkg: ModelPackage, predict, config: BatchConfig, label_name: str,
                      device: torch.device, progress: ProgressCallback | None, cancel: CancelToken | None,
-                     index: int, count: int) -> DatasetResult:
+                     index: int, count: int, fingerprint: str) -> DatasetResult:
     from ..io import LabelsWriter, is_zarr_path  # noqa: PLC0415
 
     if not Path(path).exists():
@@ -182,12 +188,12 @@ def _segment_dataset(path: str, pkg: ModelPackage, predict, config: BatchConfig,
     if not is_zarr_path(path):
         raise ValueError(f"{path} is not an OME-Zarr dataset (batch mode reads OME-Zarr only)")
     image = as_input_image(path, channel=config.channel, timepoint=config.timepoint)
-    class_names = pkg.class_names if pkg.label_offset == 1 else pkg.class_names[1:]
-    writer = LabelsWriter(path, label_name, class_names=class_names or None, chunks=config.chunks,
-                          dtype=labels_dtype(int(pkg.num_classes) - 1 + pkg.label_offset),
-                          overwrite=config.overwrite,
+    lut, dtype = output_labels(pkg)
+    named = {v: n for v, n in predicted_labels_to_names(pkg).items() if v != 0} if pkg.class_names else None
+    writer = LabelsWriter(path, label_name, class_names=named, chunks=config.chunks, dtype=dtype,
+                          overwrite=config.overwrite, fingerprint=fingerprint,
                           provenance={"model_package": None if pkg.path is None else str(pkg.path),
-                                      "model_name": pkg.model_name, "job": "batch"})
+                                      "model_name": pkg.model_name, "package_sha256": fingerprint, "job": "batch"})
     if writer.complete:
         return DatasetResult(path, "already complete", writer.path, 0, writer.n_chunks)
     axes = writer.axes
@@ -196,6 +202,10 @@ def _segment_dataset(path: str, pkg: ModelPackage, predict, config: BatchConfig,
     if lead is None:
         lead = next((axes.index(a) for a in "zt" if a in axes), None)
     stats = pkg.stats if config.normalization == "package" and pkg.stats is not None else compute_stats(image.array)
+    warning = intensity_warning(pkg, image, config.normalization)
+    if warning:
+        log.warning("%s: %s", path, warning)
+        emit(progress, ProgressEvent("batch", index, count, message=f"warning: {Path(path).name}: {warning}"))
     predictor = TiledPredictor(predict, int(pkg.num_classes), config.tile_size, config.overlap, config.batch_size,
                                stats.apply, device, cancel=cancel)
     pending = writer.pending_chunks()
@@ -212,7 +222,7 @@ def _segment_dataset(path: str, pkg: ModelPackage, predict, config: BatchConfig,
         buffer = np.zeros((r1 - r0, width), dtype=writer.dtype)
 
         def write(a: int, b: int, logits: np.ndarray, buffer=buffer, r0=r0) -> None:
-            buffer[a - r0:b - r0] = (logits.argmax(0) + pkg.label_offset).astype(buffer.dtype)
+            buffer[a - r0:b - r0] = lut[logits.argmax(0)]
 
         predictor.run_slice(image.array, z if image.ndim == 3 else 0, write, row_range=(r0, r1))
         for chunk in chunks:

@@ -3,7 +3,8 @@
 Tensors (model weights, optimiser moments, torch/CUDA RNG states) are safetensors entries; the
 rest (step, optimiser hyper-parameters, scheduler and grad-scaler state, numpy and Python RNG
 states, job config, free-form ``extra``) is one JSON document stored in the file's metadata.
-The file is written to a temporary sibling, fsynced and renamed over the old one, so a process
+The SHA-256 of the tensor bytes is stored in the metadata and verified on load, so a damaged file
+is refused instead of resumed. The file is written to a temporary sibling, fsynced and renamed over the old one, so a process
 killed at any moment leaves either the previous or the new checkpoint, never a torn one.
 
 Tensor keys: ``model/<name>``, ``optim/<param index>/<state name>``, ``rng/torch``,
@@ -11,6 +12,7 @@ Tensor keys: ``model/<name>``, ``optim/<param index>/<state name>``, ``rng/torch
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -128,6 +130,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
         "job_config": job_config,
         "extra": extra or {},
     }
+    meta["tensors_sha256"] = hashlib.sha256(_data_section(save_safetensors_bytes(tensors))).hexdigest()
     data = save_safetensors_bytes(tensors, metadata={_META_KEY: json.dumps(meta, allow_nan=True)})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -141,6 +144,17 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _data_section(data: bytes) -> bytes:
+    """The tensor bytes of a safetensors file (after the 8-byte length and the JSON header); they do not
+    depend on the metadata, so their checksum can be stored in it."""
+    if len(data) < 8:
+        raise CheckpointError("the checkpoint file is truncated (no safetensors header)")
+    header = int.from_bytes(data[:8], "little")
+    if 8 + header > len(data):
+        raise CheckpointError("the checkpoint file is truncated (header reaches past the end)")
+    return data[8 + header:]
 
 
 def find_checkpoint(location: str | os.PathLike) -> Path:
@@ -163,10 +177,18 @@ def load_checkpoint(location: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path} is not a readable checkpoint ({err})") from err
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file but not a napari-affmae training checkpoint")
-    meta = json.loads(raw)
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: the checkpoint metadata is damaged ({err}); resume from another checkpoint "
+                              "or start again without --resume") from err
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} "
                               f"version {meta.get('version')!r}")
+    expected = meta.get("tensors_sha256")
+    if expected is not None and hashlib.sha256(_data_section(path.read_bytes())).hexdigest() != expected:
+        raise CheckpointError(f"{path} is damaged: its tensors do not match the checksum written with them; resume "
+                              "from another checkpoint or start again with --overwrite")
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     optim = {k: v for k, v in tensors.items() if k.startswith("optim/")}
     rng = {k: v for k, v in tensors.items() if k.startswith("rng/")}

@@ -43,12 +43,13 @@ from ..models import create_model
 from .checkpoint import CHECKPOINT_NAME, RngStates, load_checkpoint, restore_checkpoint, save_checkpoint
 from .device import autocast, make_grad_scaler, precision_name, resolve_device, resolve_precision
 from .distributed import setup_distributed, teardown_distributed, wrap_model
-from .inputs import InputImage, as_input_image, as_label_array, image_pixel_size, source_name
+from .inputs import InputImage, as_input_image, as_label_array, check_crop_fits, check_has_contrast, \
+    image_pixel_size, source_name
 from .package import LABEL_MODES, ModelPackage, load_package, save_package
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
 from .schedule import WarmupCosine
 from .segment import TiledPredictor, model_predictor
-from .training import StepMeter, cancelled, emit, finite_or_raise, optimizer_step, param_groups, prepare_output_dir, \
+from .training import StepMeter, cancelled, emit, finite_or_raise, open_run_folder, optimizer_step, param_groups, \
     resume_location
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ class FinetuneConfig:
     output_dir: str | Path = "runs/finetune"
     checkpoint_every: int = 100
     log_every: int = 1
-    resume: bool | str | Path = False
+    resume: bool | str | Path = False  # True: continue from output_dir's checkpoint if there is one
+    overwrite: bool = False  # replace an earlier run in output_dir (otherwise it is refused)
     tile_size: tuple[int, int] = (256, 256)  # for validation inference
 
     def __post_init__(self) -> None:
@@ -139,32 +141,71 @@ class FinetuneResult:
 
 # ----------------------------------------------------------------------------------------------- labels
 
+MAX_CLASSES = 255  # model classes a package may have (values are class numbers, not instance ids)
+
+
+def _some(values: Sequence[int], n: int = 6) -> str:
+    """A short listing of sorted values: '1, 2, 3, ..., 60000'."""
+    values = list(values)
+    return ", ".join(map(str, values)) if len(values) <= n else ", ".join(map(str, values[:n - 1])) + f", ..., {values[-1]}"
+
+
 def check_labels(labels: np.ndarray, label_mode: str) -> tuple[int, list[int]]:
-    """Validate painted labels; returns (number of model classes K, painted label values)."""
-    if labels.size and labels.min() < 0:
-        raise ValueError("labels must be >= 0 (0 = unlabelled, classes 1..K)")
+    """Validate painted labels; returns (number of model classes K, label values of the classes).
+
+    Sparse mode: the painted values (any positive integers; 0 = unlabelled), at least two. Dense mode:
+    every value, 0 = background included. At most `MAX_CLASSES` classes; values are mapped to
+    contiguous model classes in sorted order (see `to_internal`)."""
     values = [int(v) for v in np.unique(labels)]
+    negative = [v for v in values if v < 0]
+    if negative:
+        raise ValueError(f"labels must be >= 0 (0 = unlabelled, classes 1..K); found negative values "
+                         f"{_some(negative)}")
     if label_mode == "sparse":
-        painted = [v for v in values if v != 0]
-        if not painted:
+        values = [v for v in values if v != 0]
+        if not values:
             raise ValueError("the labels contain no painted pixels: paint strokes of at least two classes "
                              "(values 1..K; 0 = unlabelled is ignored)")
-        if len(painted) < 2:
-            raise ValueError(f"only one class ({painted[0]}) is painted: at least two classes must be painted "
+        if len(values) < 2:
+            raise ValueError(f"only one class ({values[0]}) is painted: at least two classes must be painted "
                              "(0 = unlabelled, classes 1..K)")
-        return max(painted), painted
-    if len(values) < 2:
+    elif len(values) < 2:
         raise ValueError(f"dense labels need at least two classes (0 = background and one more); found only "
                          f"{values}")
-    return max(values) + 1, values
+    if len(values) > MAX_CLASSES:
+        raise ValueError(f"the labels hold {len(values)} different values ({_some(values)}); at most {MAX_CLASSES} "
+                         "classes are supported: label values are class numbers (not instance ids), so relabel "
+                         f"them into at most {MAX_CLASSES} classes")
+    return len(values), values
 
 
-def to_internal(labels: np.ndarray, label_mode: str) -> np.ndarray:
-    """Internal labels: 0 = not used for training, ``c + 1`` for model class ``c`` (0..K-1)."""
+def class_values(values: list[int], label_mode: str, class_names: Sequence[str] | None) -> list[int]:
+    """The label value of each model class. With ``class_names`` for classes 1..K (dense: 0..K-1) that cover
+    every value, those K classes (unpainted ones included); otherwise one class per value found."""
+    if class_names is None:
+        return values
+    first = 1 if label_mode == "sparse" else 0
+    full = list(range(first, first + len(class_names)))
+    if set(values) <= set(full) and len(full) <= MAX_CLASSES:
+        return full
+    if len(class_names) == len(values):
+        return values
+    raise ValueError(f"class_names has {len(class_names)} names but the labels need {len(values)} (values "
+                     f"{_some(values)}); give one name per class")
+
+
+def to_internal(labels: np.ndarray, label_mode: str, values: Sequence[int] | None = None) -> np.ndarray:
+    """Internal labels: 0 = not used for training, ``c + 1`` for model class ``c`` (label value ``values[c]``;
+    default: classes 1..K in sparse mode, 0..K-1 in dense mode)."""
+    if values is None:
+        values = [int(v) for v in np.unique(labels) if label_mode == "dense" or v != 0]
+    lut = np.asarray(values, dtype=np.int64)
+    index = np.searchsorted(lut, labels).clip(0, len(lut) - 1)
+    known = lut[index] == labels
+    internal = np.where(known, index + 1, 0).astype(np.uint16)
     if label_mode == "sparse":
-        return labels
-    wide = np.uint16 if labels.max() < 65535 else np.int64
-    return labels.astype(wide) + 1
+        internal[labels == 0] = 0
+    return internal
 
 
 def split_validation(internal: np.ndarray, config: FinetuneConfig) -> tuple[np.ndarray, np.ndarray | None, dict]:
@@ -304,27 +345,34 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
     started = time.perf_counter()
     img = as_input_image(image, what="image")
     label_array = _load_labels(labels, img)
-    num_classes, painted = check_labels(label_array, config.label_mode)
-    if config.class_names is not None and len(config.class_names) != num_classes:
-        first = 1 if config.label_mode == "sparse" else 0
-        raise ValueError(f"class_names has {len(config.class_names)} names but the labels need {num_classes} "
-                         f"(classes {first}..{first + num_classes - 1})")
-    train_labels, val_labels, split_info = split_validation(to_internal(label_array, config.label_mode), config)
+    _, painted = check_labels(label_array, config.label_mode)
+    values = class_values(painted, config.label_mode, config.class_names)
+    num_classes = len(values)
+    train_labels, val_labels, split_info = split_validation(to_internal(label_array, config.label_mode, values),
+                                                            config)
+    check_crop_fits([img], config.crop_size)
+    check_has_contrast(compute_stats(img.array, seed=config.seed), source_name(img, 0))
     device = resolve_device(config.device)
     dtype = resolve_precision(device, config.precision)
     context = setup_distributed(device)
+    lock = None
     try:
-        return _run(img, train_labels, val_labels, split_info, num_classes, painted, config, device, dtype, context,
+        if context.is_main:
+            sources = [p for p in (img.source, labels if isinstance(labels, (str, Path)) else None) if p]
+            lock = open_run_folder(config.output_dir, FINETUNE_PACKAGE, resume=config.resume,
+                                   overwrite=config.overwrite, inputs=sources)
+        return _run(img, train_labels, val_labels, split_info, values, painted, config, device, dtype, context,
                     progress, cancel, started)
     finally:
+        if lock is not None:
+            lock.release()
         teardown_distributed(context)
 
 
-def _run(img, train_labels, val_labels, split_info, num_classes, painted, config, device, dtype, context, progress,
+def _run(img, train_labels, val_labels, split_info, values, painted, config, device, dtype, context, progress,
          cancel, started) -> FinetuneResult:
+    num_classes = len(values)
     output_dir = Path(config.output_dir)
-    if context.is_main:
-        prepare_output_dir(output_dir)
     context.barrier()
     resume_from = resume_location(config.resume, output_dir)
     checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
@@ -332,14 +380,16 @@ def _run(img, train_labels, val_labels, split_info, num_classes, painted, config
     shard = context.shard(config.batch_size)
     rngs = RngStates.seeded(config.seed)
     model, start_info = _starting_model(config, num_classes)
-    if checkpoint is not None and checkpoint.meta.get("num_classes") != num_classes:
-        raise ValueError(f"the checkpoint at {checkpoint.path} has {checkpoint.meta.get('num_classes')} classes but "
-                         f"these labels have {num_classes}; start a fresh output directory")
+    if checkpoint is not None and (checkpoint.meta.get("num_classes") != num_classes
+                                   or checkpoint.extra.get("label_values", values) != values):
+        raise ValueError(f"the checkpoint at {checkpoint.path} was trained on label values "
+                         f"{checkpoint.extra.get('label_values', checkpoint.meta.get('num_classes'))}, these labels "
+                         f"have {values}; resume with the same labels or start again with --overwrite")
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.layer_decay), lr=config.lr)
     scheduler = WarmupCosine(optimizer, total, config.warmup_steps, config.lr, config.min_lr_ratio)
     scaler = make_grad_scaler(device, dtype)
-    stats = compute_stats(img.array, seed=config.seed)
+    stats = compute_stats(img.array, seed=config.seed)  # same as the contrast check: cheap, deterministic
     sampler = LabeledPatchSampler(img.array, train_labels, config.crop_size, seed=config.seed, pad=True,
                                   balance_classes=config.balance_classes)
     sampler.rng = rngs.numpy
@@ -355,8 +405,7 @@ def _run(img, train_labels, val_labels, split_info, num_classes, painted, config
     ddp_model = wrap_model(model, context, device)
     ddp_model.train()
 
-    first = 1 if config.label_mode == "sparse" else 0
-    class_names = list(config.class_names or [f"class {first + i}" for i in range(num_classes)])
+    class_names = list(config.class_names or [f"class {v}" for v in values])
     provenance = {
         "job": "finetune", "napari_affmae": __version__, "torch": torch.__version__, "config": config.to_dict(),
         "source": source_name(img, 0), "shape": list(img.shape), "painted_classes": painted,
@@ -374,9 +423,10 @@ def _run(img, train_labels, val_labels, split_info, num_classes, painted, config
             return
         save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                         step=done, rng=rngs, job_config=config.to_dict(),
-                        extra={"losses": losses, "stats": stats.to_dict(), "confusion": conf_train.tolist()})
+                        extra={"losses": losses, "stats": stats.to_dict(), "confusion": conf_train.tolist(),
+                               "label_values": values})
         save_package(ModelPackage.from_model(
-            model, normalization=stats, class_names=class_names, label_mode=config.label_mode,
+            model, normalization=stats, class_names=class_names, label_mode=config.label_mode, label_values=values,
             pixel_size=image_pixel_size(img),
             provenance=dict(provenance, steps=done, total_steps=total, metrics=metrics,
                             final_loss=losses[-1] if losses else None)), package_path)

@@ -97,6 +97,45 @@ def as_label_array(item: Any, image: InputImage, *, what: str = "labels") -> Any
     return item
 
 
+MIN_CROP = 32  # smallest training crop side in pixels
+
+
+def check_crop_fits(images: list[InputImage], crop_size: tuple[int, int], names: list[str] | None = None) -> None:
+    """Refuse images smaller than one training crop (they would train on padding), naming the sizes."""
+    h, w = crop_size
+    for i, img in enumerate(images):
+        name = (names or [])[i] if names and i < len(names) else source_name(img, i)
+        ih, iw = img.shape[-2], img.shape[-1]
+        if ih < MIN_CROP or iw < MIN_CROP:
+            raise ValueError(f"{name}: {ih} x {iw} px is smaller than the minimum training crop of {MIN_CROP} x "
+                             f"{MIN_CROP} px; train on an image of at least {MIN_CROP} x {MIN_CROP} px")
+        if ih < h or iw < w:
+            fit = f"{max(MIN_CROP, ih // 8 * 8)}x{max(MIN_CROP, iw // 8 * 8)}"
+            raise ValueError(f"{name}: {ih} x {iw} px is smaller than one {h} x {w} training crop; use --crop-size "
+                             f"{fit} or smaller (at least {MIN_CROP}) or a larger image")
+
+
+def check_has_contrast(stats: NormalizationStats, name: str) -> None:
+    """Refuse an image whose sampled pixels are all equal (e.g. all zero): there is nothing to learn."""
+    if stats.std == 0 and stats.high <= stats.low:
+        raise ValueError(f"{name}: every sampled pixel has the value {stats.low:g} (an empty or constant image); "
+                         "check that the right file, channel or time point was given")
+
+
+def intensity_mismatch(image_stats: NormalizationStats, reference: NormalizationStats) -> str | None:
+    """A warning when an image's dtype or intensity range is far from the statistics a model was trained
+    with (its normalised intensities would then lie far outside 0..1), else None."""
+    span = max(reference.high - reference.low, 1e-12)
+    low = (image_stats.low - reference.low) / span  # the image's range in the model's normalised units
+    high = (image_stats.high - reference.low) / span
+    if not (high < 0.1 or low > 0.9 or (high - low) > 4.0 or (high - low) < 0.125):
+        return None
+    return (f"this image ({image_stats.dtype}, intensities {image_stats.low:.4g}..{image_stats.high:.4g}) differs from "
+            f"the model's training data ({reference.dtype}, {reference.low:.4g}..{reference.high:.4g}); the result may "
+            "be wrong (e.g. one class everywhere): convert the image, or use the image's own normalisation "
+            "(--normalization image)")
+
+
 def image_pixel_size(image: InputImage) -> list[float] | None:
     if not image.pixel_size:
         return None

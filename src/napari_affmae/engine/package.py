@@ -4,7 +4,7 @@ A package is a directory or a single ``.affmae`` zip file holding two members:
 
 ``affmae.json``
     manifest: format name and version, napari-affmae version, model name, task, config,
-    number of classes, class names, label mode, normalisation statistics, pixel size,
+    number of classes, class names, label mode, the label value of each class, normalisation statistics, pixel size,
     training provenance and the SHA-256 of the weights file.
 ``model.safetensors``
     the weights (``state_dict``) in safetensors format.
@@ -64,6 +64,7 @@ class ModelPackage:
     num_classes: int | None = None
     class_names: list[str] = field(default_factory=list)
     label_mode: str = "sparse"
+    label_values: list[int] | None = None  # label value written for each class (None: 1..K sparse, 0..K-1 dense)
     normalization: dict[str, Any] | None = None
     normalization_mode: str = "percentile"
     pixel_size: list[float] | None = None  # (z,) y, x in the image's units, when known
@@ -77,13 +78,20 @@ class ModelPackage:
         return 1 if self.label_mode == "sparse" else 0
 
     @property
+    def output_values(self) -> list[int]:
+        """The label value that segmentation writes for each class (the values the model was trained on)."""
+        if self.label_values is not None:
+            return [int(v) for v in self.label_values]
+        return [i + self.label_offset for i in range(int(self.num_classes or 0))]
+
+    @property
     def stats(self) -> NormalizationStats | None:
         return None if self.normalization is None else NormalizationStats.from_dict(self.normalization)
 
     @classmethod
     def from_model(cls, model: nn.Module, *, normalization: NormalizationStats | dict | None = None,
                    class_names: list[str] | None = None, label_mode: str = "sparse",
-                   pixel_size: list[float] | tuple[float, ...] | None = None,
+                   label_values: list[int] | None = None, pixel_size: list[float] | tuple[float, ...] | None = None,
                    provenance: dict[str, Any] | None = None) -> ModelPackage:
         """Package a model made by `create_model` (it carries ``model_name`` and ``config``)."""
         model = getattr(model, "module", model)  # unwrap DistributedDataParallel
@@ -97,6 +105,7 @@ class ModelPackage:
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         return cls(model_name=name, task=task, config=_jsonable(asdict(model.config)), state_dict=state,
                    num_classes=num_classes, class_names=list(class_names or []), label_mode=label_mode,
+                   label_values=None if label_values is None else [int(v) for v in label_values],
                    normalization=normalization, pixel_size=None if pixel_size is None else [float(p) for p in pixel_size],
                    provenance=dict(provenance or {}))
 
@@ -132,6 +141,7 @@ class ModelPackage:
             "num_classes": self.num_classes,
             "class_names": list(self.class_names),
             "label_mode": self.label_mode,
+            "label_values": self.label_values,
             "normalization": self.normalization,
             "normalization_mode": self.normalization_mode,
             "pixel_size": self.pixel_size,
@@ -316,11 +326,16 @@ def load_package(path: str | os.PathLike, *, expect_task: str | None = None,
     package = ModelPackage(
         model_name=manifest["model_name"], task=task, config=manifest["config"], state_dict=state_dict,
         num_classes=manifest.get("num_classes"), class_names=list(manifest.get("class_names") or []),
-        label_mode=manifest.get("label_mode", "sparse"), normalization=manifest.get("normalization"),
+        label_mode=manifest.get("label_mode", "sparse"), label_values=manifest.get("label_values"),
+        normalization=manifest.get("normalization"),
         normalization_mode=manifest.get("normalization_mode", "percentile"), pixel_size=manifest.get("pixel_size"),
         provenance=dict(manifest.get("provenance") or {}), package_version=str(manifest.get("package_version", "")),
         format_version=version, path=path,
     )
+    values = package.label_values
+    if values is not None and (not isinstance(values, list) or len(values) != (package.num_classes or 0)
+                               or not all(isinstance(v, int) and v >= 0 for v in values)):
+        raise PackageError(f"{path}: label_values {values!r} must list one non-negative integer per class")
     if package.normalization is not None:
         try:
             package.stats  # noqa: B018 (validates)

@@ -33,11 +33,12 @@ from ..models.masking import MASK_TYPES
 from .checkpoint import CHECKPOINT_NAME, RngStates, load_checkpoint, restore_checkpoint, save_checkpoint
 from .device import autocast, make_grad_scaler, precision_name, resolve_device, resolve_precision
 from .distributed import setup_distributed, teardown_distributed, wrap_model
-from .inputs import InputImage, as_input_image, combined_stats, image_pixel_size, source_name
+from .inputs import InputImage, as_input_image, check_crop_fits, check_has_contrast, combined_stats, \
+    image_pixel_size, source_name
 from .package import ModelPackage, save_package
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
 from .schedule import WarmupCosine
-from .training import StepMeter, cancelled, emit, finite_or_raise, optimizer_step, param_groups, prepare_output_dir, \
+from .training import StepMeter, cancelled, emit, finite_or_raise, open_run_folder, optimizer_step, param_groups, \
     resume_location
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class PretrainConfig:
     checkpoint_every: int = 100
     log_every: int = 1  # progress events every N steps (the first and last step always report)
     resume: bool | str | Path = False  # True: continue from output_dir's checkpoint if there is one
+    overwrite: bool = False  # replace an earlier run in output_dir (otherwise it is refused)
 
     def __post_init__(self) -> None:
         self.crop_size = as_crop_shape(self.crop_size)
@@ -177,17 +179,22 @@ def pretrain(images: Any, config: PretrainConfig | None = None, progress: Progre
     inputs = [as_input_image(item, what=f"image {i}") for i, item in enumerate(_as_list(images))]
     device = resolve_device(config.device)
     dtype = resolve_precision(device, config.precision)
+    check_crop_fits(inputs, config.crop_size)
     context = setup_distributed(device)
+    lock = None
     try:
+        if context.is_main:
+            lock = open_run_folder(config.output_dir, PRETRAIN_PACKAGE, resume=config.resume,
+                                   overwrite=config.overwrite, inputs=[img.source for img in inputs if img.source])
         return _run(inputs, config, device, dtype, context, progress, cancel, started)
     finally:
+        if lock is not None:
+            lock.release()
         teardown_distributed(context)
 
 
 def _run(inputs, config, device, dtype, context, progress, cancel, started) -> PretrainResult:
     output_dir = Path(config.output_dir)
-    if context.is_main:
-        prepare_output_dir(output_dir)
     context.barrier()
     resume_from = resume_location(config.resume, output_dir)
     checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
@@ -207,6 +214,8 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
     scaler = make_grad_scaler(device, dtype)
 
     stats, per_image_stats = combined_stats(inputs, seed=config.seed)
+    for i, (img, img_stats) in enumerate(zip(inputs, per_image_stats)):
+        check_has_contrast(img_stats, source_name(img, i))
     sampler = PatchSampler([img.array for img in inputs], config.crop_size, seed=config.seed, pad=True)
     sampler.rng = rngs.numpy  # one generator for crops and augmentation: saved in checkpoints
 
@@ -232,6 +241,13 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
     checkpoint_path = output_dir / CHECKPOINT_NAME
     package_path = output_dir / PRETRAIN_PACKAGE
 
+    def write_package(done: int) -> None:
+        if context.is_main:
+            save_package(ModelPackage.from_model(model, normalization=stats, pixel_size=image_pixel_size(inputs[0]),
+                                                 provenance=dict(provenance, steps=done, total_steps=total,
+                                                                 final_loss=losses[-1] if losses else None)),
+                         package_path)
+
     def write_outputs(done: int) -> None:
         if not context.is_main:
             return
@@ -239,10 +255,7 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
                         step=done, rng=rngs, job_config=config.to_dict(),
                         extra={"losses": losses, "stats": stats.to_dict(),
                                "per_image_stats": [s.to_dict() for s in per_image_stats]})
-        save_package(ModelPackage.from_model(model, normalization=stats, pixel_size=image_pixel_size(inputs[0]),
-                                             provenance=dict(provenance, steps=done, total_steps=total,
-                                                             final_loss=losses[-1] if losses else None)),
-                     package_path)
+        write_package(done)
 
     meter = StepMeter(total)
     images_per_step = config.batch_size * config.grad_accum
@@ -290,6 +303,11 @@ def _run(inputs, config, device, dtype, context, progress, cancel, started) -> P
                 "pretrain", step, total, loss=step_loss, lr=lr, images_per_s=images_per_step / max(seconds, 1e-9),
                 eta_s=meter.eta(step), extra={**{k: float(v) for k, v in out.get("losses", {}).items()},
                                               **({} if step_trivial is None else {"trivial": step_trivial})}))
+    if checkpoint is not None and checkpoint.step >= total:  # resumed a finished run: nothing to train
+        emit(emit_progress, ProgressEvent("pretrain", step, total, message=(
+            f"the run in {output_dir} is already complete ({step}/{total} steps); package written to "
+            f"{package_path}")))
+        write_package(step)
     context.barrier()
     return PretrainResult(package_path, checkpoint_path, step, total, losses[-1] if losses else math.nan, losses,
                           seconds=time.perf_counter() - started)

@@ -13,8 +13,8 @@ is written into the output (numpy array, zarr array or anything with numpy-style
 assignment) before the next row of tiles is read. Input slices are read strip by strip too, so
 a lazily read zarr/dask stack is never loaded whole.
 
-Output: ``"labels"`` -> integer labels with the image's shape (argmax + the package's label
-offset: classes 1..K for sparse-label models); ``"probabilities"`` -> float32 ``[K, *shape]``
+Output: ``"labels"`` -> integer labels with the image's shape (the label value the package stores
+for the arg-max class: the values painted for training; 1..K for sparse-label models by default); ``"probabilities"`` -> float32 ``[K, *shape]``
 (class axis first).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from ..data.normalize import NormalizationStats, compute_stats
 from ..data.sampling import as_crop_shape, read_crop
 from .device import autocast, resolve_device, resolve_precision
-from .inputs import InputImage, as_input_image
+from .inputs import InputImage, as_input_image, intensity_mismatch
 from .package import ModelPackage, load_package
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
 from .training import emit
@@ -86,6 +86,13 @@ def cosine_window(height: int, width: int, floor: float = 1e-3) -> np.ndarray:
         return 0.5 - 0.5 * np.cos(2.0 * np.pi * (i + 0.5) / n)
 
     return (np.outer(one(height), one(width)) + floor).astype(np.float32)
+
+
+def output_labels(package: ModelPackage) -> tuple[np.ndarray, np.dtype]:
+    """Lookup table class index -> label value written, and the smallest unsigned dtype holding them."""
+    values = package.output_values
+    dtype = labels_dtype(max(values) if values else 0)
+    return np.asarray(values, dtype=dtype), dtype
 
 
 def labels_dtype(max_label: int) -> np.dtype:
@@ -204,7 +211,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def _prepare_out(out: Any, shape: tuple[int, ...], config: SegmentConfig, package: ModelPackage) -> Any:
     k = int(package.num_classes)
     if config.output == "labels":
-        want_shape, dtype = shape, labels_dtype(k - 1 + package.label_offset)
+        want_shape, dtype = shape, output_labels(package)[1]
     else:
         want_shape, dtype = (k, *shape), np.dtype(np.float32)
     if out is None:
@@ -262,9 +269,9 @@ def segment(package: ModelPackage | str | Path, image: Any, config: SegmentConfi
     dtype = resolve_precision(device, config.precision)
     model = pkg.build_model(device)
     stats = _stats_for(pkg, img, config)
-    result = _prepare_out(out, shape, config, pkg)
     depth = shape[0] if img.ndim == 3 else 1
-    z_list = _slice_list(config.slices, depth, img.ndim)
+    z_list = slice_list(config.slices, depth, img.ndim)
+    result = _prepare_out(out, shape, config, pkg)
     total_tiles = 0
     done = [0]
 
@@ -281,9 +288,21 @@ def segment(package: ModelPackage | str | Path, image: Any, config: SegmentConfi
     total_tiles = predictor.tiles_per_slice(shape[-2], shape[-1]) * len(z_list)
     emit(progress, ProgressEvent("segment", 0, total_tiles, message=f"segmenting {len(z_list)} slice(s) of "
                                  f"{shape[-2]} x {shape[-1]} px on {device.type}"))
+    warning = intensity_warning(pkg, img, config.normalization)
+    if warning:
+        log.warning("%s", warning)
+        emit(progress, ProgressEvent("segment", 0, total_tiles, message=f"warning: {warning}"))
+    lut = output_labels(pkg)[0]
     for z in z_list:
-        predictor.run_slice(img.array, z, _writer(result, z, img.ndim, config.output, pkg.label_offset))
+        predictor.run_slice(img.array, z, _writer(result, z, img.ndim, config.output, lut))
     return result
+
+
+def intensity_warning(pkg: ModelPackage, img: InputImage, normalization: str) -> str | None:
+    """A warning when the image's intensities are far from the package's normalisation statistics."""
+    if normalization != "package" or pkg.stats is None:
+        return None
+    return intensity_mismatch(compute_stats(img.array), pkg.stats)
 
 
 def _stats_for(pkg: ModelPackage, img: InputImage, config: SegmentConfig) -> NormalizationStats:
@@ -292,7 +311,8 @@ def _stats_for(pkg: ModelPackage, img: InputImage, config: SegmentConfig) -> Nor
     return pkg.stats
 
 
-def _slice_list(slices: Sequence[int] | None, depth: int, ndim: int) -> list[int]:
+def slice_list(slices: Sequence[int] | None, depth: int, ndim: int) -> list[int]:
+    """The z indices to segment, checked against the stack depth (all of them when ``slices`` is None)."""
     if slices is None:
         return list(range(depth))
     if ndim == 2:
@@ -306,10 +326,10 @@ def _slice_list(slices: Sequence[int] | None, depth: int, ndim: int) -> list[int
     return z_list
 
 
-def _writer(out: Any, z: int, ndim: int, output: str, offset: int) -> Callable[[int, int, np.ndarray], None]:
+def _writer(out: Any, z: int, ndim: int, output: str, lut: np.ndarray) -> Callable[[int, int, np.ndarray], None]:
     def write(row0: int, row1: int, logits: np.ndarray) -> None:
         if output == "labels":
-            labels = (logits.argmax(axis=0) + offset).astype(out.dtype)  # [rows, X]
+            labels = lut[logits.argmax(axis=0)].astype(out.dtype)  # [rows, X]
             if ndim == 3:
                 out[z, row0:row1] = labels
             else:
@@ -326,5 +346,6 @@ def _writer(out: Any, z: int, ndim: int, output: str, offset: int) -> Callable[[
 
 def predicted_labels_to_names(pkg: ModelPackage) -> dict[int, str]:
     """Label value -> class name for a package (for legends and reports)."""
-    names = pkg.class_names or [f"class {i + pkg.label_offset}" for i in range(int(pkg.num_classes or 0))]
-    return {i + pkg.label_offset: name for i, name in enumerate(names)}
+    values = pkg.output_values
+    names = pkg.class_names or [f"class {v}" for v in values]
+    return dict(zip(values, names))

@@ -1,14 +1,18 @@
 """Pieces shared by the training jobs: optimiser groups, the step meter, output folders, resume lookup."""
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
+import shutil
+import socket
 import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -78,6 +82,152 @@ def prepare_output_dir(path: str | Path) -> Path:
         raise PermissionError(f"cannot write to output location {path} ({err.strerror or err}); choose another "
                               "--output-dir") from err
     return path
+
+
+def replace_path(tmp: Path, dest: Path) -> None:
+    """Move the finished ``tmp`` (file or directory) onto ``dest``; an earlier ``dest`` is removed only
+    after the new one is in place (a crash in between leaves one of the two, never neither)."""
+    if dest.is_dir() and not dest.is_symlink():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or directory tree if it exists (temporary outputs of a failed run)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def check_output_not_input(output: str | Path, inputs: Sequence[Any], *, option: str = "--output",
+                           nested_inputs: bool = False) -> None:
+    """Refuse an output location that is one of the ``inputs`` or lies inside one (an OME-Zarr folder);
+    with ``nested_inputs`` also one that contains an input (its replacement would delete the input)."""
+    out = Path(output).resolve()
+    for item in inputs:
+        if not isinstance(item, (str, os.PathLike)):
+            continue
+        source = Path(item).resolve()
+        if out == source or source in out.parents or (nested_inputs and out in source.parents):
+            raise ValueError(f"the output location {output} is the input {item} or overlaps it; writing there would "
+                             f"destroy the input: choose another {option}")
+
+
+LOCK_NAME = ".affmae.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock file ``LOCK_NAME`` in a run folder, holding the owner's pid and host.
+
+    A second run into the same folder is refused with a message naming the running pid; a lock
+    left by a process that no longer exists (on this host) is taken over."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and self._running(owner):
+                    raise FileExistsError(
+                        f"{self.path.parent} is in use by another run (pid {owner.get('pid')} on "
+                        f"{owner.get('host')}); wait for it to finish or choose another --output-dir") from None
+                log.warning("taking over the stale lock %s of pid %s", self.path, (owner or {}).get("pid"))
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(me, handle)
+            self.held = True
+            return self
+        raise FileExistsError(f"could not take the lock {self.path}; another run is starting in the same folder")
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            owner = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+
+    @staticmethod
+    def _running(owner: dict[str, Any]) -> bool:
+        if owner.get("host") != socket.gethostname():
+            return True  # cannot check a process on another machine: assume it runs
+        return owner["pid"] != os.getpid() and _pid_alive(int(owner["pid"]))
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def check_run_folder(folder: Path, package_name: str, resume: bool | str | Path, overwrite: bool) -> None:
+    """Refuse to start a fresh run in a folder that holds an earlier run, unless ``overwrite``.
+
+    Resuming from this folder's own checkpoint is allowed; a run resumed from a checkpoint elsewhere
+    is a fresh run here."""
+    if overwrite:
+        return
+    checkpoint, package = folder / CHECKPOINT_NAME, folder / package_name
+    held = [p.name for p in (checkpoint, package) if p.exists()]
+    if not held:
+        return
+    resuming_here = resume is True or (isinstance(resume, str) and resume.lower() in ("true", "auto", "latest"))
+    if not resuming_here and resume not in (None, False):
+        target = Path(resume)
+        resuming_here = (target if target.is_dir() else target.parent).resolve() == folder.resolve()
+    if resuming_here and checkpoint.is_file():
+        return
+    raise FileExistsError(f"{folder} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --output-dir")
+
+
+def open_run_folder(folder: str | Path, package_name: str, *, resume: bool | str | Path, overwrite: bool,
+                    inputs: Sequence[Any] = ()) -> RunLock:
+    """Check and lock a training output folder before anything is written into it: not an input, writable,
+    not in use by another run (`RunLock`), not holding an earlier run unless resuming or ``overwrite``.
+    Returns the held lock (release it when the run ends)."""
+    folder = Path(folder)
+    check_output_not_input(folder, inputs, option="--output-dir")
+    prepare_output_dir(folder)
+    lock = RunLock(folder).acquire()
+    try:
+        check_run_folder(folder, package_name, resume, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def resume_location(resume: bool | str | Path | None, output_dir: Path) -> Path | None:

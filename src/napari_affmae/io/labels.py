@@ -68,7 +68,7 @@ class LabelsWriter:
     Args:
         image_path: the OME-Zarr image group (its arrays are only read for their metadata).
         name: labels group name.
-        class_names: names of classes 1..K (stored as image-label properties).
+        class_names: names of classes 1..K, or ``{label value: name}`` (stored as image-label properties).
         colors: RGBA (0..255) per class value, ``{value: (r, g, b, a)}``; default a fixed palette.
         chunks: level-0 chunk shape (the unit of resuming); default one plane, at most 512 x 512.
         dtype: integer dtype of the labels (default uint8).
@@ -76,6 +76,8 @@ class LabelsWriter:
             same layout is resumed, a finished one is left as is (`complete` is True) and anything
             else is an error.
         provenance: JSON-able dict stored with the labels (e.g. model package, date).
+        fingerprint: identity of what computes the labels (e.g. a package checksum); resuming an unfinished
+            run recorded with another fingerprint is refused (FileExistsError), so a result never mixes two.
     """
 
     def __init__(
@@ -83,12 +85,13 @@ class LabelsWriter:
         image_path: str | os.PathLike,
         name: str,
         *,
-        class_names: Sequence[str] | None = None,
+        class_names: Sequence[str] | Mapping[int, str] | None = None,
         colors: Mapping[int, Sequence[int]] | None = None,
         chunks: Sequence[int] | None = None,
         dtype: str | np.dtype = "uint8",
         overwrite: bool = False,
         provenance: Mapping[str, Any] | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         self.name = _check_name(name)
         self.layout: Multiscales = read_multiscales(image_path)
@@ -104,7 +107,12 @@ class LabelsWriter:
         if len(self.chunks) != len(self.shape) or min(self.chunks) < 1:
             raise ValueError(f"chunks {tuple(chunks)} must give one positive size per axis of {self.axes!r}")
         self.grid = chunk_grid(self.shape, self.chunks)
-        self.class_names = list(class_names) if class_names is not None else None
+        if isinstance(class_names, Mapping):
+            self.class_values: dict[int, str] = {int(k): str(v) for k, v in class_names.items()}
+        else:
+            self.class_values = {i + 1: str(n) for i, n in enumerate(class_names or [])}
+        self.class_names = list(self.class_values.values()) if class_names is not None else None
+        self.fingerprint = fingerprint
         self.colors = {int(k): [int(c) for c in v] for k, v in (colors or {}).items()}
         self.provenance = dict(provenance or {})
         self.zarr_format = self.layout.zarr_format
@@ -125,6 +133,7 @@ class LabelsWriter:
             "dtype": str(self.dtype),
             "class_names": self.class_names,
             "provenance": self.provenance,
+            "fingerprint": self.fingerprint,
         }
 
     def _open_or_create(self, overwrite: bool) -> zarr.Group:
@@ -152,6 +161,13 @@ class LabelsWriter:
                             f"{self.path} was started with {key}={state.get(key)} but this run uses {mine[key]}; "
                             "pass overwrite=True to start again"
                         )
+                theirs = state.get("fingerprint")
+                if state.get("status") != "complete" and theirs and self.fingerprint and theirs != self.fingerprint:
+                    raise FileExistsError(
+                        f"{self.path} is half written by another model (package sha256 {theirs[:12]}, this one is "
+                        f"{self.fingerprint[:12]}); resume it with the same package, or pass overwrite "
+                        "(--overwrite) to start again"
+                    )
                 LOGGER.info("resuming %s (status %s)", self.path, state.get("status"))
                 return group
         group = root.create_group(self.name, overwrite=True)
@@ -297,8 +313,7 @@ class LabelsWriter:
             dst[region] = block[local]
 
     def _colors(self) -> list[dict[str, Any]]:
-        k = len(self.class_names) if self.class_names else len(self.colors)
-        values = sorted(set(range(1, k + 1)) | set(self.colors))
+        values = sorted(set(self.class_values) | set(self.colors))
         return [
             {"label-value": v, "rgba": self.colors.get(v, list(DEFAULT_COLORS[(v - 1) % len(DEFAULT_COLORS)]))}
             for v in values
@@ -313,9 +328,9 @@ class LabelsWriter:
         colors = self._colors()
         if colors:
             image_label["colors"] = colors
-        if self.class_names:
+        if self.class_values:
             image_label["properties"] = [
-                {"label-value": i + 1, "class": name} for i, name in enumerate(self.class_names)
+                {"label-value": value, "class": name} for value, name in sorted(self.class_values.items())
             ]
         if self.zarr_format == 2:
             version = self.layout.ngff_version if self.layout.ngff_version in ("0.4",) else "0.4"

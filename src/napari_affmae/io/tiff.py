@@ -42,7 +42,9 @@ class _TiffProblems(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if any(sign in message.lower() for sign in self.SIGNS):
-            self.messages.append(message)
+            self.messages.append(message)  # reported in our own one-line error
+        else:
+            LOGGER.debug("tifffile: %s", message)
 
 
 def _tiff_axes(path: str, series: tifffile.TiffPageSeries, photometric: int) -> str:
@@ -156,10 +158,12 @@ def read_tiff(
     problems = _TiffProblems()
     tiff_logger = logging.getLogger("tifffile")
     tiff_logger.addHandler(problems)
+    propagate, tiff_logger.propagate = tiff_logger.propagate, False  # its lines would precede our error
     try:
         tif = tifffile.TiffFile(path)
     except Exception as err:  # tifffile raises TiffFileError/ValueError/struct errors on junk
         tiff_logger.removeHandler(problems)
+        tiff_logger.propagate = propagate
         raise ImageFormatError(f"{path}: not a readable TIFF file (corrupt or not a TIFF): {err}") from err
     try:
         if not tif.pages or not tif.series:
@@ -191,6 +195,7 @@ def read_tiff(
         raise ImageFormatError(f"{path}: could not read the TIFF structure (corrupt file?): {err}") from err
     finally:
         tiff_logger.removeHandler(problems)
+        tiff_logger.propagate = propagate
     tif.close()
 
     array = _open_lazy(path, series_shape=tuple(series.shape))
