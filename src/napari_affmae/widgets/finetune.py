@@ -30,6 +30,7 @@ from ..engine import FinetuneConfig, SegmentConfig, finetune
 from ..models import list_models
 from ._base import Job, notify
 from ._jobs import JobOutcome
+from ._live import LivePanel, LiveSources
 from ._layers import _PALETTE, LayerPicker, image_data, label_colormap, labels_data, painted_classes, same_geometry
 from ._panels import PathEdit, form_label
 from ._results import plan_region, segmentation_job, show_segmentation
@@ -120,6 +121,9 @@ class FinetuneWidget(TrainingWidget):
         self.scratch_model = QComboBox()
         self.scratch_model.addItems(list_models())
         self.scratch_model.setCurrentText("affmae_tiny")
+        self.live = LivePanel(napari_viewer, self.state, LiveSources(
+            image_layer=self.image_picker.layer, labels_layer=self.labels_picker.layer, package=self.live_package,
+            class_names=self.classes.names, output_folder=self.output.path))
         self.segment_after = QCheckBox("Segment the current slice when done")
         self.segment_after.setChecked(True)
         form = self.form()
@@ -128,6 +132,7 @@ class FinetuneWidget(TrainingWidget):
         form.addRow(self.add_labels_button)
         form.addRow(form_label("Classes"), self.classes)
         form.addRow(class_buttons)
+        form.addRow(self.live)
         form.addRow(form_label("Start from"), self.start_from)
         form.addRow(form_label("Package"), self.pretrained)
         form.addRow(form_label("Model"), self.scratch_model)
@@ -135,6 +140,9 @@ class FinetuneWidget(TrainingWidget):
         form.addRow(self.segment_after)
         self.add_run_section()
         self.labels_picker.currentTextChanged.connect(self._labels_changed)
+        self.labels_picker.currentTextChanged.connect(self.live.watch)
+        self.image_picker.currentTextChanged.connect(self.live.schedule)
+        self.start_from.currentTextChanged.connect(self.live.schedule)
         self.state.pretrained_changed.connect(self._pretrained_changed)
         if self.state.pretrained_package is not None:
             self._pretrained_changed(self.state.pretrained_package)
@@ -163,6 +171,19 @@ class FinetuneWidget(TrainingWidget):
         rows = self.classes.selectionModel().selectedRows()
         if layer is not None and rows:
             layer.selected_label = rows[0].row() + 1
+
+    @property
+    def is_running(self) -> bool:
+        """A fine-tuning/segmenting job or a live-preview worker is running."""
+        return self.runner.running or self.live.busy
+
+    def live_package(self) -> Path | None:
+        """The package whose AFFMAE encoder adds live-preview features: the chosen pretrained package when
+        'Start from' is 'Pretrained package' and it exists; otherwise None (filter features only)."""
+        if self.start_from.currentText() != FROM_PRETRAINED:
+            return None
+        path = self.pretrained.path()
+        return path if path is not None and path.exists() else None
 
     # ------------------------------------------------------------------ actions
     def add_labels_layer(self) -> Any | None:
