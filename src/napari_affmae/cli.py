@@ -464,7 +464,7 @@ def _finish_output(result: Any, tmp: Path, output: Path, probabilities: bool) ->
     """Complete the temporary output and move it onto ``output`` (an earlier result is replaced only now)."""
     import numpy as np  # noqa: PLC0415
 
-    from .engine.training import replace_path  # noqa: PLC0415
+    from .io.files import replace_path  # noqa: PLC0415
 
     suffix = output.suffix.lower()
     if suffix in (".tif", ".tiff"):
@@ -484,7 +484,7 @@ def _cmd_segment(args, progress, cancel, run_log) -> int:
     from .engine import SegmentConfig, load_package, segment  # noqa: PLC0415
     from .engine.inputs import as_input_image  # noqa: PLC0415
     from .engine.segment import output_labels, resolve_package, slice_list  # noqa: PLC0415
-    from .engine.training import remove_path  # noqa: PLC0415
+    from .io.files import remove_path  # noqa: PLC0415
 
     package = resolve_package(load_package(args.package, expect_task="segmentation"))
     image = as_input_image(args.image, what=str(args.image), axes=args.axes, channel=args.channel,

@@ -45,9 +45,10 @@ def one_line_error(err: str) -> str:
     return lines[0]
 
 
-def digest(path: Path) -> str:
-    """SHA-256 over every file under ``path`` (or of the file), names included."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+def digest(path: Path, skip: tuple[str, ...] = ()) -> str:
+    """SHA-256 over every file under ``path`` (or of the file), names included; ``skip``: folder names left out."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not set(p.relative_to(path).parts) & set(skip)) \
+        if path.is_dir() else [path]
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
@@ -103,6 +104,30 @@ def test_batch_with_batch_size_0_keeps_the_labels(trained, tmp_path, capsys):
     assert digest(dataset) == before
     attrs = dict(zarr.open_group(str(dataset / "labels"), mode="r").attrs)
     assert "seg" in attrs.get("ome", attrs)["labels"]
+
+
+def test_an_interrupted_batch_overwrite_keeps_the_earlier_labels(trained, second_package, tmp_path, capsys):
+    dataset = tmp_path / "ds.ome.zarr"
+    write_ome_zarr_image(dataset, synthetic_em((4, 64, 64), seed=2)[0], axes="zyx")
+    common = ["--name", "seg", "--tile-size", "32", "--device", "cpu", "--quiet"]
+    assert run(capsys, "batch", trained["segmentation"], dataset, *common)[0] == 0
+    before = digest(dataset / "labels")
+    token = CancelToken()
+
+    def stop_after_one(event) -> None:
+        if event.message and "chunks)" in event.message:
+            token.cancel()
+
+    config = BatchConfig(tile_size=(32, 32), device="cpu", overwrite=True)
+    with pytest.raises(JobCancelled):
+        batch_segment(dataset, second_package, config, label_name="seg", progress=stop_after_one, cancel=token)
+    staged = dataset / "labels" / "seg.affmae-new"
+    assert staged.is_dir()  # the replacement is staged beside the earlier labels, which stay intact and listed
+    assert digest(dataset / "labels", skip=(staged.name,)) == before
+    assert run(capsys, "batch", second_package, dataset, *common, "--overwrite")[0] == 0
+    assert not staged.exists()
+    attrs = zarr.open_group(str(dataset / "labels" / "seg"), mode="r").attrs["affmae_labels"]
+    assert attrs["status"] == "complete" and attrs["provenance"]["model_package"] == str(second_package)
 
 
 def test_output_equal_to_an_input_is_refused(trained, stack, tmp_path, capsys):

@@ -35,6 +35,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .. import __version__
 from ..data.normalize import NormalizationStats
+from ..io.files import replace_path
 
 FORMAT_NAME = "napari-affmae-model"
 FORMAT_VERSION = 1
@@ -209,13 +210,7 @@ def save_package(package: ModelPackage | nn.Module, path: str | os.PathLike, **m
             tmp.mkdir()
             _write_file(tmp / WEIGHTS_NAME, weights)
             _write_file(tmp / MANIFEST_NAME, manifest)
-            if path.exists():
-                old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            replace_path(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import socket
 import time
 import uuid
@@ -82,26 +81,6 @@ def prepare_output_dir(path: str | Path) -> Path:
         raise PermissionError(f"cannot write to output location {path} ({err.strerror or err}); choose another "
                               "--output-dir") from err
     return path
-
-
-def replace_path(tmp: Path, dest: Path) -> None:
-    """Move the finished ``tmp`` (file or directory) onto ``dest``; an earlier ``dest`` is removed only
-    after the new one is in place (a crash in between leaves one of the two, never neither)."""
-    if dest.is_dir() and not dest.is_symlink():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
-
-
-def remove_path(path: Path) -> None:
-    """Delete a file or directory tree if it exists (temporary outputs of a failed run)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def check_output_not_input(output: str | Path, inputs: Sequence[Any], *, option: str = "--output",

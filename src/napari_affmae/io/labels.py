@@ -31,12 +31,14 @@ import numpy as np
 import zarr
 
 from .errors import ImageFormatError
+from .files import replace_path
 from .omezarr import Multiscales, chunk_grid, ngff_attrs, nearest_index, read_multiscales
 
 LOGGER = logging.getLogger(__name__)
 
 PROGRESS_ARRAY = "affmae_progress"
-STATE_KEY = "affmae_labels"  # our bookkeeping in the labels group's attributes
+STATE_KEY = "affmae_labels"
+STAGING_SUFFIX = ".affmae-new"  # labels/<name><suffix>: a replacement being written (overwrite)  # our bookkeeping in the labels group's attributes
 SOURCE_IMAGE = "../../"
 
 # RGBA for class values 1, 2, 3, ... (0 = unlabelled stays transparent)
@@ -72,7 +74,9 @@ class LabelsWriter:
         colors: RGBA (0..255) per class value, ``{value: (r, g, b, a)}``; default a fixed palette.
         chunks: level-0 chunk shape (the unit of resuming); default one plane, at most 512 x 512.
         dtype: integer dtype of the labels (default uint8).
-        overwrite: delete an existing ``labels/<name>`` first. Without it an unfinished run of the
+        overwrite: replace an existing ``labels/<name>``: the new labels are written into
+            ``labels/<name>.affmae-new`` and swapped in by `finalize`, so the earlier labels stay intact and
+            listed until the new ones are complete (an interrupted overwrite leaves them untouched). Without it an unfinished run of the
             same layout is resumed, a finished one is left as is (`complete` is True) and anything
             else is an error.
         provenance: JSON-able dict stored with the labels (e.g. model package, date).
@@ -118,6 +122,7 @@ class LabelsWriter:
         self.zarr_format = self.layout.zarr_format
         self.labels_root = Path(self.layout.path) / "labels"
         self.path = str(self.labels_root / self.name)
+        self.staging: str | None = None  # with overwrite: the group written until `finalize` swaps it in
         self.group = self._open_or_create(overwrite)
 
     # ------------------------------------------------------------------ layout
@@ -144,8 +149,12 @@ class LabelsWriter:
                 f"({self.zarr_format}); remove the labels group or use a fresh copy of the image"
             )
         if self.name in root:
-            if overwrite:
-                self._remove_existing(root)
+            if overwrite:  # build the new labels beside the old ones; `finalize` swaps them in
+                self.staging = f"{self.name}{STAGING_SUFFIX}"
+                if self.staging in root:
+                    shutil.rmtree(self.labels_root / self.staging)
+                self.path = str(self.labels_root / self.staging)
+                return self._create_group(root, self.staging)
             else:
                 group = root[self.name]
                 state = dict(group.attrs).get(STATE_KEY)
@@ -170,7 +179,10 @@ class LabelsWriter:
                     )
                 LOGGER.info("resuming %s (status %s)", self.path, state.get("status"))
                 return group
-        group = root.create_group(self.name, overwrite=True)
+        return self._create_group(root, self.name)
+
+    def _create_group(self, root: zarr.Group, name: str) -> zarr.Group:
+        group = root.create_group(name, overwrite=True)
         group.attrs[STATE_KEY] = self._state()
         level0 = self.layout.datasets[0]["path"]
         self._create_array(group, level0, self.shape, self.chunks)
@@ -184,11 +196,12 @@ class LabelsWriter:
         )
         return group
 
-    def _remove_existing(self, root: zarr.Group) -> None:
-        shutil.rmtree(self.labels_root / self.name)
-        attrs = ngff_attrs(root)
-        names = [n for n in attrs.get("labels", []) if n != self.name]
-        self._write_ngff_attrs(root, {**attrs, "labels": names})
+    def _swap_in(self) -> None:
+        """Replace the earlier ``labels/<name>`` by the finished staging group (overwrite)."""
+        replace_path(self.labels_root / self.staging, self.labels_root / self.name)
+        self.staging = None
+        self.path = str(self.labels_root / self.name)
+        self.group = zarr.open_group(self.path, mode="a", zarr_format=self.zarr_format)
 
     def _array_kwargs(self) -> dict[str, Any]:
         if self.zarr_format == 2:
@@ -288,6 +301,8 @@ class LabelsWriter:
         self._write_metadata()
         del self.group[PROGRESS_ARRAY]
         self.group.attrs[STATE_KEY] = {**self._state(), "status": "complete"}
+        if self.staging is not None:
+            self._swap_in()
         root = zarr.open_group(str(self.labels_root), mode="a", zarr_format=self.zarr_format)
         attrs = ngff_attrs(root)
         names = [n for n in attrs.get("labels", []) if n != self.name] + [self.name]

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..engine import CancelToken, ProgressEvent, SegmentConfig, load_package, segment
+from ..engine.segment import output_labels, predicted_labels_to_names
 from ._layers import class_features, current_slice, label_colormap, same_geometry, visible_region
 
 SCOPES = ("whole", "slice", "view")
@@ -65,12 +66,10 @@ def segmentation_job(package_path: Path, part: Any, config: SegmentConfig, with_
         if with_probabilities:
             cfg = dataclasses.replace(config, output="probabilities")
             probabilities = segment(package, part, cfg, progress=progress, cancel=cancel)  # [K, ...]
-            labels = (probabilities.argmax(axis=0) + package.label_offset).astype(np.uint8 if
-                                                                                 package.num_classes < 255 else np.uint16)
+            labels = output_labels(package)[0][probabilities.argmax(axis=0)]  # the values trained on
         else:
             labels = segment(package, part, config, progress=progress, cancel=cancel)
-        names = list(package.class_names) or [f"class {i + package.label_offset}"
-                                                for i in range(int(package.num_classes or 0))]
+        names = list(predicted_labels_to_names(package).values())
         return SegmentationResult(np.asarray(labels), probabilities, region, names, package.label_offset,
                                   Path(package_path), description)
 
