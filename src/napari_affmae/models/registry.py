@@ -58,7 +58,7 @@ def create_model(name: str, task: str = "mae", num_classes: int | None = None, *
 
 def _import_all() -> None:
     # Registration happens at import time of each family module.
-    from . import affmae  # noqa: F401,PLC0415
+    from . import affmae, feature_forest  # noqa: F401,PLC0415
 
     try:
         from . import baselines  # noqa: F401,PLC0415

@@ -1,0 +1,334 @@
+"""Live preview: a fast pixel classifier that retrains in seconds whenever the strokes change.
+
+A `LivePreview` holds one image (2D or a 3D stack) and a `models.feature_forest.FeatureForest`:
+
+* **Features per slice, cached.** The first time a slice is needed (it carries strokes, or it is
+  being viewed) its per-pixel features are computed once — the ilastik-style filter bank plus,
+  when a package is given, that package's AFFMAE encoder stages upsampled to pixels — and kept
+  in a least-recently-used cache bounded by ``max_cache_mb``. A slice larger than
+  ``max_window_pixels`` is never featurised whole: only the asked-for view (plus a context
+  margin) is.
+* **A forest on the painted pixels.** `update` collects the features of every painted pixel
+  (0 = unpainted; painted values 1..K), fits a scikit-learn random forest (deterministic in the
+  seed) and predicts the slice or view being looked at.
+* `to_package` / `save` keep the fast model as a segmentation package that `engine.segment`
+  and batch segmentation run over whole stacks like any other.
+
+No Qt here: the Fine-tune widget runs `update` in a worker and cancels stale jobs through the
+`CancelToken`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.normalize import NormalizationStats, compute_stats
+from .inputs import as_input_image, check_has_contrast
+from .package import ModelPackage, load_package, save_package
+from .progress import CancelToken, JobCancelled
+
+log = logging.getLogger(__name__)
+MAX_CLASSES = 255  # painted classes a live model accepts
+CONTEXT_MARGIN = 64  # px of context around a view (4 x the largest filter sigma)
+MIN_SIDE = 16  # px: smallest slice the filters and the encoder accept
+
+
+@dataclass
+class LiveConfig:
+    """Live preview settings. Memory in MiB, sizes in pixels."""
+
+    package: str | Path | ModelPackage | None = None  # encoder features from this (MAE or segmentation) package
+    encoder_features: bool = True  # use the package's encoder (ignored without a package)
+    components: int = 4  # projected channels per encoder stage
+    trees: int = 100
+    seed: int = 0
+    max_cache_mb: float = 1024.0  # feature cache bound
+    max_window_pixels: int = 2048 * 1024  # larger slices are featurised view by view
+    max_samples: int = 60_000  # painted pixels the forest trains on (class-balanced subsample beyond)
+
+    def validate(self) -> None:
+        if self.components < 1 or self.trees < 1:
+            raise ValueError(f"components and trees must be >= 1; got {self.components}, {self.trees}")
+        if self.max_cache_mb <= 0:
+            raise ValueError(f"max_cache_mb must be > 0; got {self.max_cache_mb}")
+        if self.max_window_pixels < MIN_SIDE * MIN_SIDE:
+            raise ValueError(f"max_window_pixels must be >= {MIN_SIDE * MIN_SIDE}; got {self.max_window_pixels}")
+        if self.max_samples < 2:
+            raise ValueError(f"max_samples must be >= 2; got {self.max_samples}")
+
+
+Window = tuple[int, int, int, int, int]  # z, y0, y1, x0, x1 (image pixels, end exclusive)
+
+
+@dataclass
+class LiveResult:
+    """One preview: labels ``[h, w]`` of the view (painted values 1..K), optional probabilities
+    ``[K, h, w]``, where the view sits, and the seconds each part took."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    z: int
+    region: tuple[int, int, int, int]  # y0, y1, x0, x1
+    timings: dict[str, float]
+    n_painted: int
+
+
+class LivePreview:
+    """Cached features + forest for one image ``[Y, X]`` or ``[Z, Y, X]``."""
+
+    def __init__(self, image: Any, config: LiveConfig | None = None, stats: NormalizationStats | None = None) -> None:
+        self.config = config or LiveConfig()
+        self.config.validate()
+        img = as_input_image(image, what="image")
+        if min(img.shape[-2:]) < MIN_SIDE:
+            raise ValueError(f"image: {img.shape[-2]} x {img.shape[-1]} px is too small for the live preview; "
+                             f"it needs at least {MIN_SIDE} x {MIN_SIDE} px")
+        self.image = img.array
+        self.ndim = img.ndim
+        self.stats = stats or compute_stats(self.image)
+        check_has_contrast(self.stats, "image")
+        self.package = self._encoder_package()
+        self.model = self._new_model(n_samples=0)
+        self._cache: OrderedDict[Window, np.ndarray] = OrderedDict()
+        self.fitted = False
+        self.class_values: list[int] = []
+        self.windows_computed = 0  # feature windows computed so far (cache misses)
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _encoder_package(self) -> ModelPackage | None:
+        source = self.config.package
+        if source is None or not self.config.encoder_features:
+            return None
+        pkg = source if isinstance(source, ModelPackage) else load_package(source)
+        if not pkg.model_name.startswith("affmae_"):
+            raise ValueError(f"live preview features come from an AFFMAE package; {pkg.model_name} has no AFFMAE "
+                             "encoder (choose an AFFMAE package or none)")
+        return pkg
+
+    def _encoder_size(self) -> str | None:
+        return None if self.package is None else self.package.model_name.split("_", 1)[1]
+
+    def _encoder_options(self) -> dict[str, Any]:
+        if self.package is None:
+            return {}
+        keep = ("keep_rate", "cluster_size", "nearest_clusters", "neighborhood", "dims", "depths", "heads", "mlp_ratio")
+        return {k: v for k, v in self.package.config.items() if k in keep}
+
+    def _new_model(self, n_samples: int) -> torch.nn.Module:
+        from ..models import create_model  # noqa: PLC0415
+
+        model = create_model("feature_forest", task="segmentation", num_classes=2, encoder_size=self._encoder_size(),
+                             encoder_options=self._encoder_options(), components=self.config.components,
+                             trees=self.config.trees, seed=self.config.seed, n_samples=n_samples,
+                             max_samples=self.config.max_samples)
+        if self.package is not None:
+            encoder = {k[len("encoder."):]: v for k, v in self.package.state_dict.items() if k.startswith("encoder.")}
+            model.encoder.load_state_dict(encoder)
+        return model
+
+    # ------------------------------------------------------------------------------------------ features
+
+    @property
+    def depth(self) -> int:
+        return int(self.image.shape[0]) if self.ndim == 3 else 1
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+    def _window(self, z: int, region: tuple[int, int, int, int]) -> Window:
+        """The featurised window holding ``region = (y0, y1, x0, x1)`` of slice z: the whole slice when it
+        fits ``max_window_pixels``, else the region plus a context margin."""
+        height, width = self.slice_shape
+        if height * width <= self.config.max_window_pixels:
+            return z, 0, height, 0, width
+        y0, y1, x0, x1 = region
+        return (z, max(0, y0 - CONTEXT_MARGIN), min(height, y1 + CONTEXT_MARGIN),
+                max(0, x0 - CONTEXT_MARGIN), min(width, x1 + CONTEXT_MARGIN))
+
+    def _read(self, window: Window) -> np.ndarray:
+        z, y0, y1, x0, x1 = window
+        crop = self.image[z, y0:y1, x0:x1] if self.ndim == 3 else self.image[y0:y1, x0:x1]
+        return self.stats.apply(np.asarray(crop))
+
+    def _blocks(self, y0: int, y1: int, x0: int, x1: int) -> list[tuple[int, int, int, int]]:
+        """The region itself on a small slice; on a large one, blocks whose windows fit ``max_window_pixels``."""
+        height, width = self.slice_shape
+        if height * width <= self.config.max_window_pixels:
+            return [(y0, y1, x0, x1)]
+        side = max(64, int(self.config.max_window_pixels ** 0.5) - 2 * CONTEXT_MARGIN)
+        return [(by, min(by + side, y1), bx, min(bx + side, x1)) for by in range(y0, y1, side)
+                for bx in range(x0, x1, side)]
+
+    def features(self, window: Window) -> np.ndarray:
+        """Features ``[h, w, F]`` float32 of a window (cached; least recently used evicted past the bound)."""
+        if window in self._cache:
+            self._cache.move_to_end(window)
+            return self._cache[window]
+        feats = self.model.pixel_features(self._read(window))
+        self.windows_computed += 1
+        self._cache[window] = feats
+        limit = self.config.max_cache_mb * 2**20
+        while len(self._cache) > 1 and self.cache_bytes > limit:
+            self._cache.popitem(last=False)
+        return feats
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(f.nbytes for f in self._cache.values())
+
+    def forget(self, z: int) -> None:
+        """Drop the cached features of slice ``z``."""
+        for window in [w for w in self._cache if w[0] == z]:
+            del self._cache[window]
+
+    def clear(self) -> None:
+        """Free the feature cache (the fitted forest stays)."""
+        self._cache.clear()
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def _painted_slices(self, labels: np.ndarray) -> list[int]:
+        if self.ndim == 2:
+            return [0] if np.any(labels) else []
+        return [int(z) for z in np.flatnonzero(np.asarray(labels).reshape(labels.shape[0], -1).any(axis=1))]
+
+    def check_labels(self, labels: Any) -> np.ndarray:
+        """Validate painted labels (same shape as the image; 0 = unpainted; >= 2 classes) -> ndarray."""
+        labels = np.asarray(labels)
+        if labels.shape != tuple(self.image.shape):
+            raise ValueError(f"labels of shape {labels.shape} do not match the image {tuple(self.image.shape)}; "
+                             "paint on a Labels layer of the image's shape")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers (0 = unpainted, classes 1..K); got {labels.dtype}")
+        values = [int(v) for v in np.unique(labels) if v != 0]
+        if any(v < 0 for v in values):
+            raise ValueError(f"label values must be >= 0; found {[v for v in values if v < 0][:5]}")
+        if len(values) < 2:
+            found = "nothing is painted" if not values else f"only class {values[0]} is painted"
+            raise ValueError(f"{found}: paint strokes of at least two classes (label 0 = unpainted is ignored)")
+        if max(values) > MAX_CLASSES:
+            raise ValueError(f"label values {[v for v in values if v > MAX_CLASSES][:5]} exceed {MAX_CLASSES}: "
+                             f"paint classes 1..{MAX_CLASSES}")
+        return labels
+
+    def training_set(self, labels: np.ndarray, cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Features ``[N, F]`` and classes ``[N]`` (painted value - 1) of every painted pixel, class-balanced
+        and capped at ``max_samples`` (deterministic)."""
+        xs, ys = [], []
+        for z in self._painted_slices(labels):
+            plane = labels[z] if self.ndim == 3 else labels
+            rows, cols = np.nonzero(plane)
+            box = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+            for by0, by1, bx0, bx1 in self._blocks(*box):
+                inside = (rows >= by0) & (rows < by1) & (cols >= bx0) & (cols < bx1)
+                if not inside.any():
+                    continue
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                window = self._window(z, (by0, by1, bx0, bx1))
+                _, wy0, _, wx0, _ = window
+                r, c = rows[inside], cols[inside]
+                xs.append(self.features(window)[r - wy0, c - wx0])
+                ys.append(plane[r, c].astype(np.int64) - 1)
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        return _balanced_subsample(x, y, self.config.max_samples, self.config.seed)
+
+    def fit(self, labels: Any, cancel: CancelToken | None = None) -> int:
+        """Fit the forest on the painted pixels of ``labels``; returns the number of training pixels."""
+        labels = self.check_labels(labels)
+        x, y = self.training_set(labels, cancel)
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        num_classes = int(labels.max())
+        if num_classes != self.model.num_classes:
+            self.model.num_classes = num_classes
+        self.model.set_training_data(x, y)
+        self.class_values = sorted(int(v) + 1 for v in np.unique(y))
+        self.fitted = True
+        return len(y)
+
+    def predict(self, z: int = 0, region: tuple[int, int, int, int] | None = None, probabilities: bool = False,
+                cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels ``[h, w]`` (1..K) of ``region = (y0, y1, x0, x1)`` of slice ``z`` (whole slice by default),
+        and class probabilities ``[K, h, w]`` when asked."""
+        if not self.fitted:
+            raise RuntimeError("the live model is not trained yet: call update() or fit() with painted labels")
+        if not 0 <= z < self.depth:
+            raise ValueError(f"slice {z} is outside the image of {self.depth} slice(s)")
+        height, width = self.slice_shape
+        y0, y1, x0, x1 = region if region is not None else (0, height, 0, width)
+        y0, y1, x0, x1 = max(0, y0), min(height, y1), max(0, x0), min(width, x1)
+        if y1 <= y0 or x1 <= x0:
+            raise ValueError(f"the region {region} holds no pixel of the {height} x {width} slice")
+        probs = np.zeros((y1 - y0, x1 - x0, self.model.num_classes), np.float32)  # [h, w, K]
+        for by0, by1, bx0, bx1 in self._blocks(y0, y1, x0, x1):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            window = self._window(z, (by0, by1, bx0, bx1))
+            _, wy0, _, wx0, _ = window
+            view = self.features(window)[by0 - wy0:by1 - wy0, bx0 - wx0:bx1 - wx0]
+            probs[by0 - y0:by1 - y0, bx0 - x0:bx1 - x0] = self.model.predict_proba(np.ascontiguousarray(view))
+        labels = (probs.argmax(-1) + 1).astype(np.uint8 if self.model.num_classes < 256 else np.uint16)
+        return labels, (np.ascontiguousarray(probs.transpose(2, 0, 1)) if probabilities else None)
+
+    def update(self, labels: Any, z: int = 0, region: tuple[int, int, int, int] | None = None,
+               probabilities: bool = False, cancel: CancelToken | None = None) -> LiveResult:
+        """Refit on the current strokes and predict the view: what the widget calls after every stroke."""
+        started = time.perf_counter()
+        computed_before = self.windows_computed
+        n = self.fit(labels, cancel)
+        fitted = time.perf_counter()
+        labels_out, probs = self.predict(z, region, probabilities, cancel)
+        done = time.perf_counter()
+        height, width = self.slice_shape
+        view = region if region is not None else (0, height, 0, width)
+        timings = {"fit_s": fitted - started, "predict_s": done - fitted, "total_s": done - started,
+                   "new_windows": self.windows_computed - computed_before}
+        return LiveResult(labels_out, probs, z, tuple(int(v) for v in view), timings, n)
+
+    # ------------------------------------------------------------------------------------------ keeping
+
+    def to_package(self, class_names: list[str] | None = None) -> ModelPackage:
+        """The fitted live model as a segmentation package (`engine.segment` runs it on whole stacks)."""
+        if not self.fitted:
+            raise RuntimeError("nothing to keep yet: paint strokes of two classes and let the preview train first")
+        k = self.model.num_classes
+        names = list(class_names or [])[:k]
+        names += [f"class {i + 1}" for i in range(len(names), k)]
+        provenance = {"job": "live preview", "trained_pixels": int(self.model.config.n_samples),
+                      "encoder_package": None if self.package is None else str(self.package.path or ""),
+                      "encoder_model": None if self.package is None else self.package.model_name,
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return ModelPackage.from_model(self.model, normalization=self.stats, class_names=names, label_mode="sparse",
+                                       provenance=provenance)
+
+    def save(self, path: str | Path, class_names: list[str] | None = None) -> Path:
+        """Write the live model as a package (``.affmae`` file or directory); returns its path."""
+        return save_package(self.to_package(class_names), path)
+
+
+def _balanced_subsample(x: np.ndarray, y: np.ndarray, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``limit`` rows, the same share for each class where possible (deterministic in ``seed``)."""
+    if len(y) <= limit:
+        return x, y
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    per_class = limit // len(classes)
+    keep = []
+    for c in classes:
+        rows = np.flatnonzero(y == c)
+        keep.append(rows if len(rows) <= per_class else rng.choice(rows, per_class, replace=False))
+    rows = np.sort(np.concatenate(keep))
+    return x[rows], y[rows]
+
+
+__all__ = ["LiveConfig", "LivePreview", "LiveResult", "JobCancelled", "MAX_CLASSES"]
