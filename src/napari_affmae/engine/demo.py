@@ -65,12 +65,14 @@ def run_demo(config: DemoConfig | None = None, progress: ProgressCallback | None
     pre = pretrain(image, PretrainConfig(crop_size=config.crop_size, batch_size=config.batch_size,
                                          steps=config.pretrain_steps, lr=1e-3, warmup_steps=15, seed=config.seed,
                                          device=config.device, output_dir=out / "pretrain",
-                                         checkpoint_every=max(config.pretrain_steps, 1)),
+                                         checkpoint_every=max(config.pretrain_steps, 1),
+                                         overwrite=True),  # the demo regenerates everything it writes
                    progress=progress, cancel=cancel)
     fine = finetune(image, strokes, FinetuneConfig(
         pretrained=pre.package_path, class_names=list(CLASS_NAMES), crop_size=config.crop_size,
         batch_size=config.batch_size, steps=config.finetune_steps, lr=1e-3, warmup_steps=15, seed=config.seed,
-        device=config.device, output_dir=out / "finetune", checkpoint_every=max(config.finetune_steps, 1)),
+        device=config.device, output_dir=out / "finetune", checkpoint_every=max(config.finetune_steps, 1),
+        overwrite=True),
         progress=progress, cancel=cancel)
     predicted = segment(fine.package_path, image, SegmentConfig(tile_size=config.tile_size, device=config.device),
                         progress=progress, cancel=cancel)
