@@ -6,7 +6,9 @@ shared data folder, and writes PNGs to docs/images/. Needs a display; on a headl
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py
 
 Options: ``--data DIR`` (default $AFFMAE_DATA or ../shared/data next to the project),
-``--out DIR`` (default docs/images), ``--pretrain-steps N``, ``--finetune-steps N``.
+``--out DIR`` (default docs/images), ``--pretrain-steps N``, ``--finetune-steps N``,
+``--live-only`` (only the Live preview screenshot: a full 1024 x 1024 VNC slice, strokes of the
+mitochondria benchmark's sparse regime, filter features; about a minute).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--pretrain-steps", type=int, default=20)
     parser.add_argument("--finetune-steps", type=int, default=60)
+    parser.add_argument("--live-only", action="store_true", help="only make live-preview.png")
     return parser.parse_args()
 
 
@@ -110,12 +113,107 @@ def dock_only(viewer, widget, name: str, docks: list) -> None:
     docks.append(viewer.window.add_dock_widget(widget, name=name, area="right"))
 
 
+def live_preview(args: argparse.Namespace) -> None:
+    """live-preview.png: the Fine-tune widget in Live preview mode on slices 0-1 of VNC stack 1 (1024 x 1024),
+    strokes of the few-strokes benchmark (mitochondria, sparse regime, slice 0), filter features only.
+    Prints the update times and the longest event-loop stall while the preview was computed."""
+    import napari
+    import tifffile
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_affmae.bench.em_protocol import training_labels
+    from napari_affmae.widgets import FinetuneWidget
+
+    import napari._qt.qt_main_window as qt_main_window
+
+    qt_main_window.SHOW_QT_WARNING = False  # no "PyQt5 is deprecated" toast over the screenshot
+    raw = np.ascontiguousarray(tifffile.imread(args.data / "vnc" / "stack1_raw.tif", key=range(2)))
+    truth = tifffile.imread(args.data / "vnc" / "stack1_mito.tif", key=range(2)) > 0
+    viewer = napari.Viewer(title="napari-affmae", show=True)
+    viewer.window._qt_window.resize(*WINDOW)  # noqa: SLF001 - fixed size for reproducible screenshots
+    app = QApplication.instance()
+    viewer.add_image(raw, name="vnc stack1", scale=(50.0, 4.6, 4.6), units=("nm", "nm", "nm"), colormap="gray")
+    viewer.scale_bar.visible = True
+    fine = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(fine, name="Fine-tune", area="right")
+    fine.start_from.setCurrentText("From scratch")  # no package: the live preview uses filter features
+    fine.classes.set_names(["background", "mitochondrion"])
+    strokes_layer = fine.add_labels_layer()
+    strokes_layer.data = training_labels(truth.astype(np.uint8), [0], "sparse", seed=0)
+    strokes_layer.opacity = 1.0
+    viewer.dims.set_current_step(0, 0)
+    settle(app)
+
+    gaps: list[float] = []
+    long_gaps: list[tuple[float, float]] = []  # (seconds after the toggle, gap) for gaps > 0.1 s
+    last = [time.perf_counter()]
+
+    def tick() -> None:
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        if gaps[-1] > 0.1:
+            long_gaps.append((round(last[0] - started, 2), round(gaps[-1], 3)))
+        last[0] = now
+
+    meter = QTimer()
+    meter.setInterval(10)
+    meter.timeout.connect(tick)
+    started = time.perf_counter()
+    meter.start()
+
+    def wait_preview(count: int, timeout: float = 600.0) -> None:
+        end = time.perf_counter() + timeout
+        live = fine.live
+        while live.updates < count or live.busy or live._timer.isActive():  # noqa: SLF001
+            if time.perf_counter() > end:
+                raise TimeoutError(f"no live preview within {timeout} s: {live.status.text()}")
+            app.processEvents()
+            time.sleep(0.01)
+
+    fine.live.toggle.setChecked(True)
+    wait_preview(1)
+    first = time.perf_counter() - started
+    shown = [round(first, 2)]
+    timings = [fine.live.last_result.timings]
+    # a correction: one more mitochondrion stroke (from the truth of the same slice), then the update
+    rows, cols = np.nonzero(truth[0] & (strokes_layer.data[0] == 0))
+    pick = len(rows) // 2
+    strokes_layer.selected_label = 2
+    strokes_layer.brush_size = 5
+    for dx in range(0, 12, 3):
+        strokes_layer.paint((0, int(rows[pick]), int(min(cols[pick] + dx, raw.shape[2] - 1))), 2)
+    painted = time.perf_counter()
+    wait_preview(2)
+    second = time.perf_counter() - painted
+    shown.append(round(time.perf_counter() - started, 2))
+    timings.append(fine.live.last_result.timings)
+    meter.stop()
+    viewer.layers["vnc stack1 live preview"].opacity = 0.4
+    viewer.layers.selection.active = strokes_layer
+    settle(app)
+    save_png(viewer, args.out / "live-preview.png")
+    print(f"live preview on a {raw.shape[1]} x {raw.shape[2]} slice: first preview {first:.2f} s after the toggle, "
+          f"update {second:.2f} s after the stroke (debounce included); engine timings {timings}; longest "
+          f"event-loop stall {max(gaps) * 1000:.0f} ms (gaps > 0.1 s at (s, gap): {long_gaps}; previews shown at "
+          f"{shown} s); cache {fine.live.preview.cache_bytes / 2**20:.0f} MB",
+          flush=True)
+    fine.live.toggle.setChecked(False)
+    while fine.live.busy:
+        app.processEvents()
+        time.sleep(0.01)
+    viewer.close()
+
+
 def main() -> int:
     args = parse_args()
     if not (args.data / "vnc" / "stack1_raw.tif").exists():
         print(f"EM data not found under {args.data} (set AFFMAE_DATA or --data)", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.live_only:
+        live_preview(args)
+        return 0
 
     import napari
     from qtpy.QtWidgets import QApplication
@@ -212,6 +310,7 @@ def main() -> int:
     settle(app, 1.0)
     save_png(viewer, args.out / "batch.png")
     viewer.close()
+    live_preview(args)
     return 0
 
 

@@ -3,6 +3,8 @@ see it change, a stale job cancelled, toggle off frees the cache, keep the fast 
 bad input refused with a notification while every layer stays as it was."""
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from qtpy.QtCore import Qt
@@ -63,6 +65,7 @@ def test_live_preview_follows_the_strokes_and_frees_its_cache(make_napari_viewer
     viewer, widget, image_layer, strokes_layer, truth = setup(make_napari_viewer, dock)
     strokes = first_strokes()
     strokes_layer.data = strokes.copy()
+    qtbot.wait(300)  # the viewer's first render (image + strokes) happens before the measurement
     meter = StallMeter()
     meter.start()
     timings = []
@@ -86,6 +89,7 @@ def test_live_preview_follows_the_strokes_and_frees_its_cache(make_napari_viewer
     assert (shown == truth[0]).mean() > 0.9
     assert widget.live.preview is not None and widget.live.preview.cache_bytes > 0
     assert widget.live.keep_button.isEnabled()
+    assert gc.get_freeze_count() > 0  # no full garbage collection over the whole heap while live (see _live)
 
     # paint again, with the brush: a class-2 blob in the background -> the preview there changes
     strokes_layer.brush_size = 7
@@ -138,6 +142,7 @@ def test_live_preview_follows_the_strokes_and_frees_its_cache(make_napari_viewer
     widget.live.toggle.setChecked(False)
     qtbot.waitUntil(lambda: not widget.live.busy, timeout=20_000)
     assert widget.live.preview is None and held.cache_bytes == 0
+    assert gc.get_freeze_count() == 0  # the GC freeze is released with the toggle
     assert "em live preview" in viewer.layers and "em strokes" in viewer.layers
     updates = widget.live.updates
     strokes_layer.paint((0, 20, 100), 1)
