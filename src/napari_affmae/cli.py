@@ -333,10 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks shipped with the package (affmae bench efficiency --help)",
                        description="Run a benchmark of napari_affmae.bench; everything after its name is passed "
                                    "to it (see 'affmae bench efficiency --help').")
-    p.add_argument("name", choices=("efficiency", "segmentation", "ablation"),
+    p.add_argument("name", choices=("efficiency", "segmentation", "ablation", "preview"),
                    help="which benchmark: efficiency (FLOPs, memory, step times of AFFMAE and the baselines), "
                         "segmentation (real-EM fine-tuning from few labels, all arms) or ablation (one-change "
-                        "variants of AFFMAE pretraining on the segmentation benchmark's setting)")
+                        "variants of AFFMAE pretraining on the segmentation benchmark's setting) or preview (Live preview "
+                        "vs the ilastik-style rf_filters: update times and IoU over correction rounds)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
                    help="options of the benchmark (e.g. --device cuda --out docs/benchmarks.md)")
     return parser
@@ -669,6 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench.em_segmentation import main as bench_main  # noqa: PLC0415
         elif args.name == "ablation":
             from .bench.em_ablation import main as bench_main  # noqa: PLC0415
+        elif args.name == "preview":
+            from .bench.preview import main as bench_main  # noqa: PLC0415
         else:
             from .bench.efficiency import main as bench_main  # noqa: PLC0415
         return bench_main(args.bench_args, prog=f"affmae bench {args.name}")

@@ -195,3 +195,27 @@ def test_threshold_needs_both_classes_and_matching_shapes() -> None:
         P.fit_threshold(image, np.ones((8, 8), np.uint8))
     with pytest.raises(ValueError, match="must have the image's shape"):
         P.fit_threshold(image, np.ones((8, 9), np.uint8))
+
+
+def test_correction_strokes_paint_errors_with_their_true_class() -> None:
+    truth = np.zeros((200, 200), np.uint8)
+    truth[40:120, 40:120] = 1  # one big structure
+    pred = np.zeros_like(truth)
+    pred[60:120, 40:120] = 1  # misses its top rows (false negatives) ...
+    pred[150:190, 10:190] = 1  # ... and calls a big background band structure (false positives)
+    pred[5, 5] = 1  # a one-pixel false positive: too small to be worth a stroke
+    labels = np.zeros_like(truth)
+    labels[100:103, 60:90] = P.FOREGROUND  # an earlier stroke
+    new = P.correction_strokes(labels, pred, truth, seed=3)
+    assert (new[100:103, 60:90] == P.FOREGROUND).all()  # earlier strokes are kept
+    added = (new > 0) & (labels == 0)
+    fp, fn = (pred > 0) & (truth == 0), (pred == 0) & (truth > 0)
+    assert added.any() and (added <= (fp | fn)).all()  # only where the prediction is wrong
+    assert (new[added & fp] == P.BACKGROUND).all() and (new[added & fn] == P.FOREGROUND).all()
+    assert (new[added & fp]).size > 0 and (new[added & fn]).size > 0  # both kinds of error get strokes
+    assert new[5, 5] == 0
+    assert abs(added.sum() - P.CORRECTION_FRACTION * truth.size) <= 0.3 * P.CORRECTION_FRACTION * truth.size
+    np.testing.assert_array_equal(new, P.correction_strokes(labels, pred, truth, seed=3))  # deterministic
+    np.testing.assert_array_equal(P.correction_strokes(labels, truth, truth), labels)  # nothing wrong: no stroke
+    with pytest.raises(ValueError, match="one shape"):
+        P.correction_strokes(labels, pred[:10], truth)

@@ -150,3 +150,28 @@ def test_verdict_names_pretraining_ties_and_networks_no_better_than_a_threshold(
     assert "did **not** beat AFFMAE from scratch" in text and "k=1: +0.005 IoU" in text
     assert "k=1 (threshold 0.118): affmae_pretrained, affmae_scratch." in text  # both within 0.01 of it
     assert "unet_scratch" not in text.split("threshold 0.118")[1] and "k=4" not in text.split("IoU, i.e.")[1]
+
+
+def test_verdict_names_networks_no_better_than_the_forest() -> None:
+    def row(arm: str, iou: float) -> dict:
+        return {"task": "vnc_mito", "regime": "sparse", "k": "1", "arm": arm, "n_labelled": 1,
+                "fg_iou": {"mean": iou, "std": None, "n": 1}}
+
+    results = {"config": {"seeds": [0]}, "summary": [
+        row("affmae_pretrained", 0.116), row("affmae_scratch", 0.115), row("unet_scratch", 0.30),
+        row("rf_filters", 0.197)]}
+    text = S.verdict(results)
+    assert "ilastik-style random forest (rf_filters) by more than 0.01 IoU: VNC mitochondria, sparse, k=1 " \
+           "(rf_filters 0.197): affmae_pretrained, affmae_scratch." in text
+    assert "unet_scratch" not in text.split("rf_filters 0.197")[1]
+
+
+def test_rf_filters_arm_is_the_filter_forest_fitted_on_the_strokes(tiny_data_dir: Path, tmp_path: Path) -> None:
+    config = S.EMBenchConfig(data_dir=tiny_data_dir, work_dir=tmp_path / "w", arms=["rf_filters", "threshold"],
+                             ks=[1], tile=64, crop=32)
+    results = S.run_benchmark(config)
+    runs = {r["arm"]: r for r in results["runs"]}
+    assert runs["rf_filters"]["error"] is None and runs["rf_filters"]["model"] == "rf_filters"
+    # the synthetic mitochondria are dark blobs with texture: the forest separates them better than one cut
+    assert runs["rf_filters"]["scores"]["fg_iou"] > runs["threshold"]["scores"]["fg_iou"]
+    assert results["parameters"] == {}  # no network among these arms

@@ -162,6 +162,46 @@ def training_labels(truth: np.ndarray, slices: Sequence[int], regime: str, *, se
     return out
 
 
+CORRECTION_FRACTION = 0.0025  # share of a slice painted per correction round
+
+
+def correction_strokes(labels: np.ndarray, pred: np.ndarray, truth: np.ndarray, *, seed: int = 0,
+                       fraction: float = CORRECTION_FRACTION) -> np.ndarray:
+    """One correction round on a labelled slice, as a person paints where the preview is wrong.
+
+    ``labels`` ``[Y, X]`` painted so far (0 / 1 = background / 2 = structure), ``pred`` and ``truth``
+    binary ``[Y, X]`` (nonzero = structure). New strokes (same 3 px brush as `training_labels`,
+    about ``fraction`` of the slice, split between the two error kinds) go inside the false
+    positives, painted as background, and inside the false negatives, painted as structure —
+    in the largest error regions first (each error pixel weighted by the size of its connected
+    error region, so one-pixel slivers along a boundary are rarely chosen). Existing strokes are
+    kept. Deterministic in ``seed``. Returns the new labels (a copy).
+    """
+    labels, pred, truth = np.asarray(labels), np.asarray(pred) > 0, np.asarray(truth) > 0
+    if not labels.shape == pred.shape == truth.shape or labels.ndim != 2:
+        raise ValueError(f"labels, prediction and truth must be [Y, X] slices of one shape; got {labels.shape}, "
+                         f"{pred.shape}, {truth.shape}")
+    errors = np.zeros(labels.shape, np.uint8)
+    errors[pred & ~truth] = BACKGROUND  # false positive: paint as background
+    errors[~pred & truth] = FOREGROUND  # false negative: paint as structure
+    errors[labels > 0] = 0  # never repaint a stroke
+    if not errors.any():
+        return labels.copy()
+    # keep the larger half (by pixels) of the error regions of each kind: where the preview is most wrong
+    for value in (BACKGROUND, FOREGROUND):
+        regions, n = ndimage.label(errors == value)
+        if n == 0:
+            continue
+        sizes = np.bincount(regions.ravel())[1:]  # [n]
+        order = np.argsort(-sizes)
+        covered = np.cumsum(sizes[order]) <= 0.5 * sizes.sum()
+        keep = order[: max(1, int(covered.sum()))] + 1
+        errors[(regions > 0) & ~np.isin(regions, keep) & (errors == value)] = 0
+    new = sparse_strokes(errors, fraction, seed=seed, classes=(BACKGROUND, FOREGROUND), stroke_width=3,
+                         stroke_length=max(16, max(labels.shape) // 10))
+    return np.where(labels > 0, labels, new).astype(labels.dtype)
+
+
 # ----------------------------------------------------------------------------------------------- threshold
 
 THRESHOLD_SIGMA = 2.0  # px: Gaussian smoothing before the intensity threshold

@@ -11,7 +11,10 @@ with `engine.segment` on the held-out slices:
   images with the same step budget, then fine-tuned;
 * ``unet_scratch``       a plain small U-Net (``unet_*``) from scratch, the usual lab baseline;
 * ``threshold``          no network: smoothed grey-value cut fitted on the painted pixels (the floor a
-  network must beat to have learned more than brightness).
+  network must beat to have learned more than brightness);
+* ``rf_filters``         no network: ilastik's pixel classifier rebuilt — 20 multiscale filter features
+  (`data.features.filter_features`) and a 100-tree random forest on the painted pixels, the tool a
+  lab already has (the Live preview without encoder features, `engine.live`).
 
 One pretraining per (task, family, seed) is shared by every k and label regime. The default
 setting (VNC mitochondria, k = 1 and 4, sparse labels, one seed, tiny models) is sized for 2 CPU
@@ -47,7 +50,9 @@ ARMS: dict[str, tuple[str, bool]] = {  # arm -> (model family, pretrained?)
     "vit_mae_pretrained": ("vit_mae", True),
     "unet_scratch": ("unet", False),
     "threshold": ("threshold", False),  # no network: smoothed grey-value cut fitted on the painted pixels
+    "rf_filters": ("rf_filters", False),  # no network: ilastik-style filter features + random forest
 }
+NO_NETWORK = ("threshold", "rf_filters")  # arms without a trained network
 UNET_SIZE = {"tiny": "tiny", "small": "small", "base": "small"}
 # masking per family, as each was published for EM / natural images (DESIGN.md sections 3 and 5)
 TIE_IOU = 0.01  # IoU differences at or below this count as ties in the verdict
@@ -140,8 +145,8 @@ class EMBenchConfig:
         return {k: v for k, v in self.affmae_options.items() if k not in PRETRAINING_ONLY}
 
     def model_name(self, family: str) -> str:
-        if family == "threshold":
-            return "threshold"
+        if family in NO_NETWORK:
+            return family
         return f"unet_{UNET_SIZE[self.size]}" if family == "unet" else f"{family}_{self.size}"
 
 
@@ -205,6 +210,8 @@ def _finetune_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarra
     task = P.TASKS[record.task]
     if record.arm == "threshold":
         return _threshold_and_score(config, record, raw, truth, labels, eval_slices, keep_slice)
+    if record.arm == "rf_filters":
+        return _forest_and_score(config, record, raw, truth, labels, eval_slices, keep_slice)
     started = time.perf_counter()
     result = finetune(raw, labels, FinetuneConfig(
         pretrained=pretrained, model=record.model, class_names=list(task.class_names), label_mode="sparse",
@@ -233,6 +240,24 @@ def _threshold_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarr
     started = time.perf_counter()
     pred_fg = np.zeros(raw.shape, np.uint8)  # [Z, Y, X], 1 = structure; only the scored slices are filled
     pred_fg[eval_slices] = cut.predict(raw[eval_slices])
+    record.inference_s = time.perf_counter() - started
+    record.scores = P.evaluate_stack(pred_fg, truth, P.TASKS[record.task], eval_slices, config.tolerance)
+    return None if keep_slice is None else pred_fg[keep_slice]
+
+
+def _forest_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarray, truth: np.ndarray,
+                      labels: np.ndarray, eval_slices: list[int], keep_slice: int | None) -> np.ndarray | None:
+    from ..engine.live import LiveConfig, LivePreview  # noqa: PLC0415
+
+    started = time.perf_counter()
+    forest = LivePreview(raw, LiveConfig(package=None, seed=record.seed))
+    forest.fit(labels)
+    record.finetune_s = time.perf_counter() - started
+    started = time.perf_counter()
+    pred_fg = np.zeros(raw.shape, np.uint8)  # [Z, Y, X], 1 = structure; only the scored slices are filled
+    for z in eval_slices:
+        pred_fg[z] = forest.predict(z)[0] == P.FOREGROUND
+        forest.forget(z)
     record.inference_s = time.perf_counter() - started
     record.scores = P.evaluate_stack(pred_fg, truth, P.TASKS[record.task], eval_slices, config.tolerance)
     return None if keep_slice is None else pred_fg[keep_slice]
@@ -332,7 +357,7 @@ def parameter_counts(config: EMBenchConfig) -> dict[str, int]:
     """Parameters of each arm's segmentation model (binary task)."""
     from ..models import create_model  # noqa: PLC0415
 
-    names = sorted({config.model_name(ARMS[a][0]) for a in config.arms if ARMS[a][0] != "threshold"})
+    names = sorted({config.model_name(ARMS[a][0]) for a in config.arms if ARMS[a][0] not in NO_NETWORK})
     return {n: sum(p.numel() for p in create_model(n, task="segmentation", num_classes=2).parameters()) for n in names}
 
 
@@ -470,21 +495,26 @@ def verdict(results: dict[str, Any]) -> str:
 
 
 def _threshold_verdict(rows: dict[tuple, dict[str, Any]]) -> str:
-    """Which networks did not beat the grey-value threshold (by more than TIE_IOU) in each setting."""
+    """Which networks did not beat the grey-value threshold, and which did not beat the forest."""
+    return (_behind_verdict(rows, "threshold", "Networks that did not beat a smoothed grey-value threshold by more "
+                            f"than {TIE_IOU} IoU, i.e. learned no more than brightness")
+            + _behind_verdict(rows, "rf_filters", "Networks that did not beat the ilastik-style random forest "
+                              f"(rf_filters) by more than {TIE_IOU} IoU"))
+
+
+def _behind_verdict(rows: dict[tuple, dict[str, Any]], anchor: str, text: str) -> str:
+    """``text`` + the networks at or below the ``anchor`` arm (+ TIE_IOU) in each setting where it ran."""
     parts = []
     for (task, regime, k, arm), row in sorted(rows.items()):
         cut = row["fg_iou"]["mean"]
-        if arm != "threshold" or cut is None:
+        if arm != anchor or cut is None:
             continue
-        behind = [a for a in ARMS if a != "threshold" and (task, regime, k, a) in rows
+        behind = [a for a in ARMS if a not in NO_NETWORK and (task, regime, k, a) in rows
                   and rows[(task, regime, k, a)]["fg_iou"]["mean"] is not None
                   and rows[(task, regime, k, a)]["fg_iou"]["mean"] <= cut + TIE_IOU]
         if behind:
-            parts.append(f"{P.TASKS[task].title}, {regime}, k={k} (threshold {cut:.3f}): {', '.join(behind)}")
-    if not parts:
-        return ""
-    return (" Networks that did not beat a smoothed grey-value threshold by more than "
-            f"{TIE_IOU} IoU, i.e. learned no more than brightness: " + "; ".join(parts) + ".")
+            parts.append(f"{P.TASKS[task].title}, {regime}, k={k} ({anchor} {cut:.3f}): {', '.join(behind)}")
+    return f" {text}: " + "; ".join(parts) + "." if parts else ""
 
 
 def _masking_text(cfg: dict[str, Any], family: str) -> str:
@@ -516,7 +546,9 @@ def render_page(results: dict[str, Any], images: dict[str, str], command: str) -
         "with the same loop: cross-entropy + Dice on labelled pixels, AdamW, warm-up + cosine, "
         "flips/rot90/intensity augmentation. `threshold` (no network, where run): Gaussian smoothing "
         f"(sigma {P.THRESHOLD_SIGMA:g} px), then the grey-value cut that best separates the painted pixels "
-        "(balanced accuracy) — what a network must beat to have learned more than brightness."
+        "(balanced accuracy) — what a network must beat to have learned more than brightness. `rf_filters` (no "
+        "network, where run): ilastik's pixel classifier rebuilt — intensity, edge and Hessian-eigenvalue "
+        "filters at 5 scales (1-16 px) and a 100-tree random forest fitted on the painted pixels."
         + (f" AFFMAE options: `{json.dumps(cfg['affmae_options'])}`." if cfg.get("affmae_options") else ""), "",
         "Labels: class 1 = background, class 2 = the structure; `dense` = every pixel of the k labelled "
         f"slices, `sparse` = simulated brush strokes of both classes inside their class (about "

@@ -1,0 +1,288 @@
+"""Live preview benchmark: how fast and how good is the paint-look-correct loop?
+
+For each task of the few-strokes protocol (`bench.em_protocol`, k = 1 labelled slice, sparse
+strokes) and each arm:
+
+* ``rf_filters`` — ilastik's pixel classifier rebuilt: the 20 multiscale filter features of
+  `data.features.filter_features` and a 100-tree random forest (our `LivePreview` without a package);
+* ``live`` — the Live preview as the Fine-tune widget runs it: the same filters plus the AFFMAE
+  encoder stages of a pretrained package, the same forest.
+
+It measures, on the labelled slice (1024^2 on VNC):
+
+* ``first_preview_s``: from nothing cached to the first prediction of the slice (features,
+  fit, predict);
+* ``update_s``: after one more stroke, refit and repredict with the features cached (the median of
+  ``repeats`` strokes);
+* ``peak_rss_mb``: peak resident memory of a fresh process doing the above;
+* held-out IoU after correction rounds 0, 1, 2 (`em_protocol.correction_strokes`: about 0.25 % of
+  the slice per round, painted where the prediction on the labelled slice is wrong), and each
+  round's seconds.
+
+``affmae bench preview --json`` prints the summary object: ``update_vs_rf`` and
+``first_preview_vs_rf`` (time ratios live / rf_filters, on the first task), ``iou_live`` and
+``iou_rf_filters`` (first task, round 0), and everything per task.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import em_protocol as P
+
+log = logging.getLogger(__name__)
+ARMS = ("rf_filters", "live")
+
+
+@dataclass
+class PreviewBenchConfig:
+    """One run. ``package``: AFFMAE package for the live arm's encoder per task family (None: pretrain one)."""
+
+    data_dir: Path
+    work_dir: Path = Path("runs/live_preview")
+    tasks: list[str] = field(default_factory=lambda: list(P.TASKS))
+    seed: int = 0
+    rounds: int = 2
+    repeats: int = 3
+    packages: dict[str, str] = field(default_factory=dict)  # data family ("vnc", "isbi2012") -> package path
+    pretrain_steps: int = 300
+    threads: int | None = 2
+    max_eval_slices: int | None = None
+    trees: int = 100
+
+    def validate(self) -> None:
+        unknown = [t for t in self.tasks if t not in P.TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(P.TASKS)}")
+        if self.rounds < 0 or self.repeats < 1 or self.pretrain_steps < 1 or self.trees < 1:
+            raise ValueError("rounds must be >= 0; repeats, pretrain-steps and trees >= 1")
+        for family, path in self.packages.items():
+            if not Path(path).exists():
+                raise ValueError(f"package for {family} not found: {path}")
+
+
+def _family(task: str) -> str:
+    return P.TASKS[task].raw.split("/")[0]
+
+
+def _live_config(arm: str, package: str | None, trees: int, seed: int) -> Any:
+    from ..engine.live import LiveConfig  # noqa: PLC0415
+
+    return LiveConfig(package=package if arm == "live" else None, trees=trees, seed=seed, max_cache_mb=4096)
+
+
+def _extra_stroke(labels: np.ndarray, truth: np.ndarray, z: int, seed: int) -> np.ndarray:
+    """``labels`` plus one short background stroke on slice z (a new stroke, as a person adds one)."""
+    one = P.training_labels(truth, [z], "sparse", seed=seed + 7919, fraction=0.0005)
+    one[one == P.FOREGROUND] = 0
+    return np.where(labels > 0, labels, one)
+
+
+def time_arm(raw: np.ndarray, truth: np.ndarray, z: int, labels: np.ndarray, arm: str, package: str | None,
+             trees: int, seed: int, repeats: int) -> dict[str, Any]:
+    """First-preview and update times of one arm on slice ``z`` (run in a fresh process for its peak RSS)."""
+    from ..engine.live import LivePreview  # noqa: PLC0415
+
+    started = time.perf_counter()
+    preview = LivePreview(raw, _live_config(arm, package, trees, seed))
+    first = preview.update(labels, z=z)
+    first_s = time.perf_counter() - started
+    updates = []
+    current = labels
+    for i in range(repeats):
+        current = _extra_stroke(current, truth, z, seed + i)
+        t0 = time.perf_counter()
+        preview.update(current, z=z)
+        updates.append(time.perf_counter() - t0)
+    return {"first_preview_s": first_s, "update_s": statistics.median(updates), "update_all_s": updates,
+            "first_timings": first.timings, "painted_pixels": first.n_painted,
+            "n_features": preview.model.config.n_features,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def _time_arm_child(queue: Any, args: tuple, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        queue.put(("ok", time_arm(*args)))
+    except Exception as err:  # noqa: BLE001  (sent back to the parent, which reports it)
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def time_arm_isolated(args: tuple, threads: int | None) -> dict[str, Any]:
+    """`time_arm` in a fresh spawned process, so its peak memory is its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_time_arm_child, args=(queue, args, threads))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(value)
+    return value
+
+
+def correction_rounds(raw: np.ndarray, truth: np.ndarray, z: int, labels: np.ndarray, eval_slices: list[int],
+                      arm: str, package: str | None, trees: int, seed: int, rounds: int) -> list[dict[str, Any]]:
+    """Held-out scores after rounds 0..``rounds``: fit, predict, then paint corrections on slice z."""
+    from ..engine.live import LivePreview  # noqa: PLC0415
+
+    preview = LivePreview(raw, _live_config(arm, package, trees, seed))
+    out = []
+    for r in range(rounds + 1):
+        started = time.perf_counter()
+        result = preview.update(labels, z=z)
+        fit_s = time.perf_counter() - started
+        pred = np.zeros(raw.shape, np.uint8)
+        for e in eval_slices:
+            pred[e] = preview.predict(e)[0] == P.FOREGROUND
+            preview.forget(e)  # each evaluation slice is seen once per round: keep the cache small
+        out.append({"round": r, "painted_pixels": int((labels[z] > 0).sum()), "train_and_preview_s": fit_s,
+                    "eval_s": time.perf_counter() - started - fit_s, "pred_slice": result.labels == P.FOREGROUND,
+                    "scores": pred})
+        if r < rounds:
+            labels = labels.copy()
+            labels[z] = P.correction_strokes(labels[z], result.labels == P.FOREGROUND, truth[z], seed=seed * 31 + r)
+    return out
+
+
+def run_benchmark(config: PreviewBenchConfig) -> dict[str, Any]:
+    """Every task x arm; returns the JSON-able results (``summary`` holds the headline ratios)."""
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    packages = dict(config.packages)
+    tasks_out: dict[str, Any] = {}
+    started = time.perf_counter()
+    for task_name in config.tasks:
+        task = P.TASKS[task_name]
+        raw, truth, extra = P.load_task(config.data_dir, task)
+        family = _family(task_name)
+        if family not in packages:
+            packages[family] = _pretrain_package(config, family, raw, extra)
+        split = P.make_split(raw.shape[0])
+        z = split.labelled(1)[0]
+        eval_slices = list(split.eval_slices)
+        if config.max_eval_slices:
+            eval_slices = eval_slices[:: max(1, len(eval_slices) // config.max_eval_slices)][: config.max_eval_slices]
+        labels = P.training_labels(truth, [z], "sparse", seed=config.seed)
+        arms: dict[str, Any] = {}
+        for arm in ARMS:
+            log.info("[%s] %s: timing", task_name, arm)
+            timing = time_arm_isolated((raw, truth, z, labels, arm, packages[family], config.trees, config.seed,
+                                        config.repeats), config.threads)
+            log.info("[%s] %s: correction rounds", task_name, arm)
+            rounds = correction_rounds(raw, truth, z, labels, eval_slices, arm, packages[family], config.trees,
+                                       config.seed, config.rounds)
+            for item in rounds:
+                item["scores"] = P.evaluate_stack(item.pop("scores"), truth, task, eval_slices)
+                item.pop("pred_slice")
+            arms[arm] = {**timing, "rounds": rounds}
+            log.info("[%s] %s: first %.1f s, update %.1f s, IoU by round %s", task_name, arm,
+                     timing["first_preview_s"], timing["update_s"],
+                     [round(r["scores"]["fg_iou"], 3) for r in rounds])
+        tasks_out[task_name] = {"labelled_slice": z, "eval_slices": eval_slices, "shape": list(raw.shape),
+                                "package": packages[family], "arms": arms}
+    return {"config": {**asdict(config), "data_dir": str(config.data_dir), "work_dir": str(config.work_dir)},
+            "environment": _environment(), "tasks": tasks_out, "summary": summarise(tasks_out),
+            "total_s": time.perf_counter() - started}
+
+
+def _pretrain_package(config: PreviewBenchConfig, family: str, raw: np.ndarray, extra: Sequence[Path]) -> str:
+    """Pretrain AFFMAE-tiny on the task's raw stack + its unlabelled stack (the segmentation benchmark's budget)."""
+    import tifffile  # noqa: PLC0415
+
+    from .em_segmentation import EMBenchConfig, _pretrain  # noqa: PLC0415
+
+    crop = max(32, min(128, min(raw.shape[-2:]) // 8 * 8))  # the segmentation benchmark's crop, or the image
+    seg = EMBenchConfig(data_dir=config.data_dir, work_dir=config.work_dir, pretrain_steps=config.pretrain_steps,
+                        crop=crop, batch_size=min(8, 2 * config.pretrain_steps))
+    images = [raw, *[np.asarray(tifffile.imread(p)) for p in extra]]
+    path, _ = _pretrain(seg, "affmae", images, family, config.seed, "cpu")
+    return str(path)
+
+
+def summarise(tasks: dict[str, Any]) -> dict[str, Any]:
+    """Headline numbers: ratios on the first task, IoU per task and round."""
+    first = next(iter(tasks.values()))
+    live, rf = first["arms"]["live"], first["arms"]["rf_filters"]
+    per_task = {}
+    for name, item in tasks.items():
+        per_task[name] = {arm: [r["scores"]["fg_iou"] for r in data["rounds"]] for arm, data in item["arms"].items()}
+    return {"task": next(iter(tasks)),
+            "update_vs_rf": live["update_s"] / rf["update_s"],
+            "first_preview_vs_rf": live["first_preview_s"] / rf["first_preview_s"],
+            "iou_live": live["rounds"][0]["scores"]["fg_iou"],
+            "iou_rf_filters": rf["rounds"][0]["scores"]["fg_iou"],
+            "update_s": {"live": live["update_s"], "rf_filters": rf["update_s"]},
+            "first_preview_s": {"live": live["first_preview_s"], "rf_filters": rf["first_preview_s"]},
+            "peak_rss_mb": {"live": live["peak_rss_mb"], "rf_filters": rf["peak_rss_mb"]},
+            "iou_by_round": per_task}
+
+
+def _environment() -> dict[str, Any]:
+    from .em_segmentation import environment  # noqa: PLC0415
+
+    return environment("cpu")
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> tuple[PreviewBenchConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, default=None, help=f"folder with vnc/ and isbi2012/ (default: ${P.DATA_ENV})")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/live_preview"), help="pretrained packages go here")
+    p.add_argument("--tasks", default="all", help=f"comma list of {', '.join(P.TASKS)} or 'all' (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=2, help="correction rounds after round 0 (default: 2)")
+    p.add_argument("--repeats", type=int, default=3, help="strokes timed for the update time (default: 3)")
+    p.add_argument("--package", action="append", default=[], metavar="FAMILY=PATH",
+                   help="AFFMAE package for the live arm, e.g. vnc=runs/pre.affmae (default: pretrain one)")
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--trees", type=int, default=100)
+    p.add_argument("--max-eval-slices", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2, help="torch / scikit-learn threads (default: 2)")
+    p.add_argument("--json", action="store_true", help="print the summary object as JSON")
+    p.add_argument("--out", type=Path, default=None, help="also write all results as JSON here")
+    args = p.parse_args(argv)
+    data_dir = args.data_dir or P.default_data_dir()
+    tasks = list(P.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    packages = {}
+    for item in args.package:
+        if "=" not in item:
+            p.error(f"--package takes FAMILY=PATH (families: vnc, isbi2012); got {item!r}")
+        key, value = item.split("=", 1)
+        packages[key.strip()] = value.strip()
+    config = PreviewBenchConfig(data_dir=data_dir, work_dir=args.work_dir, tasks=tasks, seed=args.seed,
+                                rounds=args.rounds, repeats=args.repeats, packages=packages,
+                                pretrain_steps=args.pretrain_steps, threads=args.threads,
+                                max_eval_slices=args.max_eval_slices, trees=args.trees)
+    return config, args
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        config, args = parse_args(argv, prog)
+        config.validate()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results = run_benchmark(config)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    if args.json:
+        print(json.dumps(results["summary"], indent=1))
+    return 0
