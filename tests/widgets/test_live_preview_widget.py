@@ -232,3 +232,26 @@ def test_keep_path_never_overwrites(tmp_path):
     (tmp_path / "live-preview.affmae").write_bytes(b"x")
     (tmp_path / "live-preview-2.affmae").mkdir()
     assert keep_path(tmp_path) == tmp_path / "live-preview-3.affmae"
+
+
+def test_a_large_slice_is_predicted_view_by_view(make_napari_viewer, qtbot, dock):
+    viewer, widget, image_layer, strokes_layer, _ = setup(make_napari_viewer, dock)
+    widget.live.options = {"trees": 20, "max_window_pixels": 64 * 64}  # the 128 x 128 slices count as large
+    strokes_layer.data = first_strokes()
+    viewer.dims.set_current_step(0, 0)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.center = (0.0, 30 * 4.6, 30 * 4.6)
+    camera.zoom = 8.0  # a small part of the slice around (30, 30) is in view
+    widget.live.toggle.setChecked(True)
+    wait_updates(qtbot, widget, 1)
+    y0, y1, x0, x1 = widget.live.last_result.region
+    assert (y1 - y0) * (x1 - x0) < 128 * 128 and y0 <= 30 < y1 and x0 <= 30 < x1
+    preview = widget.live.preview_layer
+    inside = np.zeros(SHAPE[1:], bool)
+    inside[y0:y1, x0:x1] = True
+    assert preview.data[0][inside].all() and not preview.data[0][~inside].any()
+    camera.center = (0.0, 100 * 4.6, 100 * 4.6)  # panning predicts the new view
+    wait_updates(qtbot, widget, 2)
+    y0, y1, x0, x1 = widget.live.last_result.region
+    assert y0 <= 100 < y1 and x0 <= 100 < x1
+    assert preview.data[0, 100, 100] > 0 and preview.data[0, 30, 30] == 0
