@@ -27,8 +27,8 @@ from ..engine import CancelToken, JobCancelled
 from ..engine.live import LiveConfig, LivePreview, LiveResult
 from ._base import notify
 from ._jobs import JobOutcome, _run_job
-from ._preload import warm_up_live_imports
 from ._layers import current_slice, image_data, is_kind, label_colormap, labels_data, same_geometry, visible_region
+from ._preload import warm_up_live_imports
 from ._state import SharedState
 
 log = logging.getLogger(__name__)

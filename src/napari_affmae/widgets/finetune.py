@@ -30,8 +30,8 @@ from ..engine import FinetuneConfig, SegmentConfig, finetune
 from ..models import list_models
 from ._base import Job, notify
 from ._jobs import JobOutcome
-from ._live import LivePanel, LiveSources
 from ._layers import _PALETTE, LayerPicker, image_data, label_colormap, labels_data, painted_classes, same_geometry
+from ._live import LivePanel, LiveSources
 from ._panels import PathEdit, form_label
 from ._results import plan_region, segmentation_job, show_segmentation
 from ._training import TrainingWidget
