@@ -255,3 +255,25 @@ def test_a_large_slice_is_predicted_view_by_view(make_napari_viewer, qtbot, dock
     y0, y1, x0, x1 = widget.live.last_result.region
     assert y0 <= 100 < y1 and x0 <= 100 < x1
     assert preview.data[0, 100, 100] > 0 and preview.data[0, 30, 30] == 0
+
+
+def test_affmae_features_are_used_only_when_asked_for(make_napari_viewer, qtbot, dock, tmp_path):
+    import torch
+
+    from napari_affmae.data.features import N_FILTER_FEATURES
+    from napari_affmae.engine import save_package
+    from napari_affmae.models import create_model
+
+    torch.manual_seed(0)
+    package = save_package(create_model("affmae_tiny"), tmp_path / "pre.affmae")
+    viewer, widget, _, strokes_layer, _ = setup(make_napari_viewer, dock)
+    widget.start_from.setCurrentText("Pretrained package")
+    widget.pretrained.set_text(package, by_user=True)
+    strokes_layer.data = first_strokes()
+    widget.live.toggle.setChecked(True)
+    wait_updates(qtbot, widget, 1)
+    assert widget.live.preview.model.config.n_features == N_FILTER_FEATURES  # default: filter features only
+    widget.live.encoder_features.setChecked(True)
+    wait_updates(qtbot, widget, 2, timeout_ms=60_000)
+    assert widget.live.preview.package is not None
+    assert widget.live.preview.model.config.n_features == N_FILTER_FEATURES + 4 * 4  # + 4 stages x 4 components

@@ -103,6 +103,10 @@ class LivePanel(QWidget):
                                "show its prediction of the current slice (seconds, not minutes)")
         self.probabilities = QCheckBox("probabilities")
         self.probabilities.setToolTip("Also show the class probabilities as an image layer")
+        self.encoder_features = QCheckBox("AFFMAE features")
+        self.encoder_features.setToolTip("Add the pretrained package's encoder features to the filter features. Off "
+                                         "by default: with CPU-pretrained packages they lowered held-out IoU "
+                                         "(docs/live-preview.md)")
         self.keep_button = QPushButton("Keep live model")
         self.keep_button.setToolTip("Save the fast model as a segmentation package (Segment and Batch can run it "
                                     "over a whole stack)")
@@ -113,6 +117,7 @@ class LivePanel(QWidget):
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.toggle)
         row.addWidget(self.probabilities)
+        row.addWidget(self.encoder_features)
         row.addStretch(1)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -146,6 +151,7 @@ class LivePanel(QWidget):
         self._timer.timeout.connect(self._fire)
         self.toggle.toggled.connect(self._toggled)
         self.probabilities.toggled.connect(self.schedule)
+        self.encoder_features.toggled.connect(self.schedule)
         self.keep_button.clicked.connect(self.keep)
         viewer.dims.events.current_step.connect(self._view_changed)
         camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 / older
@@ -262,7 +268,7 @@ class LivePanel(QWidget):
         layer = self.sources.image_layer()
         image = image_data(layer)
         labels = labels_data(self.sources.labels_layer(), image.shape, layer.name)
-        package = self.sources.package()
+        package = self.sources.package() if self.encoder_features.isChecked() else None
         config = LiveConfig(package=package, **self.options)
         key = (id(layer), id(image), str(package), tuple(sorted(self.options.items())))
         z = current_slice(self.viewer, layer)
