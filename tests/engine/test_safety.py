@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,10 +23,10 @@ import zarr
 
 from napari_affmae.cli import main
 from napari_affmae.data import synthetic_em
-from napari_affmae.engine import BatchConfig, CancelToken, JobCancelled, SegmentConfig, batch_segment, load_package, \
-    segment
+from napari_affmae.engine import BatchConfig, CancelToken, JobCancelled, PretrainConfig, SegmentConfig, \
+    batch_segment, load_package, pretrain, segment
 from napari_affmae.engine.checkpoint import CHECKPOINT_NAME
-from napari_affmae.engine.training import LOCK_NAME
+from napari_affmae.engine.training import LOCK_NAME, RunLock
 from napari_affmae.io import write_ome_zarr_image
 
 PYTHON = sys.executable
@@ -191,6 +192,91 @@ def test_a_second_concurrent_run_is_refused_naming_the_pid(stack, tmp_path, caps
     code, _, err = run(capsys, "pretrain", stack["image"], "-o", out, "--steps", "1", "--overwrite", *TINY)
     assert code == 0, err
     assert not (out / LOCK_NAME).exists()
+
+
+def test_a_second_run_in_the_same_process_is_refused(stack, tmp_path):
+    """Two runs into one folder from two threads of one process (two widget runs in one napari)."""
+    out = tmp_path / "pre"
+    config = dict(crop_size=(32, 32), batch_size=2, warmup_steps=1, device="cpu", output_dir=out)
+    image = tifffile.imread(stack["image"])
+    token, running, outcome = CancelToken(), threading.Event(), {}
+
+    def first() -> None:
+        try:
+            pretrain(image, PretrainConfig(steps=100000, **config), progress=lambda e: running.set(), cancel=token)
+        except BaseException as exc:  # noqa: BLE001 - the outcome is checked below
+            outcome["first"] = exc
+
+    def second() -> None:
+        try:
+            pretrain(image, PretrainConfig(steps=1, overwrite=True, **config))
+            outcome["second"] = None
+        except BaseException as exc:  # noqa: BLE001
+            outcome["second"] = exc
+
+    one = threading.Thread(target=first)
+    one.start()
+    try:
+        assert running.wait(120), outcome
+        two = threading.Thread(target=second)
+        two.start()
+        two.join(120)
+        assert isinstance(outcome["second"], FileExistsError)
+        assert f"in use by another run (pid {os.getpid()}" in str(outcome["second"])
+        assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()  # the first run's lock is kept
+    finally:
+        token.cancel()
+        one.join(120)
+    assert isinstance(outcome["first"], JobCancelled)
+    assert not (out / LOCK_NAME).exists()
+    assert load_package(out / "pretrained.affmae").provenance["config"]["steps"] == 100000
+    with RunLock(out):  # released: the folder can be locked again
+        pass
+
+
+TAKE_LOCK = """
+import sys, time
+from pathlib import Path
+from napari_affmae.engine.training import RunLock
+folder, signals = Path(sys.argv[1]), Path(sys.argv[2])
+(signals / f"ready-{sys.argv[3]}").touch()
+while not (signals / "go").exists():
+    time.sleep(0.001)
+try:
+    lock = RunLock(folder).acquire()
+except FileExistsError:
+    print("refused", flush=True)
+else:
+    print("won", flush=True)
+    while not (signals / "end").exists():  # hold the lock until every other process has tried
+        time.sleep(0.01)
+    lock.release()
+"""
+
+
+def test_processes_taking_over_a_stale_lock_at_once_do_not_both_win(tmp_path, cli_env):
+    folder, signals = tmp_path / "run", tmp_path / "signals"
+    folder.mkdir()
+    signals.mkdir()
+    dead = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    dead.send_signal(signal.SIGKILL)
+    dead.wait()
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    procs = [subprocess.Popen([PYTHON, "-c", TAKE_LOCK, str(folder), str(signals), str(i)], env=cli_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(6)]
+    try:
+        deadline = time.time() + 120
+        while len(list(signals.glob("ready-*"))) < len(procs) and time.time() < deadline:
+            time.sleep(0.05)
+        (signals / "go").touch()
+        while sum(p.poll() is not None for p in procs) < len(procs) - 1 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        (signals / "end").touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results
+    assert sorted(out.strip() for out, _ in results) == ["refused"] * 5 + ["won"]
+    assert not (folder / LOCK_NAME).exists()
 
 
 # ------------------------------------------------------------------------- 3. label values are classes

@@ -2,8 +2,6 @@
 napari) is refused with the running pid, and nothing of that run is touched."""
 from __future__ import annotations
 
-import json
-import socket
 import subprocess
 import sys
 
@@ -25,9 +23,11 @@ def test_pretrain_widget_refuses_a_folder_in_use_by_another_run(
     widget = dock(viewer, PretrainWidget)
     folder = tmp_path / "run"
     folder.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the "running" run
-    try:
-        (folder / LOCK_NAME).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+    holder = ("import sys, time; from napari_affmae.engine.training import RunLock; RunLock(sys.argv[1]).acquire(); "
+              "print('held', flush=True); time.sleep(120)")
+    other = subprocess.Popen([sys.executable, "-c", holder, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:  # the "running" run: another process holding the folder's lock
+        assert other.stdout.readline().strip() == "held"
         set_training_options(widget, folder, steps=2)
         qtbot.mouseClick(widget.button, Qt.LeftButton)
         wait_done(qtbot, widget)

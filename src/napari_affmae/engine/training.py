@@ -7,6 +7,7 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from collections import deque
@@ -99,6 +100,14 @@ def check_output_not_input(output: str | Path, inputs: Sequence[Any], *, option:
 
 LOCK_NAME = ".affmae.lock"
 
+try:  # an OS-level advisory lock where the platform has one (POSIX); elsewhere the pid in the file decides
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+_HELD: set[Path] = set()  # run folders locked by this process (flock does not exclude threads sharing a check)
+_HELD_GUARD = threading.Lock()
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -111,36 +120,90 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """An exclusive lock file ``LOCK_NAME`` in a run folder, holding the owner's pid and host.
+    """An exclusive lock on a run folder: the file ``LOCK_NAME``, holding the owner's pid and host.
 
-    A second run into the same folder is refused with a message naming the running pid; a lock
-    left by a process that no longer exists (on this host) is taken over."""
+    A second run into the same folder is refused with a message naming the running pid, whether it
+    comes from another process or from this one (another widget run in the same napari). Where the
+    platform has ``fcntl``, the file is kept open with an advisory ``flock`` for the whole run, so a lock
+    file left by a dead process is taken over, and two processes taking it over at once cannot both
+    win. Without ``fcntl``, a lock whose pid no longer runs on this host is taken over."""
 
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder) / LOCK_NAME
+        self.key = self.path.parent.resolve()
         self.held = False
+        self._fd: int | None = None
 
     def acquire(self) -> RunLock:
+        """Take the lock or raise `FileExistsError` naming the pid of the run that holds it."""
+        with _HELD_GUARD:
+            if self.key in _HELD:
+                raise self._in_use({"pid": os.getpid(), "host": socket.gethostname()})
+            _HELD.add(self.key)
+        try:
+            self._fd = self._take_flock() if fcntl is not None else self._take_exclusive()
+        except BaseException:
+            with _HELD_GUARD:
+                _HELD.discard(self.key)
+            raise
+        self.held = True
+        return self
+
+    def _in_use(self, owner: dict[str, Any] | None) -> FileExistsError:
+        owner = owner or {}
+        return FileExistsError(f"{self.path.parent} is in use by another run (pid {owner.get('pid', '?')} on "
+                               f"{owner.get('host', '?')}); wait for it to finish or choose another --output-dir")
+
+    def _owner_record(self) -> bytes:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        return json.dumps(me).encode("utf-8")
+
+    def _take_flock(self) -> int:
+        """Open the lock file and hold ``flock`` on it; the file must still be the one at ``self.path``
+        once locked (a releasing run unlinks it while holding the lock)."""
+        for _ in range(10):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise self._in_use(self._owner()) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            stale = self._owner()
+            if stale is not None:
+                log.warning("taking over the stale lock %s of pid %s", self.path, stale.get("pid"))
+            os.ftruncate(fd, 0)
+            os.write(fd, self._owner_record())
+            return fd
+        raise FileExistsError(f"could not take the lock {self.path}; another run is starting in the same folder")
+
+    def _take_exclusive(self) -> None:
+        """Without ``fcntl``: create the file exclusively; a stale one is renamed away atomically, so only
+        one of several runs taking it over at once deletes it."""
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
                 if owner is not None and self._running(owner):
-                    raise FileExistsError(
-                        f"{self.path.parent} is in use by another run (pid {owner.get('pid')} on "
-                        f"{owner.get('host')}); wait for it to finish or choose another --output-dir") from None
-                log.warning("taking over the stale lock %s of pid %s", self.path, (owner or {}).get("pid"))
+                    raise self._in_use(owner) from None
+                aside = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
                 try:
-                    self.path.unlink()
+                    os.replace(self.path, aside)
                 except FileNotFoundError:
-                    pass
+                    continue
+                log.warning("taking over the stale lock %s of pid %s", self.path, (owner or {}).get("pid"))
+                aside.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(me, handle)
-            self.held = True
-            return self
+            os.write(fd, self._owner_record())
+            os.close(fd)
+            return None
         raise FileExistsError(f"could not take the lock {self.path}; another run is starting in the same folder")
 
     def _owner(self) -> dict[str, Any] | None:
@@ -154,15 +217,21 @@ class RunLock:
     def _running(owner: dict[str, Any]) -> bool:
         if owner.get("host") != socket.gethostname():
             return True  # cannot check a process on another machine: assume it runs
-        return owner["pid"] != os.getpid() and _pid_alive(int(owner["pid"]))
+        return _pid_alive(int(owner["pid"]))
 
     def release(self) -> None:
-        if self.held:
-            self.held = False
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+        """Remove the lock file (while still locked), then let go of the lock."""
+        if not self.held:
+            return
+        self.held = False
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            with _HELD_GUARD:
+                _HELD.discard(self.key)
 
     def __enter__(self) -> RunLock:
         return self.acquire()
