@@ -127,3 +127,43 @@ def test_wrong_package_or_image_gives_a_clear_notification(make_napari_viewer, q
     wait_done(qtbot, widget)
     assert "not a model package" in messages(notifications, "error")[-1]
     assert [layer.name for layer in viewer.layers] == ["em"]
+
+
+def test_remapped_label_values_keep_their_names_and_are_not_wrapped(make_napari_viewer, qtbot, dock, em_stack,
+                                                                    tmp_path):
+    """A package trained on values {1, 60000}: the layer shows 60000 named as its class, and an existing
+    uint8 "segmentation" layer is widened (its other slices kept) instead of wrapping 60000 to 96."""
+    import torch
+
+    from napari_affmae.data import compute_stats
+    from napari_affmae.engine import ModelPackage, save_package
+    from napari_affmae.models import create_model
+
+    image, _ = em_stack
+    torch.manual_seed(0)
+    model = create_model("affmae_tiny", task="segmentation", num_classes=2)
+    path = save_package(ModelPackage.from_model(model, normalization=compute_stats(image), class_names=["cell", "gap"],
+                                                label_values=[1, 60000]), tmp_path / "remapped.affmae")
+    package = load_package(path)
+    reference = _reference(package, image[1])
+    assert reference.dtype == np.uint16 and 60000 in reference  # the weights predict both classes here
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="em")
+    earlier = np.zeros(image.shape, np.uint8)
+    earlier[0] = 7
+    viewer.add_labels(earlier, name="em segmentation")
+    widget = dock(viewer, SegmentWidget)
+    widget.package.set_text(path, by_user=True)
+    viewer.dims.set_current_step(0, 1)
+    _configure(widget, "Current slice")
+    qtbot.mouseClick(widget.button, Qt.LeftButton)
+    wait_done(qtbot, widget)
+    assert widget.last_outcome.ok, widget.last_outcome
+    layer = viewer.layers["em segmentation"]
+    assert [lay.name for lay in viewer.layers] == ["em", "em segmentation"]
+    assert np.iinfo(layer.data.dtype).max >= 60000
+    assert np.array_equal(layer.data[1], reference)
+    assert (layer.data[0] == 7).all() and not layer.data[2:].any()
+    names = dict(zip(layer.features["index"], layer.features["class"]))
+    assert names == {0: "unlabelled", 1: "cell", 60000: "gap"}
+    assert layer.metadata["class_names"] == ["cell", "gap"]

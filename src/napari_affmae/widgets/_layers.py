@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from qtpy.QtWidgets import QComboBox, QWidget
@@ -29,7 +29,9 @@ class LayerPicker(QComboBox):
         self.refresh()
 
     def _layers(self) -> list[Any]:
-        return [layer for layer in self.viewer.layers if is_kind(layer, self.kind)]
+        """Layers of this kind, except the Live preview's own (a preview is not an input)."""
+        return [layer for layer in self.viewer.layers if is_kind(layer, self.kind)
+                and not layer.metadata.get("affmae_live_preview")]
 
     def refresh(self, *_: Any) -> None:
         current = self.currentText()
@@ -153,22 +155,28 @@ def _span(lo: float, hi: float, size: int, minimum: int) -> slice:
     return slice(start, stop)
 
 
-def label_colormap(num_classes: int) -> Any:
-    """A napari DirectLabelColormap: class ``v`` (1..K) gets palette colour ``v``, 0 is transparent."""
+def label_colormap(num_classes: int, values: Sequence[int] | None = None) -> Any:
+    """A napari DirectLabelColormap: class ``v`` (1..K) gets palette colour ``v``, 0 is transparent.
+
+    ``values``: further label values to colour, when they are not 1..K (a package trained on e.g.
+    {1, 60000}); value ``v`` gets palette colour ``v``, as in the OME-Zarr labels written by io."""
     from napari.utils.colormaps import DirectLabelColormap
 
     colors: dict[Any, Any] = {None: (0.5, 0.5, 0.5, 1.0), 0: (0.0, 0.0, 0.0, 0.0)}
-    for value in range(1, max(num_classes, len(_PALETTE)) + 1):
+    extra = [int(v) for v in values or () if int(v) > 0]
+    for value in [*range(1, max(num_classes, len(_PALETTE)) + 1), *extra]:
         colors[value] = (*_PALETTE[(value - 1) % len(_PALETTE)], 1.0)
     return DirectLabelColormap(color_dict=colors)
 
 
-def class_features(class_names: Sequence[str], label_offset: int = 1) -> dict[str, list[Any]]:
-    """Labels-layer features: label value -> class name (shown in the status bar when hovering)."""
-    names = list(class_names)
-    values = [0] + [i + label_offset for i in range(len(names))] if label_offset == 1 else list(range(len(names)))
-    classes = ["unlabelled"] + names if label_offset == 1 else names
-    return {"index": values, "class": classes}
+def class_features(names_by_value: Mapping[int, str]) -> dict[str, list[Any]]:
+    """Labels-layer features from label value -> class name (shown in the status bar when hovering);
+    0 is "unlabelled" unless it is a class itself."""
+    values = [int(v) for v in names_by_value]
+    names = [str(n) for n in names_by_value.values()]
+    if 0 not in values:
+        values, names = [0, *values], ["unlabelled", *names]
+    return {"index": values, "class": names}
 
 
 def safe_name(text: str) -> str:

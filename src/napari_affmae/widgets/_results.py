@@ -21,16 +21,21 @@ class SegmentationResult:
 
     ``labels``: integer array of the segmented part (the whole image, one slice ``[Y, X]`` or one
     view ``[h, w]``); ``probabilities``: float32 ``[K, ...]`` of the same part, or None; ``region``:
-    where the part sits in the level-0 image (None = the whole image).
+    where the part sits in the level-0 image (None = the whole image); ``names_by_value``: label value
+    written -> class name, in class order (the package's ``label_values``, e.g. {1, 60000}).
     """
 
     labels: np.ndarray
     probabilities: np.ndarray | None
     region: tuple[Any, ...] | None
-    class_names: list[str]
-    label_offset: int
+    names_by_value: dict[int, str]
     package_path: Path
     description: str
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in class order (the probability channels' order)."""
+        return list(self.names_by_value.values())
 
 
 def plan_region(viewer: Any, layer: Any, data: Any, scope: str) -> tuple[Any, tuple[Any, ...] | None, str]:
@@ -69,8 +74,7 @@ def segmentation_job(package_path: Path, part: Any, config: SegmentConfig, with_
             labels = output_labels(package)[0][probabilities.argmax(axis=0)]  # the values trained on
         else:
             labels = segment(package, part, config, progress=progress, cancel=cancel)
-        names = list(predicted_labels_to_names(package).values())
-        return SegmentationResult(np.asarray(labels), probabilities, region, names, package.label_offset,
+        return SegmentationResult(np.asarray(labels), probabilities, region, predicted_labels_to_names(package),
                                   Path(package_path), description)
 
     return work
@@ -79,28 +83,32 @@ def segmentation_job(package_path: Path, part: Any, config: SegmentConfig, with_
 def show_segmentation(viewer: Any, image_layer: Any, result: SegmentationResult) -> Any:
     """Put ``result`` into the Labels layer "<image> segmentation" (created with the image's shape and
     placement if needed; an existing one of the right shape is updated in place, so segmenting slice
-    by slice fills one layer). Adds/updates "<image> probabilities" too when there are any.
+    by slice fills one layer; one whose dtype cannot hold the label values is recreated with a wider
+    dtype, its other content kept). Adds/updates "<image> probabilities" too when there are any.
     Returns the Labels layer."""
     data = image_layer.data[0] if image_layer.multiscale else image_layer.data
     shape = tuple(int(s) for s in data.shape)
     name = f"{image_layer.name} segmentation"
     target = _existing(viewer, name, "labels", shape)
+    values = list(result.names_by_value)
+    look = {"colormap": label_colormap(len(values), values), "features": class_features(result.names_by_value)}
+    meta = {"class_names": result.class_names, "package": str(result.package_path)}
+    if target is not None and not _holds(target.data.dtype, max([0, *values])):
+        wider = np.result_type(target.data.dtype, result.labels.dtype)
+        earlier, index = np.asarray(target.data).astype(wider), viewer.layers.index(target)
+        viewer.layers.remove(target)
+        target = _add_labels(viewer, image_layer, earlier, name, look, {**target.metadata, **meta}, index)
     if target is None:
         full = result.labels if result.region is None else np.zeros(shape, result.labels.dtype)
         if result.region is not None:
             full[result.region] = result.labels
-        num = len(result.class_names)
-        target = viewer.add_labels(full, name=name, opacity=0.5, colormap=label_colormap(num),
-                                   features=class_features(result.class_names, result.label_offset),
-                                   metadata={"class_names": result.class_names,
-                                             "package": str(result.package_path)},
-                                   **same_geometry(image_layer))
-        if image_layer in list(viewer.layers):  # just above the image: painted strokes stay on top
-            viewer.layers.move(viewer.layers.index(target), viewer.layers.index(image_layer) + 1)
+        target = _add_labels(viewer, image_layer, full, name, look, meta, None)
     else:
         region = result.region if result.region is not None else (slice(None),) * len(shape)
         target.data[region] = result.labels.astype(target.data.dtype, copy=False)
-        target.metadata.update({"class_names": result.class_names, "package": str(result.package_path)})
+        target.metadata.update(meta)
+        target.features = look["features"]
+        target.colormap = look["colormap"]
         target.refresh()
     if result.probabilities is not None:
         _show_probabilities(viewer, image_layer, shape, result)
@@ -128,6 +136,23 @@ def _show_probabilities(viewer: Any, image_layer: Any, shape: tuple[int, ...], r
     else:
         layer.data[region] = probs
         layer.refresh()
+
+
+def _holds(dtype: np.dtype, value: int) -> bool:
+    """Whether an integer array of ``dtype`` can store label ``value`` (a non-integer one never can)."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.integer) and np.iinfo(dtype).max >= value
+
+
+def _add_labels(viewer: Any, image_layer: Any, data: np.ndarray, name: str, look: dict[str, Any],
+                metadata: dict[str, Any], index: int | None) -> Any:
+    """A new segmentation Labels layer placed on the image; at ``index``, or just above the image."""
+    layer = viewer.add_labels(data, name=name, opacity=0.5, metadata=metadata, **look, **same_geometry(image_layer))
+    if index is None and image_layer in list(viewer.layers):  # just above the image: painted strokes stay on top
+        index = viewer.layers.index(image_layer) + 1
+    if index is not None:
+        viewer.layers.move(viewer.layers.index(layer), index)
+    return layer
 
 
 def _existing(viewer: Any, name: str, kind: str, shape: tuple[int, ...]) -> Any | None:

@@ -283,12 +283,14 @@ class BatchWidget(JobWidget):
                 import zarr
 
                 meta = ngff_attrs(zarr.open_group(str(labels_path), mode="r")).get("image-label", {})
-                names = [p.get("class") for p in sorted(meta.get("properties", []), key=lambda p: p["label-value"])]
-                extra = {"features": class_features(names)} if names and all(names) else {}
+                names = {int(p["label-value"]): p.get("class") for p in
+                         sorted(meta.get("properties", []), key=lambda p: p["label-value"])}
+                extra = {"features": class_features(names)} if names and all(names.values()) else {}
                 layers.append(self.viewer.add_labels(levels if len(levels) > 1 else levels[0],
                                                      multiscale=len(levels) > 1, name=f"{name} {label_name}",
                                                      scale=scale, opacity=0.5, **_units(labels_layout),
-                                                     colormap=label_colormap(max(len(names), 1)), **extra))
+                                                     colormap=label_colormap(max(len(names), 1), list(names)),
+                                                     **extra))
         else:
             notify("info", f"{name} has no labels/{label_name} yet; opened the image only")
         return layers
