@@ -72,16 +72,16 @@ def test_bad_labels_get_one_clear_message() -> None:
     preview = LivePreview(image, LiveConfig(trees=5))
     one_class = _strokes(truth, 0)
     one_class[one_class == 2] = 0
-    with pytest.raises(ValueError, match="only class 1 is painted: paint strokes of at least two classes"):
+    with pytest.raises(ValueError, match=r"only one class \(1\) is painted: at least two classes must be painted"):
         preview.update(one_class, z=0)
-    with pytest.raises(ValueError, match="nothing is painted"):
+    with pytest.raises(ValueError, match="no painted pixels"):
         preview.update(np.zeros_like(truth), z=0)
     with pytest.raises(ValueError, match=r"labels of shape \(1, 96, 96\) do not match the image \(2, 96, 96\)"):
         preview.update(truth[:1], z=0)
-    big = _strokes(truth, 0).astype(np.int32)
-    big[big == 2] = 300
-    with pytest.raises(ValueError, match=r"label values \[300\] exceed 255"):
-        preview.update(big, z=0)
+    many = np.zeros(truth.shape, np.int32)
+    many[0].flat[:300] = np.arange(1, 301)
+    with pytest.raises(ValueError, match=r"300 different values \(1, 2, 3, 4, 5, ..., 300\); at most 255"):
+        preview.update(many, z=0)
     with pytest.raises(ValueError, match="integers"):
         preview.update(_strokes(truth, 0).astype(np.float32), z=0)
     with pytest.raises(RuntimeError, match="not trained yet"):
@@ -99,11 +99,13 @@ def test_cache_is_bounded_freed_and_reused() -> None:
     preview = LivePreview(image, LiveConfig(trees=5, max_cache_mb=2.5 * one_slice / 2**20))  # room for 2 slices
     preview.update(labels, z=0)
     assert preview.cache_bytes == one_slice
-    assert preview.update(labels, z=0).timings["new_windows"] == 0  # a new stroke: all features cached
+    labels[0, 50, 2:20] = 1  # a new stroke: refit with all features cached
+    assert preview.update(labels, z=0).timings["new_windows"] == 0
     preview.predict(1)
     preview.predict(2)  # a third slice: over the bound, the least recently used one (0) goes
     assert preview.cache_bytes == 2 * one_slice
-    result = preview.update(labels, z=2)  # slice 0 is needed again for training: recomputed; 2 is cached
+    labels[0, 60, 2:20] = 1  # another stroke on slice 0: it is needed again for training (recomputed); 2 is cached
+    result = preview.update(labels, z=2)
     assert result.timings["new_windows"] == 1
     preview.clear()
     assert preview.cache_bytes == 0
@@ -127,11 +129,14 @@ def test_large_slices_are_featurised_view_by_view() -> None:
     result = preview.update(labels, region=(0, 64, 0, 64))
     assert result.labels.shape == (64, 64) and result.region == (0, 64, 0, 64)
     # strokes inside (0..60)^2 and the view (0..64)^2, each with a 64 px context margin
-    end = int(np.nonzero(labels)[0].max()) + 1 + 64
-    assert sorted(preview._cache) == [(0, 0, end, 0, end), (0, 0, 128, 0, 128)]
-    whole, _ = preview.predict(0)  # the whole slice, block by block (each block's window within the bound)
+    # cells of 64 px on a fixed grid, each featurised with a 64 px context margin: strokes and view share one
+    assert preview.cell_side == (64, 64) and list(preview._cache) == [(0, 0, 128, 0, 128)]
+    labels[70:72, 70:90] = 1  # a stroke in the next cell: only that cell's window is new
+    assert preview.update(labels, region=(0, 64, 0, 64)).timings["new_windows"] == 1
+    assert (0, 0, 192, 0, 192) in preview._cache
+    whole, _ = preview.predict(0)  # the whole slice, cell by cell (each cell's window within the bound)
     assert whole.shape == (320, 320)
-    assert (whole[:64, :64] == result.labels).mean() > 0.95  # context differs a little at block borders
+    np.testing.assert_array_equal(whole[:64, :64], preview.predict(0, (0, 64, 0, 64))[0])  # same cells, same result
 
 
 def test_kept_model_segments_a_stack_like_the_preview(tmp_path: Path) -> None:
@@ -172,3 +177,22 @@ def test_encoder_features_come_from_the_package_and_travel_with_the_kept_model(t
     np.testing.assert_array_equal(out[1], preview.predict(1)[0])
     with pytest.raises(ValueError, match="AFFMAE package"):
         LivePreview(image, LiveConfig(package=save_package(create_model("vit_mae_tiny"), tmp_path / "vit.affmae")))
+
+
+def test_any_label_values_are_kept_and_an_unchanged_set_of_strokes_is_not_refitted(tmp_path: Path) -> None:
+    image, truth = _two_class_stack()
+    labels = _strokes(truth, 0).astype(np.uint16)
+    labels[labels == 2] = 300  # label values are class numbers of the user's choice, not 1..K
+    preview = LivePreview(image, LiveConfig(trees=20))
+    first = preview.update(labels, z=0)
+    assert first.labels.dtype == np.uint16 and set(np.unique(first.labels)) == {1, 300}
+    painted = labels[0] > 0
+    assert (first.labels[painted] == labels[0][painted]).mean() > 0.98
+    again = preview.update(labels, z=1)  # another slice, the same strokes: predict only
+    assert again.timings["fit_s"] < 0.05 and again.n_painted == first.n_painted
+    path = preview.save(tmp_path / "values.affmae", ["background", "b", "c"])
+    package = load_package(path)
+    assert package.label_values == [1, 300] and package.num_classes == 2
+    assert package.class_names == ["background", "class 300"]  # names of values 1 and 300 (only 3 given)
+    out = segment(path, image, SegmentConfig(tile_size=(96, 96), overlap=0.0))
+    np.testing.assert_array_equal(out[1], again.labels)

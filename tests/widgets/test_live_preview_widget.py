@@ -78,6 +78,8 @@ def test_live_preview_follows_the_strokes_and_frees_its_cache(make_napari_viewer
     assert preview.data.shape == SHAPE and np.allclose(preview.scale, image_layer.scale)
     assert viewer.layers.index(preview) == viewer.layers.index(image_layer) + 1  # under the strokes
     assert viewer.layers.selection.active is strokes_layer  # the brush stays on the strokes
+    pickable = [widget.labels_picker.itemText(i) for i in range(widget.labels_picker.count())]
+    assert "em live preview" not in pickable and strokes_layer.name in pickable  # a preview is not an input
     shown = preview.data[0].copy()
     assert not preview.data[1].any()  # only the viewed slice is predicted
     painted = strokes[0] > 0
@@ -201,7 +203,7 @@ def test_bad_input_gives_a_notification_and_nothing_is_lost(make_napari_viewer, 
     one_class = np.where(truth == 2, 2, 0).astype(np.uint8)
     viewer.add_labels(one_class.copy(), name="disks only")
     widget.labels_picker.setCurrentText("disks only")
-    toggle_and_expect("only class 2 is painted")
+    toggle_and_expect("only one class (2) is painted")
 
     # the same problem is not repeated at every stroke; a fixed one is followed by a preview
     widget.live.options = {"trees": 20}
@@ -212,7 +214,7 @@ def test_bad_input_gives_a_notification_and_nothing_is_lost(make_napari_viewer, 
     qtbot.waitUntil(lambda: not widget.live._timer.isActive() and not widget.live.busy, timeout=20_000)
     qtbot.wait(50)
     assert len(messages(notifications, "warning")) == warnings
-    assert "only class 2 is painted" in widget.live.status.text()
+    assert "only one class (2) is painted" in widget.live.status.text()
     assert widget.live.keep() is None and "nothing to keep" in messages(notifications, "warning")[-1]
 
     # nothing lost: every layer is still there with its data

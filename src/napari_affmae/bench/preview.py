@@ -109,7 +109,20 @@ def time_arm(raw: np.ndarray, truth: np.ndarray, z: int, labels: np.ndarray, arm
     return {"first_preview_s": first_s, "update_s": statistics.median(updates), "update_all_s": updates,
             "first_timings": first.timings, "painted_pixels": first.n_painted,
             "n_features": preview.model.config.n_features,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB: VmHWM on Linux (ru_maxrss survives exec there, so a
+    freshly spawned child would report its parent's peak), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    scale = 1.0 if sys.platform != "darwin" else 1.0 / 1024.0  # ru_maxrss: KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024.0
 
 
 def _time_arm_child(queue: Any, args: tuple, threads: int | None) -> None:
@@ -127,7 +140,14 @@ def time_arm_isolated(args: tuple, threads: int | None) -> dict[str, Any]:
     queue = ctx.Queue()
     proc = ctx.Process(target=_time_arm_child, args=(queue, args, threads))
     proc.start()
-    status, value = queue.get()
+    while True:
+        try:
+            status, value = queue.get(timeout=5.0)
+            break
+        except Exception:  # noqa: BLE001  (queue.Empty: still running, unless the child died)
+            if not proc.is_alive():
+                raise RuntimeError(f"the timing process ended without a result (exit code {proc.exitcode}; "
+                                   "killed for memory?)") from None
     proc.join()
     if status != "ok":
         raise RuntimeError(value)

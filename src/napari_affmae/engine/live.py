@@ -19,6 +19,7 @@ No Qt here: the Fine-tune widget runs `update` in a worker and cancels stale job
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -30,12 +31,13 @@ import numpy as np
 import torch
 
 from ..data.normalize import NormalizationStats, compute_stats
+from .finetune import MAX_CLASSES, check_labels
 from .inputs import as_input_image, check_has_contrast
 from .package import ModelPackage, load_package, save_package
 from .progress import CancelToken, JobCancelled
+from .segment import labels_dtype
 
 log = logging.getLogger(__name__)
-MAX_CLASSES = 255  # painted classes a live model accepts
 CONTEXT_MARGIN = 64  # px of context around a view (4 x the largest filter sigma)
 MIN_SIDE = 16  # px: smallest slice the filters and the encoder accept
 
@@ -98,7 +100,8 @@ class LivePreview:
         self.model = self._new_model(n_samples=0)
         self._cache: OrderedDict[Window, np.ndarray] = OrderedDict()
         self.fitted = False
-        self.class_values: list[int] = []
+        self.label_values: list[int] = []  # the painted value of each forest class
+        self._fingerprint = ""  # of the strokes the forest was last fitted on
         self.windows_computed = 0  # feature windows computed so far (cache misses)
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -144,29 +147,36 @@ class LivePreview:
     def slice_shape(self) -> tuple[int, int]:
         return int(self.image.shape[-2]), int(self.image.shape[-1])
 
-    def _window(self, z: int, region: tuple[int, int, int, int]) -> Window:
-        """The featurised window holding ``region = (y0, y1, x0, x1)`` of slice z: the whole slice when it
-        fits ``max_window_pixels``, else the region plus a context margin."""
+    @property
+    def cell_side(self) -> tuple[int, int]:
+        """Size of the fixed grid cells a slice is featurised in: the whole slice when it fits
+        ``max_window_pixels``, else squares whose window (cell + context margin) fits it."""
         height, width = self.slice_shape
         if height * width <= self.config.max_window_pixels:
-            return z, 0, height, 0, width
-        y0, y1, x0, x1 = region
-        return (z, max(0, y0 - CONTEXT_MARGIN), min(height, y1 + CONTEXT_MARGIN),
-                max(0, x0 - CONTEXT_MARGIN), min(width, x1 + CONTEXT_MARGIN))
+            return height, width
+        side = max(64, int(self.config.max_window_pixels ** 0.5) - 2 * CONTEXT_MARGIN)
+        return side, side
+
+    def _cells(self, z: int, y0: int, y1: int, x0: int, x1: int) -> list[tuple[Window, tuple[int, int, int, int]]]:
+        """The grid cells of slice z meeting rows [y0, y1) x columns [x0, x1): (feature window, the part of the
+        region inside the cell). Cells sit on a fixed grid, so panning or a new stroke reuses cached windows."""
+        height, width = self.slice_shape
+        side_y, side_x = self.cell_side
+        whole = (side_y, side_x) == (height, width)
+        out = []
+        for cy in range(y0 // side_y * side_y, y1, side_y):
+            for cx in range(x0 // side_x * side_x, x1, side_x):
+                part = (max(y0, cy), min(y1, cy + side_y), max(x0, cx), min(x1, cx + side_x))
+                margin = 0 if whole else CONTEXT_MARGIN
+                window = (z, max(0, cy - margin), min(height, cy + side_y + margin),
+                          max(0, cx - margin), min(width, cx + side_x + margin))
+                out.append((window, part))
+        return out
 
     def _read(self, window: Window) -> np.ndarray:
         z, y0, y1, x0, x1 = window
         crop = self.image[z, y0:y1, x0:x1] if self.ndim == 3 else self.image[y0:y1, x0:x1]
         return self.stats.apply(np.asarray(crop))
-
-    def _blocks(self, y0: int, y1: int, x0: int, x1: int) -> list[tuple[int, int, int, int]]:
-        """The region itself on a small slice; on a large one, blocks whose windows fit ``max_window_pixels``."""
-        height, width = self.slice_shape
-        if height * width <= self.config.max_window_pixels:
-            return [(y0, y1, x0, x1)]
-        side = max(64, int(self.config.max_window_pixels ** 0.5) - 2 * CONTEXT_MARGIN)
-        return [(by, min(by + side, y1), bx, min(bx + side, x1)) for by in range(y0, y1, side)
-                for bx in range(x0, x1, side)]
 
     def features(self, window: Window) -> np.ndarray:
         """Features ``[h, w, F]`` float32 of a window (cached; least recently used evicted past the bound)."""
@@ -201,99 +211,102 @@ class LivePreview:
             return [0] if np.any(labels) else []
         return [int(z) for z in np.flatnonzero(np.asarray(labels).reshape(labels.shape[0], -1).any(axis=1))]
 
-    def check_labels(self, labels: Any) -> np.ndarray:
-        """Validate painted labels (same shape as the image; 0 = unpainted; >= 2 classes) -> ndarray."""
+    def check_labels(self, labels: Any) -> tuple[np.ndarray, list[int]]:
+        """Validate painted labels (the image's shape, integers, 0 = unpainted, >= 2 painted values, at most
+        `MAX_CLASSES`) -> (labels as an ndarray, the painted label values, sorted: one forest class each)."""
         labels = np.asarray(labels)
         if labels.shape != tuple(self.image.shape):
             raise ValueError(f"labels of shape {labels.shape} do not match the image {tuple(self.image.shape)}; "
                              "paint on a Labels layer of the image's shape")
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be integers (0 = unpainted, classes 1..K); got {labels.dtype}")
-        values = [int(v) for v in np.unique(labels) if v != 0]
-        if any(v < 0 for v in values):
-            raise ValueError(f"label values must be >= 0; found {[v for v in values if v < 0][:5]}")
-        if len(values) < 2:
-            found = "nothing is painted" if not values else f"only class {values[0]} is painted"
-            raise ValueError(f"{found}: paint strokes of at least two classes (label 0 = unpainted is ignored)")
-        if max(values) > MAX_CLASSES:
-            raise ValueError(f"label values {[v for v in values if v > MAX_CLASSES][:5]} exceed {MAX_CLASSES}: "
-                             f"paint classes 1..{MAX_CLASSES}")
-        return labels
+        _, values = check_labels(labels, "sparse")  # the fine-tuning rules: any values, mapped to classes
+        return labels, values
 
-    def training_set(self, labels: np.ndarray, cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Features ``[N, F]`` and classes ``[N]`` (painted value - 1) of every painted pixel, class-balanced
+    def training_set(self, labels: np.ndarray, values: list[int],
+                     cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Features ``[N, F]`` and classes ``[N]`` (index into ``values``) of every painted pixel, class-balanced
         and capped at ``max_samples`` (deterministic)."""
+        lut = np.asarray(values)
         xs, ys = [], []
         for z in self._painted_slices(labels):
             plane = labels[z] if self.ndim == 3 else labels
             rows, cols = np.nonzero(plane)
-            box = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
-            for by0, by1, bx0, bx1 in self._blocks(*box):
-                inside = (rows >= by0) & (rows < by1) & (cols >= bx0) & (cols < bx1)
+            for window, (cy0, cy1, cx0, cx1) in self._cells(z, int(rows.min()), int(rows.max()) + 1,
+                                                             int(cols.min()), int(cols.max()) + 1):
+                inside = (rows >= cy0) & (rows < cy1) & (cols >= cx0) & (cols < cx1)
                 if not inside.any():
                     continue
                 if cancel is not None:
                     cancel.raise_if_cancelled()
-                window = self._window(z, (by0, by1, bx0, bx1))
                 _, wy0, _, wx0, _ = window
                 r, c = rows[inside], cols[inside]
                 xs.append(self.features(window)[r - wy0, c - wx0])
-                ys.append(plane[r, c].astype(np.int64) - 1)
+                ys.append(np.searchsorted(lut, plane[r, c]).astype(np.int64))
         x, y = np.concatenate(xs), np.concatenate(ys)
         return _balanced_subsample(x, y, self.config.max_samples, self.config.seed)
 
     def fit(self, labels: Any, cancel: CancelToken | None = None) -> int:
-        """Fit the forest on the painted pixels of ``labels``; returns the number of training pixels."""
-        labels = self.check_labels(labels)
-        x, y = self.training_set(labels, cancel)
+        """Fit the forest on the painted pixels of ``labels`` (skipped when the strokes are those of the last
+        fit); returns the number of training pixels."""
+        labels, values = self.check_labels(labels)
+        painted = np.flatnonzero(labels)
+        fingerprint = hashlib.sha1(painted.tobytes() + labels.ravel()[painted].astype(np.int64).tobytes()).hexdigest()
+        if self.fitted and fingerprint == self._fingerprint:
+            return int(self.model.config.n_samples)
+        x, y = self.training_set(labels, values, cancel)
         if cancel is not None:
             cancel.raise_if_cancelled()
-        num_classes = int(labels.max())
-        if num_classes != self.model.num_classes:
-            self.model.num_classes = num_classes
+        self.model.num_classes = len(values)
         self.model.set_training_data(x, y)
-        self.class_values = sorted(int(v) + 1 for v in np.unique(y))
+        self.label_values = values
+        self._fingerprint = fingerprint
         self.fitted = True
         return len(y)
 
+    def _clip(self, region: tuple[int, int, int, int] | None) -> tuple[int, int, int, int]:
+        height, width = self.slice_shape
+        y0, y1, x0, x1 = region if region is not None else (0, height, 0, width)
+        clipped = max(0, int(y0)), min(height, int(y1)), max(0, int(x0)), min(width, int(x1))
+        if clipped[1] <= clipped[0] or clipped[3] <= clipped[2]:
+            raise ValueError(f"the region {region} holds no pixel of the {height} x {width} slice")
+        return clipped
+
     def predict(self, z: int = 0, region: tuple[int, int, int, int] | None = None, probabilities: bool = False,
                 cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Labels ``[h, w]`` (1..K) of ``region = (y0, y1, x0, x1)`` of slice ``z`` (whole slice by default),
-        and class probabilities ``[K, h, w]`` when asked."""
+        """Labels ``[h, w]`` (the painted label values) of ``region = (y0, y1, x0, x1)`` of slice ``z`` (whole
+        slice by default; clipped to the slice), and class probabilities ``[K, h, w]`` when asked."""
         if not self.fitted:
             raise RuntimeError("the live model is not trained yet: call update() or fit() with painted labels")
         if not 0 <= z < self.depth:
             raise ValueError(f"slice {z} is outside the image of {self.depth} slice(s)")
-        height, width = self.slice_shape
-        y0, y1, x0, x1 = region if region is not None else (0, height, 0, width)
-        y0, y1, x0, x1 = max(0, y0), min(height, y1), max(0, x0), min(width, x1)
-        if y1 <= y0 or x1 <= x0:
-            raise ValueError(f"the region {region} holds no pixel of the {height} x {width} slice")
+        y0, y1, x0, x1 = self._clip(region)
+        check = None if cancel is None else cancel.raise_if_cancelled
         probs = np.zeros((y1 - y0, x1 - x0, self.model.num_classes), np.float32)  # [h, w, K]
-        for by0, by1, bx0, bx1 in self._blocks(y0, y1, x0, x1):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            window = self._window(z, (by0, by1, bx0, bx1))
+        for window, (cy0, cy1, cx0, cx1) in self._cells(z, y0, y1, x0, x1):
+            if check is not None:
+                check()
             _, wy0, _, wx0, _ = window
-            view = self.features(window)[by0 - wy0:by1 - wy0, bx0 - wx0:bx1 - wx0]
-            probs[by0 - y0:by1 - y0, bx0 - x0:bx1 - x0] = self.model.predict_proba(np.ascontiguousarray(view))
-        labels = (probs.argmax(-1) + 1).astype(np.uint8 if self.model.num_classes < 256 else np.uint16)
+            view = self.features(window)[cy0 - wy0:cy1 - wy0, cx0 - wx0:cx1 - wx0]
+            probs[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = self.model.predict_proba(np.ascontiguousarray(view),
+                                                                                   check=check)
+        lut = np.asarray(self.label_values)
+        labels = lut[probs.argmax(-1)].astype(labels_dtype(int(lut.max())))
         return labels, (np.ascontiguousarray(probs.transpose(2, 0, 1)) if probabilities else None)
 
     def update(self, labels: Any, z: int = 0, region: tuple[int, int, int, int] | None = None,
                probabilities: bool = False, cancel: CancelToken | None = None) -> LiveResult:
-        """Refit on the current strokes and predict the view: what the widget calls after every stroke."""
+        """Refit on the current strokes (when they changed) and predict the view: what the widget calls after
+        every stroke or move to another slice."""
         started = time.perf_counter()
         computed_before = self.windows_computed
         n = self.fit(labels, cancel)
         fitted = time.perf_counter()
         labels_out, probs = self.predict(z, region, probabilities, cancel)
         done = time.perf_counter()
-        height, width = self.slice_shape
-        view = region if region is not None else (0, height, 0, width)
         timings = {"fit_s": fitted - started, "predict_s": done - fitted, "total_s": done - started,
                    "new_windows": self.windows_computed - computed_before}
-        return LiveResult(labels_out, probs, z, tuple(int(v) for v in view), timings, n)
+        return LiveResult(labels_out, probs, z, self._clip(region), timings, n)
 
     # ------------------------------------------------------------------------------------------ keeping
 
@@ -301,15 +314,14 @@ class LivePreview:
         """The fitted live model as a segmentation package (`engine.segment` runs it on whole stacks)."""
         if not self.fitted:
             raise RuntimeError("nothing to keep yet: paint strokes of two classes and let the preview train first")
-        k = self.model.num_classes
-        names = list(class_names or [])[:k]
-        names += [f"class {i + 1}" for i in range(len(names), k)]
+        given = list(class_names or [])  # names of label values 1, 2, ... (the widget's class table)
+        names = [given[v - 1] if 0 < v <= len(given) else f"class {v}" for v in self.label_values]
         provenance = {"job": "live preview", "trained_pixels": int(self.model.config.n_samples),
                       "encoder_package": None if self.package is None else str(self.package.path or ""),
                       "encoder_model": None if self.package is None else self.package.model_name,
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         return ModelPackage.from_model(self.model, normalization=self.stats, class_names=names, label_mode="sparse",
-                                       provenance=provenance)
+                                       label_values=self.label_values, provenance=provenance)
 
     def save(self, path: str | Path, class_names: list[str] | None = None) -> Path:
         """Write the live model as a package (``.affmae`` file or directory); returns its path."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -184,12 +184,16 @@ class FeatureForest(nn.Module):
             self._forest = forest
         return self._forest
 
-    def predict_proba(self, features: np.ndarray, chunk: int = 262_144) -> np.ndarray:
-        """Class probabilities ``[..., K]`` of features ``[..., F]`` (classes the forest never saw get 0)."""
+    def predict_proba(self, features: np.ndarray, chunk: int = 262_144,
+                      check: Callable[[], None] | None = None) -> np.ndarray:
+        """Class probabilities ``[..., K]`` of features ``[..., F]`` (classes the forest never saw get 0).
+        ``check`` is called before every chunk of pixels (it may raise to stop early)."""
         flat = features.reshape(-1, features.shape[-1])
         out = np.zeros((len(flat), self.num_classes), np.float32)
         forest = self.forest
         for start in range(0, len(flat), chunk):
+            if check is not None:
+                check()
             out[start:start + chunk][:, forest.classes_] = forest.predict_proba(flat[start:start + chunk])
         return out.reshape(*features.shape[:-1], self.num_classes)
 

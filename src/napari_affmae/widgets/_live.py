@@ -157,6 +157,9 @@ class LivePanel(QWidget):
         camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 / older
         camera.events.center.connect(self._view_changed)
         camera.events.zoom.connect(self._view_changed)
+        view_events, handler = (viewer.dims.events.current_step, camera.events.center, camera.events.zoom), \
+            self._view_changed
+        self.destroyed.connect(lambda *_: [event.disconnect(handler) for event in view_events])
 
     # ------------------------------------------------------------------ public
     @property
@@ -393,8 +396,10 @@ class LivePanel(QWidget):
         z = request.z if len(shape) == 3 else None
         where = (y0, y1, x0, x1) if z is None else (z, y0, y1, x0, x1)
         layer = self.preview_layer
-        if not self._own_layer(layer, "labels", shape):
-            layer = self.viewer.add_labels(np.zeros(shape, np.uint8), name=f"{image_layer.name} live preview",
+        if not self._own_layer(layer, "labels", shape) or not np.can_cast(result.labels.dtype, layer.data.dtype):
+            if layer is not None and layer in list(self.viewer.layers):  # ours, too small for these label values
+                self.viewer.layers.remove(layer)
+            layer = self.viewer.add_labels(np.zeros(shape, result.labels.dtype), name=f"{image_layer.name} live preview",
                                            opacity=0.5, colormap=label_colormap(num),
                                            metadata={"affmae_live_preview": True}, **same_geometry(image_layer))
             self.viewer.layers.move(self.viewer.layers.index(layer), self.viewer.layers.index(image_layer) + 1)
