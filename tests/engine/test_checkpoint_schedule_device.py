@@ -1,6 +1,7 @@
 """Checkpoints (exact state round trip), the lr schedule, layer-wise decay groups, device/precision choice."""
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -58,6 +59,41 @@ def test_checkpoint_restores_everything_exactly(tmp_path):
     assert torch.equal(got[0], expect[0]) and np.array_equal(got[1], expect[1]) and got[2] == expect[2]
     assert torch.equal(got[3], expect[3])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _rewrite_meta(path, change) -> None:
+    """Rewrite a checkpoint's JSON metadata with ``change(meta)``; the tensors stay byte-identical."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["affmae_checkpoint"])
+    change(meta)
+    save_file(load_file(str(path)), str(path), metadata={"affmae_checkpoint": json.dumps(meta, allow_nan=True)})
+
+
+def test_the_checksum_covers_the_metadata_and_is_required(tmp_path, caplog):
+    model, opt, sched, rng = _trained_state()
+    path = save_checkpoint(tmp_path / "checkpoint.safetensors", model=model, optimizer=opt, scheduler=sched, scaler=None,
+                           step=3, rng=rng, job_config={"lr": 1e-2}, extra={"stats": {"mean": 0.25}})
+    original = path.read_bytes()
+    edits = {
+        "step": lambda m: m.update(step=4),
+        "stats": lambda m: m["extra"]["stats"].update(mean=0.26),
+        "numpy rng": lambda m: m["rng"]["numpy"]["state"].update(state=m["rng"]["numpy"]["state"]["state"] + 1),
+        "checksum removed": lambda m: m.pop("sha256"),
+    }
+    for what, change in edits.items():
+        path.write_bytes(original)
+        _rewrite_meta(path, change)
+        with pytest.raises(CheckpointError, match="is damaged"):
+            load_checkpoint(path)
+    # a version-1 file (before metadata was hashed) without any checksum still loads, with a warning
+    path.write_bytes(original)
+    _rewrite_meta(path, lambda m: (m.pop("sha256"), m.update(version=1)))
+    with caplog.at_level("WARNING", logger="napari_affmae.engine"):
+        assert load_checkpoint(path).step == 3
+    assert "without a checksum" in caplog.text
 
 
 def test_foreign_checkpoint_is_refused(tmp_path):

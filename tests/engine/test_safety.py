@@ -366,6 +366,33 @@ def test_a_damaged_checkpoint_is_refused_on_resume(stack, tmp_path, capsys):
     assert digest(out / "pretrained.affmae") == package_before
 
 
+@pytest.mark.parametrize("what", ["step", "stats"])
+def test_a_checkpoint_with_edited_metadata_is_refused_on_resume(stack, tmp_path, capsys, what):
+    """One digit of the stored step or normalisation statistics changed: the tensors are intact, but the
+    checkpoint no longer matches its checksum."""
+    out = tmp_path / "pre"
+    args = ["pretrain", stack["image"], "-o", out, "--steps", "3", "--checkpoint-every", "1", *TINY]
+    assert run(capsys, *args[:5], "1", *args[6:])[0] == 0  # stop at step 1 of a 1-step run
+    checkpoint = out / CHECKPOINT_NAME
+    data = checkpoint.read_bytes()
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_size])
+    meta = json.loads(header["__metadata__"]["affmae_checkpoint"])
+    if what == "step":
+        meta["step"] = 2
+    else:
+        mean = repr(meta["extra"]["stats"]["mean"])
+        digit = next(i for i, c in enumerate(mean) if c in "123456789")
+        meta["extra"]["stats"]["mean"] = float(mean[:digit] + str(int(mean[digit]) % 9 + 1) + mean[digit + 1:])
+    header["__metadata__"]["affmae_checkpoint"] = json.dumps(meta, allow_nan=True)
+    edited = json.dumps(header).encode()
+    checkpoint.write_bytes(len(edited).to_bytes(8, "little") + edited + data[8 + header_size:])
+    package_before = digest(out / "pretrained.affmae")
+    code, _, err = run(capsys, *args, "--resume")
+    assert code == 2 and "is damaged" in one_line_error(err)
+    assert digest(out / "pretrained.affmae") == package_before
+
+
 def test_resuming_a_finished_run_writes_the_package(stack, tmp_path, capsys):
     out = tmp_path / "pre"
     args = ["pretrain", stack["image"], "-o", out, "--steps", "2", "--checkpoint-every", "1", *TINY]

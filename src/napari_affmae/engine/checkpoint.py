@@ -3,8 +3,11 @@
 Tensors (model weights, optimiser moments, torch/CUDA RNG states) are safetensors entries; the
 rest (step, optimiser hyper-parameters, scheduler and grad-scaler state, numpy and Python RNG
 states, job config, free-form ``extra``) is one JSON document stored in the file's metadata.
-The SHA-256 of the tensor bytes is stored in the metadata and verified on load, so a damaged file
-is refused instead of resumed. The file is written to a temporary sibling, fsynced and renamed over the old one, so a process
+The SHA-256 of the whole content (the JSON document in canonical form, the tensor table and the
+tensor bytes) is stored in the metadata as ``sha256`` and verified on load, so a damaged file (a
+weight, the step, an RNG state or the normalisation statistics) is refused instead of resumed.
+Version 1 files hashed the tensor bytes only (``tensors_sha256``), or nothing; they still load, with
+a logged warning when nothing can be verified. The file is written to a temporary sibling, fsynced and renamed over the old one, so a process
 killed at any moment leaves either the previous or the new checkpoint, never a torn one.
 
 Tensor keys: ``model/<name>``, ``optim/<param index>/<state name>``, ``rng/torch``,
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import uuid
@@ -24,15 +28,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .schedule import WarmupCosine
 
 CHECKPOINT_FORMAT = "napari-affmae-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: ``sha256`` over metadata + tensors, required; 1: tensor bytes only, optional
+_READABLE_VERSIONS = (1, CHECKPOINT_VERSION)
 CHECKPOINT_NAME = "checkpoint.safetensors"
 _META_KEY = "affmae_checkpoint"
+_HASH_KEY = "sha256"
+
+log = logging.getLogger("napari_affmae.engine")
 
 
 class CheckpointError(ValueError):
@@ -130,7 +139,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
         "job_config": job_config,
         "extra": extra or {},
     }
-    meta["tensors_sha256"] = hashlib.sha256(_data_section(save_safetensors_bytes(tensors))).hexdigest()
+    table, body = _split(save_safetensors_bytes(tensors))
+    meta[_HASH_KEY] = _content_sha256(json.loads(json.dumps(meta, allow_nan=True)), table, body)
     data = save_safetensors_bytes(tensors, metadata={_META_KEY: json.dumps(meta, allow_nan=True)})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -146,15 +156,54 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     return path
 
 
-def _data_section(data: bytes) -> bytes:
-    """The tensor bytes of a safetensors file (after the 8-byte length and the JSON header); they do not
-    depend on the metadata, so their checksum can be stored in it."""
+def _split(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """A safetensors file -> (its JSON header, ``__metadata__`` included; the tensor bytes after it)."""
     if len(data) < 8:
         raise CheckpointError("the checkpoint file is truncated (no safetensors header)")
-    header = int.from_bytes(data[:8], "little")
-    if 8 + header > len(data):
+    size = int.from_bytes(data[:8], "little")
+    if 8 + size > len(data):
         raise CheckpointError("the checkpoint file is truncated (header reaches past the end)")
-    return data[8 + header:]
+    try:
+        header = json.loads(data[8:8 + size])
+    except ValueError as err:
+        raise CheckpointError(f"the checkpoint header is not JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError("the checkpoint header is not a JSON object")
+    return header, data[8 + size:]
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True).encode("utf-8")
+
+
+def _content_sha256(meta: dict[str, Any], header: dict[str, Any], body: bytes) -> str:
+    """SHA-256 over the metadata (canonical JSON, without the hash itself), the tensor table (names,
+    dtypes, shapes, offsets; not ``__metadata__``, which holds the hash) and the tensor bytes."""
+    digest = hashlib.sha256()
+    digest.update(_canonical({k: v for k, v in meta.items() if k != _HASH_KEY}))
+    digest.update(_canonical({k: v for k, v in header.items() if k != "__metadata__"}))
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, meta: dict[str, Any], header: dict[str, Any], body: bytes) -> None:
+    """Refuse a checkpoint whose content does not match its stored checksum (or, in the current format,
+    that has none); a version-1 file without one loads with a warning."""
+    damaged = (f"{path} is damaged: its content does not match the checksum written with it; resume from "
+               "another checkpoint or start again with --overwrite")
+    if meta["version"] == 1:
+        expected = meta.get("tensors_sha256")
+        if expected is None:
+            log.warning("%s is an older checkpoint without a checksum; it cannot be verified", path)
+        elif hashlib.sha256(body).hexdigest() != expected:
+            raise CheckpointError(damaged)
+        return
+    expected = meta.get(_HASH_KEY)
+    if not isinstance(expected, str):
+        raise CheckpointError(f"{path} is damaged: its checksum is missing; resume from another checkpoint or "
+                              "start again with --overwrite")
+    if _content_sha256(meta, header, body) != expected:
+        raise CheckpointError(damaged)
 
 
 def find_checkpoint(location: str | os.PathLike) -> Path:
@@ -170,11 +219,12 @@ def load_checkpoint(location: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint written by `save_checkpoint` (file or its directory)."""
     path = find_checkpoint(location)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            raw = (handle.metadata() or {}).get(_META_KEY)
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        data = path.read_bytes()  # read once: verified and parsed from the same bytes
+        header, body = _split(data)
+        tensors = load_safetensors_bytes(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint ({err})") from err
+    raw = (header.get("__metadata__") or {}).get(_META_KEY)
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file but not a napari-affmae training checkpoint")
     try:
@@ -182,13 +232,12 @@ def load_checkpoint(location: str | os.PathLike) -> Checkpoint:
     except ValueError as err:
         raise CheckpointError(f"{path}: the checkpoint metadata is damaged ({err}); resume from another checkpoint "
                               "or start again without --resume") from err
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} "
-                              f"version {meta.get('version')!r}")
-    expected = meta.get("tensors_sha256")
-    if expected is not None and hashlib.sha256(_data_section(path.read_bytes())).hexdigest() != expected:
-        raise CheckpointError(f"{path} is damaged: its tensors do not match the checksum written with them; resume "
-                              "from another checkpoint or start again with --overwrite")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or \
+            meta.get("version") not in _READABLE_VERSIONS:
+        found = meta if isinstance(meta, dict) else {}
+        raise CheckpointError(f"{path}: unsupported checkpoint format {found.get('format')!r} "
+                              f"version {found.get('version')!r}")
+    _verify(path, meta, header, body)
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     optim = {k: v for k, v in tensors.items() if k.startswith("optim/")}
     rng = {k: v for k, v in tensors.items() if k.startswith("rng/")}
