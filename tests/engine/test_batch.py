@@ -124,3 +124,41 @@ def test_batch_killed_midway_resumes_only_missing_chunks(trained, tmp_path, cli_
         assert _image_checksum(path) == checksums[path]
         labels = np.asarray(_read_labels_with_ome_zarr(path, "seg").data[0])
         np.testing.assert_array_equal(labels, segment(package, image, SegmentConfig(tile_size=(64, 64))))
+
+
+def test_an_interrupted_overwrite_is_named_then_resumed(trained, tmp_path):
+    """After an interrupted overwrite, a rerun without it reports the overwrite in progress (not "already
+    complete"); a rerun with it and the same package computes only the chunks the staging lacks."""
+    import pytest
+
+    from napari_affmae.data import synthetic_em
+    from napari_affmae.engine import CancelToken, JobCancelled
+
+    image = synthetic_em((4, 64, 64), seed=2)[0]
+    dataset = _datasets(tmp_path, [image])[0]
+    config = BatchConfig(tile_size=(32, 32), device="cpu")
+    first = batch_segment(dataset, trained["segmentation"], config, label_name="seg").results[0]
+    assert first.status == "done"
+    token, staged_chunks = CancelToken(), []
+
+    def stop_after_two_bands(event) -> None:
+        if event.message and "chunks)" in event.message:
+            staged_chunks.append(event.message)
+            if len(staged_chunks) == 2:
+                token.cancel()
+
+    overwrite = BatchConfig(tile_size=(32, 32), device="cpu", overwrite=True)
+    with pytest.raises(JobCancelled):
+        batch_segment(dataset, trained["segmentation"], overwrite, label_name="seg", progress=stop_after_two_bands,
+                      cancel=token)
+    staged = dataset / "labels" / "seg.affmae-new"
+    done = int(zarr.open_array(str(staged / "affmae_progress"), mode="r")[...].sum())
+    assert 0 < done < first.chunks_total
+    plain = batch_segment(dataset, trained["segmentation"], config, label_name="seg").results[0]
+    assert plain.status == "failed" and "is being overwritten" in plain.error and "--overwrite" in plain.error
+    again = batch_segment(dataset, trained["segmentation"], overwrite, label_name="seg").results[0]
+    assert again.status == "done" and again.chunks_written == first.chunks_total - done
+    assert not staged.exists()
+    labels = np.asarray(_read_labels_with_ome_zarr(dataset, "seg").data[0])
+    np.testing.assert_array_equal(labels, segment(load_package(trained["segmentation"]), image,
+                                                  SegmentConfig(tile_size=(32, 32), device="cpu")))

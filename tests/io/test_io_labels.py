@@ -196,6 +196,39 @@ def test_existing_foreign_labels_and_overwrite(em):
         LabelsWriter(path, "theirs", chunks=(1, 16, 16))
 
 
+def test_an_interrupted_overwrite_is_resumed_or_named(em):
+    """After an interrupted overwrite: a plain rerun says an overwrite is in progress (not "complete"); an
+    overwrite with the same fingerprint resumes the staged chunks; another fingerprint starts them again."""
+    path, _, labels = em
+    write_labels(path, "seg", np.zeros_like(labels), class_names=CLASSES, chunks=(1, 64, 64))
+    staged = path / "labels" / "seg.affmae-new"
+    writer = LabelsWriter(path, "seg", class_names=CLASSES, chunks=(1, 64, 64), overwrite=True, fingerprint="b" * 64)
+    first = writer.pending_chunks()[:7]
+    for index in first:
+        writer.write_chunk(index, labels[writer.chunk_region(index)])
+    del writer  # "crash"
+    with pytest.raises(FileExistsError, match=r"is being overwritten.*rerun with overwrite \(--overwrite\)"):
+        LabelsWriter(path, "seg", class_names=CLASSES, chunks=(1, 64, 64), fingerprint="b" * 64)
+    other = LabelsWriter(path, "seg", class_names=CLASSES, chunks=(1, 64, 64), overwrite=True, fingerprint="c" * 64)
+    assert len(other.pending_chunks()) == other.n_chunks  # another package: the staging starts again
+    for index in first:
+        other.write_chunk(index, np.ones_like(labels[other.chunk_region(index)]))
+    del other
+    again = LabelsWriter(path, "seg", class_names=CLASSES, chunks=(1, 64, 64), overwrite=True, fingerprint="c" * 64)
+    assert again.pending_chunks() == [i for i in again.chunk_indices() if i not in first]  # resumed
+    assert (np.asarray(zarr.open_group(path / "labels" / "seg", mode="r")["s0"]) == 0).all()  # still the old ones
+    for index in again.pending_chunks():
+        again.write_chunk(index, labels[again.chunk_region(index)])
+    again.finalize()
+    assert not staged.exists()
+    result = np.asarray(zarr.open_group(path / "labels" / "seg", mode="r")["s0"])
+    expected = labels.copy()
+    for index in first:
+        expected[again.chunk_region(index)] = 1
+    np.testing.assert_array_equal(result, expected)
+    assert _ome(zarr.open_group(path / "labels", mode="r").attrs)["labels"] == ["seg"]
+
+
 def test_bad_input(em):
     path, _, labels = em
     writer = LabelsWriter(path, "seg", chunks=(1, 64, 64))

@@ -6,7 +6,10 @@ a band is one row of label chunks of one slice; the slice's tiles that touch the
 (`TiledPredictor` with a row range, so values equal a whole-slice run) and the band's chunks are
 stored. Bands whose chunks were all stored by an earlier, interrupted run are skipped, so a rerun
 only computes what is missing. The labels record the SHA-256 of the package; resuming them with
-another package is refused (``overwrite`` starts again), so one result never mixes two models. The image group is opened read-only: image arrays are never written.
+another package is refused (``overwrite`` starts again), so one result never mixes two models. An
+overwrite is built beside the earlier labels; an interrupted one is resumed by a rerun with
+``overwrite`` and the same package, and named (not reported complete) by a rerun without it. The
+image group is opened read-only: image arrays are never written.
 
 A dataset that fails (unreadable, no multiscales, ...) is recorded in the `BatchReport` with its
 message and the others continue. Under torchrun the datasets are split across ranks round-robin;

@@ -37,8 +37,8 @@ from .omezarr import Multiscales, chunk_grid, ngff_attrs, nearest_index, read_mu
 LOGGER = logging.getLogger(__name__)
 
 PROGRESS_ARRAY = "affmae_progress"
-STATE_KEY = "affmae_labels"
-STAGING_SUFFIX = ".affmae-new"  # labels/<name><suffix>: a replacement being written (overwrite)  # our bookkeeping in the labels group's attributes
+STATE_KEY = "affmae_labels"  # our bookkeeping in the labels group's attributes
+STAGING_SUFFIX = ".affmae-new"  # labels/<name><suffix>: a replacement being written (overwrite)
 SOURCE_IMAGE = "../../"
 
 # RGBA for class values 1, 2, 3, ... (0 = unlabelled stays transparent)
@@ -76,9 +76,11 @@ class LabelsWriter:
         dtype: integer dtype of the labels (default uint8).
         overwrite: replace an existing ``labels/<name>``: the new labels are written into
             ``labels/<name>.affmae-new`` and swapped in by `finalize`, so the earlier labels stay intact and
-            listed until the new ones are complete (an interrupted overwrite leaves them untouched). Without it an unfinished run of the
-            same layout is resumed, a finished one is left as is (`complete` is True) and anything
-            else is an error.
+            listed until the new ones are complete (an interrupted overwrite leaves them untouched). An
+            interrupted overwrite with the same layout and fingerprint is resumed (its finished chunks
+            kept); any other is started again. Without ``overwrite`` an unfinished run of the same layout
+            is resumed, a finished one is left as is (`complete` is True), an unfinished overwrite is
+            refused (finish it with ``overwrite``) and anything else is an error.
         provenance: JSON-able dict stored with the labels (e.g. model package, date).
         fingerprint: identity of what computes the labels (e.g. a package checksum); resuming an unfinished
             run recorded with another fingerprint is refused (FileExistsError), so a result never mixes two.
@@ -148,38 +150,62 @@ class LabelsWriter:
                 f"{self.labels_root}: zarr format {root.metadata.zarr_format} differs from the image's "
                 f"({self.zarr_format}); remove the labels group or use a fresh copy of the image"
             )
+        staging = f"{self.name}{STAGING_SUFFIX}"
+        if overwrite and (self.name in root or staging in root):
+            return self._open_staging(root, staging)  # the new labels beside the old ones; `finalize` swaps
+        if staging in root:
+            raise FileExistsError(
+                f"{self.path} is being overwritten: an unfinished replacement is in {self.labels_root / staging}; "
+                f"rerun with overwrite (--overwrite) to finish it, or delete {staging} to keep the earlier labels"
+            )
         if self.name in root:
-            if overwrite:  # build the new labels beside the old ones; `finalize` swaps them in
-                self.staging = f"{self.name}{STAGING_SUFFIX}"
-                if self.staging in root:
-                    shutil.rmtree(self.labels_root / self.staging)
-                self.path = str(self.labels_root / self.staging)
-                return self._create_group(root, self.staging)
-            else:
-                group = root[self.name]
-                state = dict(group.attrs).get(STATE_KEY)
-                if not isinstance(group, zarr.Group) or state is None:
-                    raise FileExistsError(
-                        f"{self.path} already exists and was not written by napari-affmae; choose another "
-                        "labels name or pass overwrite=True"
-                    )
-                mine = self._state()
-                for key in ("shape", "chunks", "dtype"):
-                    if state.get(key) != mine[key]:
-                        raise FileExistsError(
-                            f"{self.path} was started with {key}={state.get(key)} but this run uses {mine[key]}; "
-                            "pass overwrite=True to start again"
-                        )
-                theirs = state.get("fingerprint")
-                if state.get("status") != "complete" and theirs and self.fingerprint and theirs != self.fingerprint:
-                    raise FileExistsError(
-                        f"{self.path} is half written by another model (package sha256 {theirs[:12]}, this one is "
-                        f"{self.fingerprint[:12]}); resume it with the same package, or pass overwrite "
-                        "(--overwrite) to start again"
-                    )
-                LOGGER.info("resuming %s (status %s)", self.path, state.get("status"))
-                return group
+            group = root[self.name]
+            state = dict(group.attrs).get(STATE_KEY)
+            if not isinstance(group, zarr.Group) or state is None:
+                raise FileExistsError(
+                    f"{self.path} already exists and was not written by napari-affmae; choose another "
+                    "labels name or pass overwrite=True"
+                )
+            mismatch = self._layout_mismatch(state)
+            if mismatch:
+                raise FileExistsError(f"{self.path} was started with {mismatch}; pass overwrite=True to start again")
+            theirs = state.get("fingerprint")
+            if state.get("status") != "complete" and theirs and self.fingerprint and theirs != self.fingerprint:
+                raise FileExistsError(
+                    f"{self.path} is half written by another model (package sha256 {theirs[:12]}, this one is "
+                    f"{self.fingerprint[:12]}); resume it with the same package, or pass overwrite "
+                    "(--overwrite) to start again"
+                )
+            LOGGER.info("resuming %s (status %s)", self.path, state.get("status"))
+            return group
         return self._create_group(root, self.name)
+
+    def _layout_mismatch(self, state: Mapping[str, Any]) -> str | None:
+        """How recorded labels ``state`` differs in shape, chunks or dtype from this run (None: it does not)."""
+        mine = self._state()
+        for key in ("shape", "chunks", "dtype"):
+            if state.get(key) != mine[key]:
+                return f"{key}={state.get(key)} but this run uses {mine[key]}"
+        return None
+
+    def _open_staging(self, root: zarr.Group, staging: str) -> zarr.Group:
+        """The staging group of an overwrite: an interrupted one of the same layout and fingerprint is
+        resumed (and swapped in at once if it was already complete); any other is started again."""
+        self.staging, self.path = staging, str(self.labels_root / staging)
+        if staging in root:
+            group = root[staging]
+            state = dict(group.attrs).get(STATE_KEY) if isinstance(group, zarr.Group) else None
+            if isinstance(state, dict) and self._layout_mismatch(state) is None and self.fingerprint is not None \
+                    and state.get("fingerprint") == self.fingerprint:
+                LOGGER.info("resuming the overwrite in %s (status %s)", self.path, state.get("status"))
+                if state.get("status") == "complete":  # interrupted while being swapped in
+                    self.group = group
+                    self._publish()
+                    return self.group
+                return group
+            LOGGER.info("starting the overwrite in %s again (another package or layout)", self.path)
+            shutil.rmtree(self.labels_root / staging)
+        return self._create_group(root, staging)
 
     def _create_group(self, root: zarr.Group, name: str) -> zarr.Group:
         group = root.create_group(name, overwrite=True)
@@ -301,14 +327,18 @@ class LabelsWriter:
         self._write_metadata()
         del self.group[PROGRESS_ARRAY]
         self.group.attrs[STATE_KEY] = {**self._state(), "status": "complete"}
+        self._publish()
+        LOGGER.info("finalised %s (%d levels)", self.path, len(paths))
+        return self.path
+
+    def _publish(self) -> None:
+        """Swap a complete staging group in (overwrite) and list the name in ``labels/``."""
         if self.staging is not None:
             self._swap_in()
         root = zarr.open_group(str(self.labels_root), mode="a", zarr_format=self.zarr_format)
         attrs = ngff_attrs(root)
         names = [n for n in attrs.get("labels", []) if n != self.name] + [self.name]
         self._write_ngff_attrs(root, {**attrs, "labels": names})
-        LOGGER.info("finalised %s (%d levels)", self.path, len(paths))
-        return self.path
 
     def _downsample_level(self, src_path: str, dst_path: str, src_shape: tuple, dst_shape: tuple) -> None:
         """Nearest-neighbour ``dst = src[idx_0, idx_1, ...]`` with ``idx = floor(i * N_src / N_dst)``,
