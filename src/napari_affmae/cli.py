@@ -429,15 +429,14 @@ def _format_scores(scores: dict[str, float | None]) -> str:
 INCOMPLETE_ATTR = "affmae_incomplete"  # set on a .zarr output while it is being written
 
 
-def _check_output(path: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
-    """Everything about ``--output`` that can be checked before any work: type, clash with an input,
-    an existing result without --overwrite, a writable folder."""
-    from .engine.training import check_output_not_input, prepare_output_dir  # noqa: PLC0415
+def _check_output(path: Path, overwrite: bool) -> None:
+    """Everything about ``--output`` that can be checked before any work: type, an existing result without
+    --overwrite, a writable folder (a clash with an input is refused earlier, `_check_outputs_apart`)."""
+    from .engine.training import prepare_output_dir  # noqa: PLC0415
 
     suffix = path.suffix.lower()
     if suffix not in (".tif", ".tiff", ".npy", ".zarr"):
         raise ValueError(f"unsupported output type {suffix or '(none)'!r} for {path}; use .tif, .npy or .zarr")
-    check_output_not_input(path, inputs, nested_inputs=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite or choose another --output")
     prepare_output_dir(path.parent if str(path.parent) else Path("."))
@@ -495,7 +494,7 @@ def _cmd_segment(args, progress, cancel, run_log) -> int:
                            output="probabilities" if args.probabilities else "labels",
                            normalization=args.normalization, slices=args.slices)
     slice_list(config.slices, image.shape[0] if image.ndim == 3 else 1, image.ndim)
-    _check_output(args.output, args.overwrite, [args.image, args.package])
+    _check_output(args.output, args.overwrite)
     if args.probabilities:
         shape, dtype = (int(package.num_classes), *image.shape), np.float32
     else:
@@ -518,13 +517,14 @@ def _cmd_segment(args, progress, cancel, run_log) -> int:
 
 
 def _check_report(path: Path) -> None:
-    """Refuse an unusable --report before the work starts (a directory, an unwritable file or folder)."""
-    from .engine.package import _check_writable_dir  # noqa: PLC0415
+    """Refuse an unusable --report before the work starts (a directory, an unwritable file or folder);
+    creates nothing."""
+    from .engine.package import check_writable_dir  # noqa: PLC0415
 
     if path.is_dir():
         raise IsADirectoryError(f"--report {path} is a directory; give a file name such as report.json")
     try:
-        _check_writable_dir(path.parent if str(path.parent) else Path("."))
+        check_writable_dir(path.parent if str(path.parent) else Path("."))
     except PermissionError as err:
         raise PermissionError(f"--report {path}: {err}") from err
     if path.exists() and not os.access(path, os.W_OK):
@@ -543,6 +543,7 @@ def _cmd_batch(args, progress, cancel, run_log) -> int:
     report = batch_segment(args.datasets, package, config, label_name=args.name, progress=progress, cancel=cancel)
     run_log.write("result", report=report.to_dict())
     if args.report is not None and _is_main_rank():
+        args.report.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.report.with_name(f".{args.report.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         os.replace(tmp, args.report)

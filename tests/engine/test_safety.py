@@ -471,6 +471,39 @@ def test_an_unusable_report_is_refused_before_any_work(trained, tmp_path, capsys
     assert not (dataset / "labels").exists()
 
 
+def test_checking_the_report_creates_no_folder(trained, tmp_path, capsys):
+    """The up-front --report check only checks: a refused run leaves no folder behind; a run that finishes
+    creates the report's folder when it writes the report."""
+    report = tmp_path / "new" / "sub" / "report.json"
+    code, _, err = run(capsys, "batch", trained["segmentation"], tmp_path / "none-*.zarr", "--report", report,
+                       "--device", "cpu", "--quiet")
+    assert code == 2 and "matches no files" in one_line_error(err)
+    assert not (tmp_path / "new").exists()
+    dataset = tmp_path / "ds.ome.zarr"
+    write_ome_zarr_image(dataset, synthetic_em((1, 64, 64), seed=2)[0], axes="zyx")
+    code, _, err = run(capsys, "batch", trained["segmentation"], dataset, "--report", report, "--tile-size", "32",
+                       "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert json.loads(report.read_text())["results"][0]["status"] == "done"
+
+
+def test_segment_checks_the_output_against_its_inputs_once(trained, stack, tmp_path, capsys, monkeypatch):
+    import napari_affmae.engine.training as training
+
+    calls = []
+    original = training.check_output_not_input
+
+    def counted(*args, **kwargs) -> None:
+        calls.append(args)
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "check_output_not_input", counted)
+    code, _, err = run(capsys, "segment", trained["segmentation"], stack["image"], "-o", tmp_path / "k.npy",
+                       "--tile-size", "32")
+    assert code == 0, err
+    assert len(calls) == 1
+
+
 def test_a_truncated_tiff_prints_only_our_line(tmp_path, cli_env):
     tifffile.imwrite(tmp_path / "full.tif", np.zeros((4, 64, 64), np.uint8), imagej=True, metadata={"axes": "ZYX"})
     data = (tmp_path / "full.tif").read_bytes()

@@ -192,7 +192,7 @@ def save_package(package: ModelPackage | nn.Module, path: str | os.PathLike, **m
     path = Path(path)
     manifest, weights = _encode(package)
     parent = path.parent if str(path.parent) else Path(".")
-    _check_writable_dir(parent)
+    _make_writable_dir(parent)
     tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         if path.suffix == PACKAGE_SUFFIX:
@@ -227,8 +227,22 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _check_writable_dir(directory: Path) -> None:
-    """Raise PermissionError with a clear message unless files can be created in ``directory``."""
+def check_writable_dir(directory: str | os.PathLike) -> None:
+    """Raise PermissionError with a clear message unless files could be written in ``directory``; creates
+    nothing (a missing folder is checked through its nearest existing parent, which must be a writable
+    folder)."""
+    directory = Path(directory)
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise PermissionError(f"cannot write to {directory}: {existing} is a file, not a folder; choose a writable "
+                              "output location")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {directory}: {existing} is not writable; choose a writable output "
+                              "location")
+
+
+def _make_writable_dir(directory: Path) -> None:
+    """Create ``directory`` and check by writing a probe file there (clear PermissionError if it fails)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".affmae-write-test-{uuid.uuid4().hex[:8]}"
