@@ -48,7 +48,7 @@ VARIANTS = {  # name -> (columns, forest options, prior adjustment)
     "+ encoder res5 x4": (columns([3], 4), {}, False),
     "+ encoder res4-5 x4": (columns([2, 3], 4), {}, False),
     "+ encoder all x2": (columns([0, 1, 2, 3], 2), {}, False),
-    "+ encoder all x4 (live default with a package)": (columns([0, 1, 2, 3], 4), {}, False),
+    "+ encoder all x4 (Live preview with AFFMAE features)": (columns([0, 1, 2, 3], 4), {}, False),
     "+ encoder all x8": (columns([0, 1, 2, 3], 8), {}, False),
     "filters, min_samples_leaf 10": (columns([], 0), {"min_samples_leaf": 10}, False),
     "filters, max_features 0.5": (columns([], 0), {"max_features": 0.5}, False),

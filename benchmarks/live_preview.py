@@ -100,7 +100,9 @@ def render_page(results: dict[str, Any], image: str, command: str) -> str:
         *targets(results),
         "",
         "The Fine-tune widget's Live preview uses the filter features only unless **AFFMAE features** is ticked, "
-        "because the encoder features measured here lower the IoU: by default it is the `rf_filters` arm.",
+        "because the encoder features measured here lower the IoU: by default it is the `rf_filters` arm. "
+        "Which encoder stages, how many channels, and other changes to the forest: "
+        "[forest-variants.md](forest-variants.md).",
         "",
         "## Per task",
         "",
