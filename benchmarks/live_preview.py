@@ -80,7 +80,10 @@ def render_page(results: dict[str, Any], image: str, command: str) -> str:
         "preview is most wrong (`em_protocol.correction_strokes`) and the forest is refitted.",
         "",
         f"- Machine: {env['processor']}, {env['cpu_count']} cores, torch {env['torch']}, "
-        f"{env['torch_threads']} threads; device **cpu**; total {results['total_s'] / 60:.1f} min.",
+        f"{env['torch_threads']} threads; device **cpu**; total {results['total_s'] / 60:.1f} min"
+        + (f"; {env['load_note']}" if env.get("load_note") else
+           f"; load average {env['load_avg_1min_at_start']:.1f} at the start" if env.get("load_avg_1min_at_start")
+           is not None else "") + ".",
         f"- Command: `{command}`",
         f"- Arms: {'; '.join(f'`{a}` = {t}' for a, t in ARM_TITLES.items())}. "
         f"Both use {cfg['trees']} trees, seed {cfg['seed']}.",

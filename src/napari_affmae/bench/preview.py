@@ -255,7 +255,9 @@ def summarise(tasks: dict[str, Any]) -> dict[str, Any]:
 def _environment() -> dict[str, Any]:
     from .em_segmentation import environment  # noqa: PLC0415
 
-    return environment("cpu")
+    import os  # noqa: PLC0415
+
+    return {**environment("cpu"), "load_avg_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> tuple[PreviewBenchConfig, argparse.Namespace]:
