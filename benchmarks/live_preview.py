@@ -91,6 +91,9 @@ def render_page(results: dict[str, Any], image: str, command: str) -> str:
         "fit, predict); *update* = one more stroke, refit + repredict with cached features (median of "
         f"{cfg['repeats']} strokes). Peak memory: resident set of a fresh process doing both.",
         "",
+        "![The Fine-tune widget with Live preview on a 1024 x 1024 VNC slice (Xvfb screenshot, "
+        "docs/make_screenshots.py)](images/live-preview.png)",
+        "",
         "## Headline (first task)",
         "",
         f"Task **{P.TASKS[summary['task']].title}**: update time live / rf_filters = "
