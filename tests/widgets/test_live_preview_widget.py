@@ -91,7 +91,7 @@ def test_live_preview_follows_the_strokes_and_frees_its_cache(make_napari_viewer
     assert (shown == truth[0]).mean() > 0.9
     assert widget.live.preview is not None and widget.live.preview.cache_bytes > 0
     assert widget.live.keep_button.isEnabled()
-    assert gc.get_freeze_count() > 0  # no full garbage collection over the whole heap while live (see _live)
+    assert gc.get_freeze_count() > 0  # no full garbage collection over the whole heap while live (see _jobs.hold_gc_freeze)
 
     # paint again, with the brush: a class-2 blob in the background -> the preview there changes
     strokes_layer.brush_size = 7

@@ -13,7 +13,6 @@ package that the Segment and Batch widgets use.
 """
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,32 +27,13 @@ from ..engine.live import LiveConfig, LivePreview, LiveResult
 from ._base import notify
 from ._jobs import JobOutcome, _run_job
 from ._layers import current_slice, image_data, is_kind, label_colormap, labels_data, same_geometry, visible_region
+from ._jobs import hold_gc_freeze
 from ._preload import warm_up_live_imports
 from ._state import SharedState
 
 log = logging.getLogger(__name__)
 DEBOUNCE_MS = 400  # quiet time after the last stroke change before an update starts
 KEEP_NAME = "live-preview"  # kept models: <output folder>/live-preview.affmae, live-preview-2.affmae, ...
-
-
-_gc_holders: set[int] = set()  # ids of the live panels that are on (see `hold_gc_freeze`)
-
-
-def hold_gc_freeze(holder: int, on: bool) -> None:
-    """While any live preview is on, the objects that existed when it was turned on are left out of Python's
-    cyclic garbage collection (`gc.freeze`). A full collection over napari's and PyTorch's objects took
-    ~0.35 s on 2 CPU cores; landing while the preview layer was drawn it froze the viewer for 0.5-0.75 s
-    (measured in the widget tests). When the last live preview is turned off they are unfrozen (moved back to
-    the oldest generation), so nothing is kept alive for good. Reference counting frees memory as usual."""
-    was_on = bool(_gc_holders)
-    if on:
-        _gc_holders.add(holder)
-    else:
-        _gc_holders.discard(holder)
-    if _gc_holders and not was_on:
-        gc.freeze()
-    elif was_on and not _gc_holders:
-        gc.unfreeze()
 
 
 @dataclass
