@@ -97,11 +97,11 @@ class LivePanel(QWidget):
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.toggle)
         row.addWidget(self.probabilities)
-        row.addWidget(self.encoder_features)
         row.addStretch(1)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(row)
+        layout.addWidget(self.encoder_features)
         layout.addWidget(self.status)
         layout.addWidget(self.keep_button)
 
