@@ -23,6 +23,7 @@ for folder in ("src", "kernels"):  # runnable from a plain checkout, too
 
 from napari_affmae.bench import em_protocol as P  # noqa: E402
 from napari_affmae.bench import preview as B  # noqa: E402
+from napari_affmae.bench.em_segmentation import save_figure  # noqa: E402
 
 ARM_TITLES = {"rf_filters": "rf_filters (ilastik-style: 20 filters + forest)",
               "live": "Live preview (filters + AFFMAE encoder + forest)"}
@@ -47,10 +48,7 @@ def plot_rounds(results: dict[str, Any], path: Path) -> None:
         ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def targets(results: dict[str, Any]) -> list[str]:

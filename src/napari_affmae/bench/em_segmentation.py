@@ -403,6 +403,16 @@ def _fmt(stat: dict[str, Any], digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot_iou_vs_k(results: dict[str, Any], path: Path) -> None:
     """Foreground IoU (mean ± std over seeds) vs number of labelled slices, one panel per task x regime."""
     import matplotlib  # noqa: PLC0415
@@ -427,10 +437,7 @@ def plot_iou_vs_k(results: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_overlays(results: dict[str, Any], path: Path, crop: int = 384) -> None:
@@ -463,10 +470,7 @@ def plot_overlays(results: dict[str, Any], path: Path, crop: int = 384) -> None:
             title = f"{P.TASKS[task].title} z={item['slice']}" if name == "truth" else name
             ax.set_title(title if mask is not None else f"{name} (no result)", fontsize=7)
             ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def verdict(results: dict[str, Any]) -> str:
