@@ -196,3 +196,13 @@ def test_any_label_values_are_kept_and_an_unchanged_set_of_strokes_is_not_refitt
     assert package.class_names == ["background", "class 300"]  # names of values 1 and 300 (only 3 given)
     out = segment(path, image, SegmentConfig(tile_size=(96, 96), overlap=0.0))
     np.testing.assert_array_equal(out[1], again.labels)
+
+
+def test_the_live_model_is_not_offered_for_fine_tuning() -> None:
+    from napari_affmae.engine import FinetuneConfig
+    from napari_affmae.models import list_models
+
+    assert "feature_forest" in list_models(task="segmentation")
+    assert "feature_forest" not in list_models(trainable=True) and "affmae_tiny" in list_models(trainable=True)
+    with pytest.raises(ValueError, match="feature_forest is not trained by fine-tuning"):
+        FinetuneConfig(model="feature_forest")

@@ -39,7 +39,7 @@ from .. import __version__
 from ..data.augment import AugmentConfig, augment_batch
 from ..data.normalize import NormalizationStats, compute_stats
 from ..data.sampling import LabeledPatchSampler, as_crop_shape
-from ..models import create_model
+from ..models import create_model, list_models
 from .checkpoint import CHECKPOINT_NAME, RngStates, load_checkpoint, restore_checkpoint, save_checkpoint
 from .device import autocast, make_grad_scaler, precision_name, resolve_device, resolve_precision
 from .distributed import setup_distributed, teardown_distributed, wrap_model
@@ -99,6 +99,9 @@ class FinetuneConfig:
         self.validate()
 
     def validate(self) -> None:
+        if self.pretrained is None and self.model in list_models(trainable=False):
+            raise ValueError(f"{self.model} is not trained by fine-tuning (the Live preview fits it on the strokes); "
+                             f"choose one of {', '.join(list_models(task='segmentation', trainable=True))}")
         h, w = self.crop_size
         if h % 8 or w % 8 or h < 32 or w < 32:
             raise ValueError(f"crop_size must be multiples of 8 and at least 32 x 32; got {h} x {w}")

@@ -215,7 +215,7 @@ def make_forest_config(**overrides: Any) -> FeatureForestConfig:
     return FeatureForestConfig(**overrides)
 
 
-@register_model("feature_forest", tasks=("segmentation",))
+@register_model("feature_forest", tasks=("segmentation",), trainable=False)
 def feature_forest(task: str = "segmentation", num_classes: int | None = None, **overrides: Any) -> FeatureForest:
     """Filters + AFFMAE-tiny encoder features -> random forest (the Live preview model)."""
     if task != "segmentation":

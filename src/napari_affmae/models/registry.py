@@ -14,26 +14,33 @@ import torch.nn as nn
 TASKS = ("mae", "segmentation")
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _TASKS: dict[str, tuple[str, ...]] = {}
+_NOT_TRAINABLE: set[str] = set()  # models fitted another way (e.g. the Live preview's forest), not by fine-tuning
 
 
-def register_model(name: str, tasks: tuple[str, ...] = TASKS) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: register ``builder`` under ``name`` (must be unique) for the given tasks."""
+def register_model(name: str, tasks: tuple[str, ...] = TASKS,
+                   trainable: bool = True) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``builder`` under ``name`` (must be unique) for the given tasks; ``trainable=False``
+    for a model that gradient fine-tuning cannot train (it is fitted another way)."""
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is registered twice")
         _REGISTRY[name] = builder
         _TASKS[name] = tuple(tasks)
+        if not trainable:
+            _NOT_TRAINABLE.add(name)
         return builder
 
     return wrap
 
 
-def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
+def list_models(pattern: str = "*", task: str | None = None, trainable: bool | None = None) -> list[str]:
     """Sorted model names matching a shell-style pattern, e.g. ``"affmae_*"``; ``task`` keeps only
-    the models that support it (``"mae"`` lists the pretrainable ones)."""
+    the models that support it (``"mae"`` lists the pretrainable ones); ``trainable=True`` only those that
+    fine-tuning can train."""
     _import_all()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern) and (task is None or task in _TASKS[n]))
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern) and (task is None or task in _TASKS[n])
+                  and (trainable is None or (n not in _NOT_TRAINABLE) == trainable))
 
 
 def create_model(name: str, task: str = "mae", num_classes: int | None = None, **overrides) -> nn.Module:

@@ -119,7 +119,7 @@ class FinetuneWidget(TrainingWidget):
         self.start_from.currentTextChanged.connect(self._start_from_changed)
         self.pretrained = PathEdit("package", placeholder="pretrained.affmae (from the Pretrain widget)")
         self.scratch_model = QComboBox()
-        self.scratch_model.addItems(list_models())
+        self.scratch_model.addItems(list_models(trainable=True))
         self.scratch_model.setCurrentText("affmae_tiny")
         self.live = LivePanel(napari_viewer, self.state, LiveSources(
             image_layer=self.image_picker.layer, labels_layer=self.labels_picker.layer, package=self.live_package,
