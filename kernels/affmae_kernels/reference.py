@@ -1,7 +1,10 @@
 """Pure-PyTorch reference ops: gather + softmax.
 
-They run on every device (CPU, MPS, CUDA), carry autograd through plain PyTorch, and are the
-test oracle of the Triton kernels. Shapes (B batch, H heads, Nq queries, Nk keys, M
+They run on every device (CPU, MPS, CUDA) and are the test oracle of the Triton kernels.
+`neighborhood_attention` processes queries in chunks with its own backward (flash-attention
+style: saves the inputs and the per-row log-sum-exp, recomputes each chunk's gather and
+softmax), so memory stays bounded; `_unchunked_neighborhood_attention` is the same maths with
+plain autograd over whole tensors, kept as the oracle of the chunked one. Shapes (B batch, H heads, Nq queries, Nk keys, M
 neighbours per query, D head dim, c cluster size):
 
 * ``idx`` is ``[B, Nq, M]`` (per-token neighbourhoods) or ``[B, Nq // c, M]`` (cluster mode:
@@ -80,7 +83,12 @@ def gather_neighbors(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return rows.index_select(0, flat).reshape(b, h, nq, m, d)
 
 
-def neighborhood_attention(
+#: Default memory budget of one query chunk: bytes of one gathered neighbour tensor
+#: ``[B, H, n, M, D]`` (a chunk holds about four of them at once in the backward).
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+
+
+def _unchunked_neighborhood_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -91,7 +99,10 @@ def neighborhood_attention(
     blank_v: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Softmax attention of each query over its M neighbours. Returns ``[B, H, Nq, D]``."""
+    """Whole-tensor gather + softmax with plain autograd (test oracle of the chunked version).
+
+    Materialises ``[B, H, Nq, M, D]`` neighbour tensors and keeps them for the backward.
+    """
     check_attention_inputs(q, k, v, idx, bias, valid, blank_k, blank_v)
     b, h, nq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -122,6 +133,209 @@ def neighborhood_attention(
     out = torch.einsum("bhqm,bhqmd->bhqd", p[..., :m], v_nb)
     if blank_v is not None:
         out = out + p[..., m:] * blank_v.to(compute)[None, :, None, :]
+    return out.to(q.dtype)
+
+
+def default_chunk_size(q: torch.Tensor, num_neighbors: int, cluster: int = 1,
+                       chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Queries per chunk so that one gathered ``[B, H, n, M, D]`` tensor (fp32/fp64) fits ``chunk_bytes``.
+
+    Rounded down to a multiple of ``cluster`` (at least one cluster).
+    """
+    b, h, _, d = q.shape
+    itemsize = 8 if q.dtype == torch.float64 else 4
+    per_query = max(1, b * h * num_neighbors * d * itemsize)
+    size = max(1, chunk_bytes // per_query)
+    return max(cluster, size // cluster * cluster)
+
+
+class _Problem:
+    """One attention call, sliced into query chunks ``[start, stop)`` (multiples of the cluster size)."""
+
+    def __init__(self, q, k, v, idx, bias, valid, blank_k, blank_v, scale: float, chunk: int) -> None:
+        self.b, self.h, self.nq, self.d = q.shape
+        self.nk = k.shape[2]
+        self.m = idx.shape[-1]
+        self.cluster = self.nq // idx.shape[1]  # 1 in token mode
+        self.compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.q, self.k, self.v = q, k.to(self.compute), v.to(self.compute)  # k, v: [B, H, Nk, D]
+        self.idx, self.bias, self.valid = idx, bias, valid
+        self.blank_k = None if blank_k is None else blank_k.to(self.compute)  # [H, D]
+        self.blank_v = None if blank_v is None else blank_v.to(self.compute)  # [H, D]
+        self.scale = scale
+        self.chunk = max(self.cluster, chunk // self.cluster * self.cluster)
+        # row offset of every (b, h) block in the flattened [B*H*Nk, D] keys
+        self.offsets = torch.arange(self.b * self.h, device=idx.device).reshape(self.b, self.h, 1, 1) * self.nk
+
+    def chunks(self) -> range:
+        return range(0, self.nq, self.chunk)
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-query idx ``[B, n, M]`` int64 and valid ``[B, n, M]`` of queries ``[start, stop)``."""
+        c = self.cluster
+        idx = self.idx[:, start // c: stop // c].long()
+        valid = None if self.valid is None else self.valid[:, start // c: stop // c]
+        if c > 1:
+            idx = idx.repeat_interleave(c, dim=1)
+            valid = None if valid is None else valid.repeat_interleave(c, dim=1)
+        return idx, valid
+
+    def flat_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """``[B, n, M]`` -> row indices ``[B*H*n*M]`` into the flattened ``[B*H*Nk, D]`` keys."""
+        return (idx[:, None] + self.offsets).reshape(-1)
+
+    def logits(self, start: int, stop: int):
+        """Recomputable part of a chunk: (qc, flat index, k_nb, v_nb, logits ``[B, H, n, M(+1)]``, keep)."""
+        n = stop - start
+        idx, valid = self.rows(start, stop)
+        flat = self.flat_index(idx)
+        qc = self.q[:, :, start:stop].to(self.compute)  # [B, H, n, D]
+        k_nb = self.k.reshape(-1, self.d).index_select(0, flat).reshape(self.b, self.h, n, self.m, self.d)
+        v_nb = self.v.reshape(-1, self.d).index_select(0, flat).reshape(self.b, self.h, n, self.m, self.d)
+        logits = torch.einsum("bhqd,bhqmd->bhqm", qc, k_nb) * self.scale  # [B, H, n, M]
+        if self.bias is not None:
+            logits = logits + self.bias[:, :, start:stop].to(self.compute)
+        keep = None  # [B, 1, n, M(+1)] float, None = all kept
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None], NEG_SENTINEL)
+            keep = valid[:, None].to(self.compute)
+        if self.blank_k is not None:
+            blank_logit = torch.einsum("bhqd,hd->bhq", qc, self.blank_k) * self.scale  # [B, H, n]
+            logits = torch.cat([logits, blank_logit[..., None]], dim=-1)  # [B, H, n, M+1]
+            if keep is not None:
+                keep = torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
+        return qc, flat, k_nb, v_nb, logits, keep
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> out ``[B, H, Nq, D]`` (compute dtype), lse ``[B, H, Nq]`` (0 on rows with nothing to attend)."""
+        out = self.q.new_empty(self.b, self.h, self.nq, self.d, dtype=self.compute)
+        lse = self.q.new_empty(self.b, self.h, self.nq, dtype=self.compute)
+        m = self.m
+        for start in self.chunks():
+            stop = min(start + self.chunk, self.nq)
+            _, _, k_nb, v_nb, logits, keep = self.logits(start, stop)
+            del k_nb
+            row_max = logits.amax(dim=-1, keepdim=True)  # [B, H, n, 1]
+            p = torch.exp(logits - row_max)
+            if keep is not None:
+                p = p * keep
+            denom = p.sum(dim=-1, keepdim=True)
+            nonempty = denom > 0
+            p = p / torch.where(nonempty, denom, torch.ones_like(denom))
+            o = torch.einsum("bhqm,bhqmd->bhqd", p[..., :m], v_nb)  # [B, H, n, D]
+            if self.blank_v is not None:
+                o = o + p[..., m:] * self.blank_v[None, :, None, :]
+            out[:, :, start:stop] = o
+            row_lse = torch.where(nonempty, row_max + torch.log(torch.where(nonempty, denom, torch.ones_like(denom))),
+                                  torch.zeros_like(denom))
+            lse[:, :, start:stop] = row_lse[..., 0]
+        return out, lse
+
+    def backward(self, grad_out: torch.Tensor, lse: torch.Tensor, need: tuple[bool, ...]):
+        """Gradients (dq, dk, dv, dbias, dblank_k, dblank_v) in the compute dtype (None where not needed).
+
+        Per chunk: recompute the gathered K/V, logits and ``p = exp(logits - lse) * keep``; then
+        ``ds = p * (dp - sum(p * dp))`` with ``dp = dout . v`` (softmax backward), and scatter the
+        neighbour gradients into dk/dv with one row-wise ``index_add_`` each.
+        """
+        need_q, need_k, need_v, need_bias, need_bk, need_bv = need
+        b, h, nq, d, m = self.b, self.h, self.nq, self.d, self.m
+        dq = torch.zeros(b, h, nq, d, dtype=self.compute, device=grad_out.device) if need_q else None
+        dk = torch.zeros(b * h * self.nk, d, dtype=self.compute, device=grad_out.device) if need_k else None
+        dv = torch.zeros(b * h * self.nk, d, dtype=self.compute, device=grad_out.device) if need_v else None
+        dbias = torch.zeros(b, h, nq, m, dtype=self.compute, device=grad_out.device) if need_bias else None
+        dbk = torch.zeros(h, d, dtype=self.compute, device=grad_out.device) if need_bk else None
+        dbv = torch.zeros(h, d, dtype=self.compute, device=grad_out.device) if need_bv else None
+        for start in self.chunks():
+            stop = min(start + self.chunk, nq)
+            qc, flat, k_nb, v_nb, logits, keep = self.logits(start, stop)
+            p = torch.exp(logits - lse[:, :, start:stop, None])  # [B, H, n, M(+1)]
+            if keep is not None:
+                p = p * keep
+            del logits
+            go = grad_out[:, :, start:stop].to(self.compute)  # [B, H, n, D]
+            dp = torch.einsum("bhqd,bhqmd->bhqm", go, v_nb)  # [B, H, n, M]
+            if self.blank_v is not None:
+                dp = torch.cat([dp, torch.einsum("bhqd,hd->bhq", go, self.blank_v)[..., None]], dim=-1)
+            ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))  # d loss / d logits, [B, H, n, M(+1)]
+            del dp
+            if dv is not None:
+                dv.index_add_(0, flat, (p[..., :m, None] * go[:, :, :, None, :]).reshape(-1, d))
+            if dbv is not None:
+                dbv += torch.einsum("bhq,bhqd->hd", p[..., m], go)
+            del v_nb
+            if dbias is not None:
+                dbias[:, :, start:stop] = ds[..., :m]
+            ds = ds * self.scale
+            if dq is not None:
+                dqc = torch.einsum("bhqm,bhqmd->bhqd", ds[..., :m], k_nb)
+                if self.blank_k is not None:
+                    dqc = dqc + ds[..., m:] * self.blank_k[None, :, None, :]
+                dq[:, :, start:stop] = dqc
+            del k_nb
+            if dk is not None:
+                dk.index_add_(0, flat, (ds[..., :m, None] * qc[:, :, :, None, :]).reshape(-1, d))
+            if dbk is not None:
+                dbk += torch.einsum("bhq,bhqd->hd", ds[..., m], qc)
+        dk = None if dk is None else dk.reshape(b, h, self.nk, d)
+        dv = None if dv is None else dv.reshape(b, h, self.nk, d)
+        return dq, dk, dv, dbias, dbk, dbv
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Autograd of the chunked reference: saves only the inputs and the per-row log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, bias, valid, blank_k, blank_v, scale: float, chunk: int):
+        problem = _Problem(q, k, v, idx, bias, valid, blank_k, blank_v, scale, chunk)
+        out, lse = problem.forward()
+        ctx.save_for_backward(q, k, v, idx, bias, valid, blank_k, blank_v, lse)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, idx, bias, valid, blank_k, blank_v, lse = ctx.saved_tensors
+        problem = _Problem(q, k, v, idx, bias, valid, blank_k, blank_v, ctx.scale, ctx.chunk)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
+                ctx.needs_input_grad[4], ctx.needs_input_grad[6], ctx.needs_input_grad[7])
+        grads = problem.backward(grad_out, lse, need)
+        like = (q, k, v, bias, blank_k, blank_v)
+        dq, dk, dv, dbias, dbk, dbv = (None if g is None else g.to(t.dtype) for g, t in zip(grads, like))
+        return dq, dk, dv, None, dbias, None, dbk, dbv, None, None
+
+
+def neighborhood_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    blank_k: torch.Tensor | None = None,
+    blank_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention of each query over its M neighbours. Returns ``[B, H, Nq, D]``.
+
+    Queries run in chunks of ``chunk_size`` (default: `default_chunk_size`, one gathered
+    ``[B, H, n, M, D]`` tensor within `DEFAULT_CHUNK_BYTES`; rounded to whole clusters in
+    cluster mode), so no ``[B, H, Nq, M, D]`` tensor ever exists whole. The backward saves only
+    the inputs and the per-row log-sum-exp ``[B, H, Nq]`` and recomputes each chunk's gather and
+    softmax (flash-attention style); the maths is that of `_unchunked_neighborhood_attention`.
+    """
+    check_attention_inputs(q, k, v, idx, bias, valid, blank_k, blank_v)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of queries; got {chunk_size}")
+    b, h, nq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    cluster = nq // idx.shape[1]
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(q, idx.shape[-1], cluster)
+    tensors = (q, k, v, bias, blank_k, blank_v)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _ChunkedAttention.apply(q, k, v, idx, bias, valid, blank_k, blank_v, scale, chunk)
+    out, _ = _Problem(q, k, v, idx, bias, valid, blank_k, blank_v, scale, chunk).forward()
     return out.to(q.dtype)
 
 
