@@ -18,7 +18,7 @@ from affmae_kernels import weighted_merge
 
 from .clustering import Clusters, Neighborhood, build_neighborhood, curve_order, gather_tokens, relative_features
 from .common import PATCH_SIZE, lattice_positions, split_by_mask
-from .layers import Block, Mlp, RelativePositionBias
+from .layers import Block, Mlp, RelativePositionBias, chunked_pointwise_mlp
 
 
 @dataclass
@@ -104,7 +104,7 @@ class AdaptiveMerge(nn.Module):
         neighbour_pos = gather_tokens(pos, idx.long().reshape(b, -1)).reshape(b, n_keep, m, 2)
         rel = (neighbour_pos - centre_pos[:, :, None]).to(x.dtype)  # [B, N', M, 2]
         s_nb = gather_tokens(scores, idx.long().reshape(b, -1)).reshape(b, n_keep, m)
-        w = self.weights(relative_features(rel, scale)) * (s_nb * valid)[..., None]  # [B, N', M, G]
+        w = chunked_pointwise_mlp(self.weights, relative_features(rel, scale)) * (s_nb * valid)[..., None]  # [B, N', M, G]
         pooled = weighted_merge(w.to(x.dtype), x, idx)  # [B, N', G, C]
         merged = self.proj(self.norm(pooled.reshape(b, n_keep, self.groups * c)))
         return merged, centre_pos, scores

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from affmae_kernels import neighborhood_attention
 
@@ -22,11 +23,38 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+#: Bytes of one chunk's hidden activations in `chunked_pointwise_mlp`.
+MLP_CHUNK_BYTES = 16 * 2**20
+
+
+def chunked_pointwise_mlp(mlp: Mlp, x: torch.Tensor, chunk_bytes: int = MLP_CHUNK_BYTES) -> torch.Tensor:
+    """``mlp`` on x ``[B, N, M, F]`` -> ``[B, N, M, O]``, in chunks along N; hidden activations are never kept.
+
+    The hidden activations (``[B, N, M, hidden]``, twice: before and after GELU) are the memory hot
+    spot of the small relative-position MLPs. With autograd on, every chunk is checkpointed (only
+    its input is saved; the backward recomputes the chunk's hidden activations); without
+    autograd, chunks are written into one output. Same maths as ``mlp(x)``.
+    """
+    b, n, m = x.shape[:3]
+    hidden = mlp.fc1.out_features
+    rows = max(1, chunk_bytes // max(1, b * m * hidden * x.element_size()))
+    grad = torch.is_grad_enabled() and any(p.requires_grad for p in mlp.parameters())
+    if rows >= n:
+        return checkpoint(mlp, x, use_reentrant=False) if grad else mlp(x)
+    if grad:
+        return torch.cat([checkpoint(mlp, x[:, s:s + rows], use_reentrant=False) for s in range(0, n, rows)], dim=1)
+    out = x.new_empty(b, n, m, mlp.fc2.out_features)  # [B, N, M, O]
+    for s in range(0, n, rows):
+        out[:, s:s + rows] = mlp(x[:, s:s + rows])
+    return out
+
+
 class RelativePositionBias(nn.Module):
     """Per-head biases of several attention layers from one small MLP on (dy, dx, |d|, dy/|d|, dx/|d|).
 
-    All layers that attend over the same neighbourhood share the MLP's hidden activations, which
-    are the memory hot spot (one value per query, neighbour and hidden unit):
+    All layers that attend over the same neighbourhood share the MLP. Its hidden activations
+    (one value per query, neighbour and hidden unit) would be the memory hot spot, so they are
+    computed in chunks and recomputed in the backward (`chunked_pointwise_mlp`):
     rel_feat ``[B, Nq, M, 5]`` -> one bias ``[B, H, Nq, M]`` per layer.
     """
 
@@ -37,7 +65,7 @@ class RelativePositionBias(nn.Module):
         self.mlp = Mlp(5, hidden, heads * layers)
 
     def forward(self, rel_feat: torch.Tensor) -> list[torch.Tensor]:
-        out = self.mlp(rel_feat.to(self.mlp.fc1.weight.dtype))  # [B, Nq, M, H * layers]
+        out = chunked_pointwise_mlp(self.mlp, rel_feat.to(self.mlp.fc1.weight.dtype))  # [B, Nq, M, H * layers]
         return [b.permute(0, 3, 1, 2) for b in out.split(self.heads, dim=-1)]
 
 
