@@ -24,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-from contextlib import nullcontext
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,17 +38,14 @@ from ..data.augment import AugmentConfig, augment_batch
 from ..data.normalize import NormalizationStats, compute_stats
 from ..data.sampling import LabeledPatchSampler, as_crop_shape
 from ..models import create_model, list_models
-from .checkpoint import CHECKPOINT_NAME, RngStates, load_checkpoint, restore_checkpoint, save_checkpoint
-from .device import autocast, make_grad_scaler, precision_name, resolve_device, resolve_precision
-from .distributed import setup_distributed, teardown_distributed, wrap_model
+from .checkpoint import Checkpoint, RngStates
+from .device import precision_name
 from .inputs import InputImage, as_input_image, as_label_array, check_crop_fits, check_has_contrast, \
     image_pixel_size, source_name
-from .package import LABEL_MODES, ModelPackage, load_package, save_package
-from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
-from .schedule import WarmupCosine
+from .package import LABEL_MODES, ModelPackage, load_package
+from .progress import CancelToken, ProgressCallback, ProgressEvent
 from .segment import TiledPredictor, model_predictor
-from .training import StepMeter, cancelled, emit, finite_or_raise, open_run_folder, optimizer_step, param_groups, \
-    resume_location
+from .training import TrainingLoop, TrainingTask, run_training
 
 log = logging.getLogger(__name__)
 FINETUNE_PACKAGE = "segmentation.affmae"
@@ -350,146 +345,135 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
     label_array = _load_labels(labels, img)
     _, painted = check_labels(label_array, config.label_mode)
     values = class_values(painted, config.label_mode, config.class_names)
-    num_classes = len(values)
     train_labels, val_labels, split_info = split_validation(to_internal(label_array, config.label_mode, values),
                                                             config)
     check_crop_fits([img], config.crop_size)
     check_has_contrast(compute_stats(img.array, seed=config.seed), source_name(img, 0))
-    device = resolve_device(config.device)
-    dtype = resolve_precision(device, config.precision)
-    context = setup_distributed(device)
-    lock = None
-    try:
-        if context.is_main:
-            sources = [p for p in (img.source, labels if isinstance(labels, (str, Path)) else None) if p]
-            lock = open_run_folder(config.output_dir, FINETUNE_PACKAGE, resume=config.resume,
-                                   overwrite=config.overwrite, inputs=sources)
-        return _run(img, train_labels, val_labels, split_info, values, painted, config, device, dtype, context,
-                    progress, cancel, started)
-    finally:
-        if lock is not None:
-            lock.release()
-        teardown_distributed(context)
+    sources = [p for p in (img.source, labels if isinstance(labels, (str, Path)) else None) if p]
+    task = FinetuneTask(config, img, PaintedLabels(train_labels, val_labels, split_info, values, painted))
+    return run_training(task, config, progress, cancel, sources=sources, started=started)
 
 
-def _run(img, train_labels, val_labels, split_info, values, painted, config, device, dtype, context, progress,
-         cancel, started) -> FinetuneResult:
-    num_classes = len(values)
-    output_dir = Path(config.output_dir)
-    context.barrier()
-    resume_from = resume_location(config.resume, output_dir)
-    checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
-    total = int(checkpoint.meta["scheduler"]["total_steps"]) if checkpoint is not None else int(config.steps)
-    shard = context.shard(config.batch_size)
-    rngs = RngStates.seeded(config.seed)
-    model, start_info = _starting_model(config, num_classes)
-    if checkpoint is not None and (checkpoint.meta.get("num_classes") != num_classes
-                                   or checkpoint.extra.get("label_values", values) != values):
-        raise ValueError(f"the checkpoint at {checkpoint.path} was trained on label values "
-                         f"{checkpoint.extra.get('label_values', checkpoint.meta.get('num_classes'))}, these labels "
-                         f"have {values}; resume with the same labels or start again with --overwrite")
-    model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.layer_decay), lr=config.lr)
-    scheduler = WarmupCosine(optimizer, total, config.warmup_steps, config.lr, config.min_lr_ratio)
-    scaler = make_grad_scaler(device, dtype)
-    stats = compute_stats(img.array, seed=config.seed)  # same as the contrast check: cheap, deterministic
-    sampler = LabeledPatchSampler(img.array, train_labels, config.crop_size, seed=config.seed, pad=True,
-                                  balance_classes=config.balance_classes)
-    sampler.rng = rngs.numpy
-    step, losses = 0, []
-    conf_train = np.zeros((num_classes, num_classes), np.int64)
-    if checkpoint is not None:
-        step = restore_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                  rng=rngs)
-        losses = list(checkpoint.extra.get("losses", []))
-        stats = NormalizationStats.from_dict(checkpoint.extra["stats"])
-        conf_train = np.asarray(checkpoint.extra.get("confusion", conf_train.tolist()), np.int64)
-        log.info("resumed fine-tuning from %s at step %d of %d", checkpoint.path, step, total)
-    ddp_model = wrap_model(model, context, device)
-    ddp_model.train()
+@dataclass
+class PaintedLabels:
+    """The labels a fine-tuning run learns from, after `check_labels` and `split_validation`."""
 
-    class_names = list(config.class_names or [f"class {v}" for v in values])
-    provenance = {
-        "job": "finetune", "napari_affmae": __version__, "torch": torch.__version__, "config": config.to_dict(),
-        "source": source_name(img, 0), "shape": list(img.shape), "painted_classes": painted,
-        "labelled_pixels": int((train_labels > 0).sum()),
-        "device": device.type, "precision": precision_name(dtype), "world_size": context.world_size,
-        **start_info, **split_info,
-    }
-    checkpoint_path = output_dir / CHECKPOINT_NAME
-    package_path = output_dir / FINETUNE_PACKAGE
-    augment_config = AugmentConfig() if config.augment else None
-    metrics: dict[str, Any] = {}
+    train: np.ndarray  # internal labels (0 = unused, c + 1 = model class c), validation part zeroed
+    val: np.ndarray | None  # internal labels of the held-out part, or None without validation
+    split_info: dict[str, Any]  # how the validation part was chosen (val_slices / val_rows)
+    values: list[int]  # label value of each model class
+    painted: list[int]  # label values painted
 
-    def write_outputs(done: int) -> None:
-        if not context.is_main:
-            return
-        save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        step=done, rng=rngs, job_config=config.to_dict(),
-                        extra={"losses": losses, "stats": stats.to_dict(), "confusion": conf_train.tolist(),
-                               "label_values": values})
-        save_package(ModelPackage.from_model(
-            model, normalization=stats, class_names=class_names, label_mode=config.label_mode, label_values=values,
-            pixel_size=image_pixel_size(img),
-            provenance=dict(provenance, steps=done, total_steps=total, metrics=metrics,
-                            final_loss=losses[-1] if losses else None)), package_path)
 
-    meter = StepMeter(total)
-    emit_progress = progress if context.is_main else None
-    emit(emit_progress, ProgressEvent("finetune", step, total, message=(
-        f"fine-tuning {type(model).__name__} ({num_classes} classes, "
-        f"{'pretrained' if config.pretrained is not None else 'from scratch'}) on {device.type}")))
-    while step < total:
-        if context.any(cancelled(cancel), device):
-            metrics["train"] = scores_from_confusion(conf_train, class_names)
-            write_outputs(step)
-            context.barrier()
-            result = FinetuneResult(package_path, checkpoint_path, step, total, losses[-1] if losses else math.nan,
-                                    metrics, losses, cancelled=True, seconds=time.perf_counter() - started)
-            err = JobCancelled(f"fine-tuning cancelled at step {step}/{total}; checkpoint saved at {checkpoint_path}")
-            err.result = result
-            raise err
-        lr = scheduler.apply(step)
-        step_loss = 0.0
-        for micro in range(config.grad_accum):
-            crops, crop_labels = sampler.sample(config.batch_size)  # [B, h, w] raw, [B, h, w] int
-            crops = stats.apply(crops).astype(np.float32)
-            if augment_config is not None:
-                crops, crop_labels = augment_batch(crops, crop_labels, rngs.numpy, augment_config)
-            x = torch.from_numpy(np.ascontiguousarray(crops[shard]))[:, None].to(device)  # [b, 1, h, w]
-            target = torch.from_numpy(_targets(np.ascontiguousarray(crop_labels[shard]))).to(device)  # [b, h, w]
-            sync = micro == config.grad_accum - 1 or not context.enabled
-            with (ddp_model.no_sync() if not sync else nullcontext()):
-                with autocast(device, dtype):
-                    logits = ddp_model(x)  # [b, K, h, w]
-                loss = segmentation_loss(logits, target, config.dice_weight) / config.grad_accum
-                scaler.scale(loss).backward()
-            step_loss += float(loss.detach())
-            with torch.no_grad():
-                pred = logits.argmax(1).cpu().numpy()
-                conf_train += confusion(pred, target.cpu().numpy(), num_classes)
-        optimizer_step(model, optimizer, scaler, config.grad_clip)
-        step += 1
-        step_loss = context.mean(step_loss, device)
-        finite_or_raise(step_loss, step)
-        losses.append(step_loss)
-        seconds = meter.tick()
-        if step % config.checkpoint_every == 0 and step < total:
-            write_outputs(step)
-        if step % config.log_every == 0 or step in (1, total):
-            emit(emit_progress, ProgressEvent(
-                "finetune", step, total, loss=step_loss, lr=lr,
-                images_per_s=config.batch_size * config.grad_accum / max(seconds, 1e-9), eta_s=meter.eta(step)))
-    metrics["train"] = scores_from_confusion(context.sum_array(conf_train, device), class_names)
-    if val_labels is not None and context.is_main:
-        emit(emit_progress, ProgressEvent("finetune", step, total, message="validating on held-out labels"))
-        metrics["val"] = _validate(model, img, val_labels, stats, num_classes, config, device, dtype, class_names,
-                                   cancel)
-        metrics["val"].update(split_info)
-    write_outputs(step)
-    context.barrier()
-    return FinetuneResult(package_path, checkpoint_path, step, total, losses[-1] if losses else math.nan, metrics,
-                          losses, seconds=time.perf_counter() - started)
+class FinetuneTask(TrainingTask):
+    """Fine-tuning's part of the `TrainingLoop`: augmented crops around painted pixels, cross-entropy + Dice
+    on painted pixels, running train confusion, validation at the end, and the segmentation package."""
+
+    job, verb, package_name = "finetune", "fine-tuning", FINETUNE_PACKAGE
+    save_last_step = False  # `finish` validates first, so the last package holds the metrics
+
+    def __init__(self, config: FinetuneConfig, image: InputImage, labels: PaintedLabels) -> None:
+        self.config, self.image, self.labels = config, image, labels
+        self.layer_decay = config.layer_decay
+        self.num_classes = len(labels.values)
+        self.class_names = list(config.class_names or [f"class {v}" for v in labels.values])
+        self.augment = AugmentConfig() if config.augment else None
+        self.metrics: dict[str, Any] = {}
+
+    def total_steps(self) -> int:
+        return int(self.config.steps)
+
+    def build_model(self) -> torch.nn.Module:
+        self.model, self.start_info = _starting_model(self.config, self.num_classes)
+        return self.model
+
+    def check_resume(self, checkpoint: Checkpoint) -> None:
+        values = self.labels.values
+        if checkpoint.meta.get("num_classes") != self.num_classes or checkpoint.extra.get("label_values",
+                                                                                           values) != values:
+            raise ValueError(f"the checkpoint at {checkpoint.path} was trained on label values "
+                             f"{checkpoint.extra.get('label_values', checkpoint.meta.get('num_classes'))}, these "
+                             f"labels have {values}; resume with the same labels or start again with --overwrite")
+
+    def prepare(self, rngs: RngStates) -> None:
+        config = self.config
+        self.rngs = rngs
+        self.stats = compute_stats(self.image.array, seed=config.seed)  # as the contrast check: cheap, deterministic
+        self.sampler = LabeledPatchSampler(self.image.array, self.labels.train, config.crop_size, seed=config.seed,
+                                           pad=True, balance_classes=config.balance_classes)
+        self.sampler.rng = rngs.numpy
+        self.conf_train = np.zeros((self.num_classes, self.num_classes), np.int64)
+
+    def restore(self, extra: dict[str, Any]) -> None:
+        self.stats = NormalizationStats.from_dict(extra["stats"])
+        self.conf_train = np.asarray(extra.get("confusion", self.conf_train.tolist()), np.int64)
+
+    def provenance(self, run: TrainingLoop) -> dict[str, Any]:
+        labels = self.labels
+        return {
+            "job": "finetune", "napari_affmae": __version__, "torch": torch.__version__,
+            "config": self.config.to_dict(), "source": source_name(self.image, 0), "shape": list(self.image.shape),
+            "painted_classes": labels.painted, "labelled_pixels": int((labels.train > 0).sum()),
+            "device": run.device.type, "precision": precision_name(run.dtype), "world_size": run.context.world_size,
+            **self.start_info, **labels.split_info,
+        }
+
+    def start_message(self, run: TrainingLoop) -> str:
+        return (f"fine-tuning {type(self.model).__name__} ({self.num_classes} classes, "
+                f"{'pretrained' if self.config.pretrained is not None else 'from scratch'}) on {run.device.type}")
+
+    def batch(self, shard: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised crops ``[b, 1, h, w]`` and class targets ``[b, h, w]`` (IGNORE = unpainted)."""
+        crops, crop_labels = self.sampler.sample(self.config.batch_size)  # [B, h, w] raw, [B, h, w] int
+        crops = self.stats.apply(crops).astype(np.float32)
+        if self.augment is not None:
+            crops, crop_labels = augment_batch(crops, crop_labels, self.rngs.numpy, self.augment)
+        x = torch.from_numpy(np.ascontiguousarray(crops[shard]))[:, None].to(device)  # [b, 1, h, w]
+        target = torch.from_numpy(_targets(np.ascontiguousarray(crop_labels[shard]))).to(device)  # [b, h, w]
+        return x, target
+
+    def forward(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return model(batch[0])  # logits [b, K, h, w]
+
+    def loss(self, out: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return segmentation_loss(out, batch[1], self.config.dice_weight)
+
+    def observe(self, out: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        with torch.no_grad():
+            pred = out.argmax(1).cpu().numpy()
+            self.conf_train += confusion(pred, batch[1].cpu().numpy(), self.num_classes)
+        return {}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"stats": self.stats.to_dict(), "confusion": self.conf_train.tolist(),
+                "label_values": self.labels.values}
+
+    def package(self, run: TrainingLoop, done: int) -> ModelPackage:
+        return ModelPackage.from_model(
+            self.model, normalization=self.stats, class_names=self.class_names, label_mode=self.config.label_mode,
+            label_values=self.labels.values, pixel_size=image_pixel_size(self.image),
+            provenance=dict(run.provenance, steps=done, total_steps=run.total, metrics=self.metrics,
+                            final_loss=run.losses[-1] if run.losses else None))
+
+    def on_cancel(self, run: TrainingLoop) -> None:
+        self.metrics["train"] = scores_from_confusion(self.conf_train, self.class_names)
+
+    def finish(self, run: TrainingLoop) -> None:
+        """Train scores over every process, validation on the held-out labels, then the outputs."""
+        self.metrics["train"] = scores_from_confusion(run.context.sum_array(self.conf_train, run.device),
+                                                      self.class_names)
+        val_labels = self.labels.val
+        if val_labels is not None and run.context.is_main:
+            run.emit(ProgressEvent("finetune", run.step, run.total, message="validating on held-out labels"))
+            self.metrics["val"] = _validate(self.model, self.image, val_labels, self.stats, self.num_classes,
+                                            self.config, run.device, run.dtype, self.class_names, run.cancel)
+            self.metrics["val"].update(self.labels.split_info)
+        run.write_outputs(run.step)
+
+    def result(self, run: TrainingLoop, cancelled: bool) -> FinetuneResult:
+        return FinetuneResult(run.package_path, run.checkpoint_path, run.step, run.total, run.final_loss,
+                              self.metrics, run.losses, cancelled=cancelled,
+                              seconds=time.perf_counter() - run.started)
 
 
 def _validate(model, img: InputImage, val_labels: np.ndarray, stats: NormalizationStats, num_classes: int,

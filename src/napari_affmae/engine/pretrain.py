@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import nullcontext
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,16 +29,13 @@ from ..data.normalize import NormalizationStats
 from ..data.sampling import PatchSampler, as_crop_shape
 from ..models import create_model
 from ..models.masking import MASK_TYPES
-from .checkpoint import CHECKPOINT_NAME, RngStates, load_checkpoint, restore_checkpoint, save_checkpoint
-from .device import autocast, make_grad_scaler, precision_name, resolve_device, resolve_precision
-from .distributed import setup_distributed, teardown_distributed, wrap_model
+from .checkpoint import Checkpoint, RngStates
+from .device import precision_name
 from .inputs import InputImage, as_input_image, check_crop_fits, check_has_contrast, combined_stats, \
     image_pixel_size, source_name
-from .package import ModelPackage, save_package
-from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
-from .schedule import WarmupCosine
-from .training import StepMeter, cancelled, emit, finite_or_raise, open_run_folder, optimizer_step, param_groups, \
-    resume_location
+from .package import ModelPackage
+from .progress import CancelToken, ProgressCallback, ProgressEvent
+from .training import TrainingLoop, TrainingTask, run_training
 
 log = logging.getLogger(__name__)
 PRETRAIN_PACKAGE = "pretrained.affmae"
@@ -177,138 +173,106 @@ def pretrain(images: Any, config: PretrainConfig | None = None, progress: Progre
     config.validate()
     started = time.perf_counter()
     inputs = [as_input_image(item, what=f"image {i}") for i, item in enumerate(_as_list(images))]
-    device = resolve_device(config.device)
-    dtype = resolve_precision(device, config.precision)
     check_crop_fits(inputs, config.crop_size)
-    context = setup_distributed(device)
-    lock = None
-    try:
-        if context.is_main:
-            lock = open_run_folder(config.output_dir, PRETRAIN_PACKAGE, resume=config.resume,
-                                   overwrite=config.overwrite, inputs=[img.source for img in inputs if img.source])
-        return _run(inputs, config, device, dtype, context, progress, cancel, started)
-    finally:
-        if lock is not None:
-            lock.release()
-        teardown_distributed(context)
+    return run_training(PretrainTask(config, inputs), config, progress, cancel,
+                        sources=[img.source for img in inputs if img.source], started=started)
 
 
-def _run(inputs, config, device, dtype, context, progress, cancel, started) -> PretrainResult:
-    output_dir = Path(config.output_dir)
-    context.barrier()
-    resume_from = resume_location(config.resume, output_dir)
-    checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
+class PretrainTask(TrainingTask):
+    """Pretraining's part of the `TrainingLoop`: geometry-augmented crops normalised per image, each model
+    family's own masks, the model's reconstruction loss, and the MAE package."""
 
-    total = total_steps_for(config, inputs)
-    if checkpoint is not None:
-        total = int(checkpoint.meta["scheduler"]["total_steps"])
-    shard = context.shard(config.batch_size)
-    rngs = RngStates.seeded(config.seed)
-    model = create_model(config.model, **_model_overrides(config))
-    if checkpoint is not None and checkpoint.meta.get("model_name") != config.model:
-        raise ValueError(f"the checkpoint at {checkpoint.path} was made for {checkpoint.meta.get('model_name')}, "
-                         f"not {config.model}; resume with the same --model or start a fresh output directory")
-    model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
-    scheduler = WarmupCosine(optimizer, total, config.warmup_steps, config.lr, config.min_lr_ratio)
-    scaler = make_grad_scaler(device, dtype)
+    job, verb, package_name = "pretrain", "pretraining", PRETRAIN_PACKAGE
+    betas = (0.9, 0.95)
 
-    stats, per_image_stats = combined_stats(inputs, seed=config.seed)
-    for i, (img, img_stats) in enumerate(zip(inputs, per_image_stats)):
-        check_has_contrast(img_stats, source_name(img, i))
-    sampler = PatchSampler([img.array for img in inputs], config.crop_size, seed=config.seed, pad=True)
-    sampler.rng = rngs.numpy  # one generator for crops and augmentation: saved in checkpoints
+    def __init__(self, config: PretrainConfig, inputs: list[InputImage]) -> None:
+        self.config, self.inputs = config, inputs
 
-    step, losses = 0, []
-    if checkpoint is not None:
-        step = restore_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
-                                  scaler=scaler, rng=rngs)
-        losses = list(checkpoint.extra.get("losses", []))
-        per_image_stats = [NormalizationStats.from_dict(s) for s in checkpoint.extra["per_image_stats"]]
-        stats = NormalizationStats.from_dict(checkpoint.extra["stats"])
-        log.info("resumed pretraining from %s at step %d of %d", checkpoint.path, step, total)
-    ddp_model = wrap_model(model, context, device)
-    ddp_model.train()
+    def total_steps(self) -> int:
+        return total_steps_for(self.config, self.inputs)
 
-    h, w = config.crop_size
-    provenance = {
-        "job": "pretrain", "napari_affmae": __version__, "torch": torch.__version__,
-        "config": config.to_dict(), "sources": [source_name(img, i) for i, img in enumerate(inputs)],
-        "shapes": [list(img.shape) for img in inputs], "device": device.type,
-        "precision": precision_name(dtype), "world_size": context.world_size,
-        "per_image_stats": [s.to_dict() for s in per_image_stats],
-    }
-    checkpoint_path = output_dir / CHECKPOINT_NAME
-    package_path = output_dir / PRETRAIN_PACKAGE
+    def build_model(self) -> torch.nn.Module:
+        self.model = create_model(self.config.model, **_model_overrides(self.config))
+        return self.model
 
-    def write_package(done: int) -> None:
-        if context.is_main:
-            save_package(ModelPackage.from_model(model, normalization=stats, pixel_size=image_pixel_size(inputs[0]),
-                                                 provenance=dict(provenance, steps=done, total_steps=total,
-                                                                 final_loss=losses[-1] if losses else None)),
-                         package_path)
+    def check_resume(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.meta.get("model_name") != self.config.model:
+            raise ValueError(f"the checkpoint at {checkpoint.path} was made for {checkpoint.meta.get('model_name')}, "
+                             f"not {self.config.model}; resume with the same --model or start a fresh output "
+                             "directory")
 
-    def write_outputs(done: int) -> None:
-        if not context.is_main:
-            return
-        save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        step=done, rng=rngs, job_config=config.to_dict(),
-                        extra={"losses": losses, "stats": stats.to_dict(),
-                               "per_image_stats": [s.to_dict() for s in per_image_stats]})
-        write_package(done)
+    def prepare(self, rngs: RngStates) -> None:
+        config, inputs = self.config, self.inputs
+        self.rngs = rngs
+        self.stats, self.per_image_stats = combined_stats(inputs, seed=config.seed)
+        for i, (img, img_stats) in enumerate(zip(inputs, self.per_image_stats)):
+            check_has_contrast(img_stats, source_name(img, i))
+        self.sampler = PatchSampler([img.array for img in inputs], config.crop_size, seed=config.seed, pad=True)
+        self.sampler.rng = rngs.numpy  # one generator for crops and augmentation: saved in checkpoints
 
-    meter = StepMeter(total)
-    images_per_step = config.batch_size * config.grad_accum
-    emit_progress = progress if context.is_main else None
-    emit(emit_progress, ProgressEvent("pretrain", step, total, message=f"pretraining {config.model} on "
-                                      f"{len(inputs)} image(s), {device.type}, {precision_name(dtype)}"))
-    while step < total:
-        if context.any(cancelled(cancel), device):
-            write_outputs(step)
-            context.barrier()
-            result = PretrainResult(package_path, checkpoint_path, step, total, losses[-1] if losses else math.nan,
-                                    losses, cancelled=True, seconds=time.perf_counter() - started)
-            err = JobCancelled(f"pretraining cancelled at step {step}/{total}; checkpoint saved at {checkpoint_path}")
-            err.result = result
-            raise err
-        lr = scheduler.apply(step)
-        step_loss, step_trivial = 0.0, None
-        for micro in range(config.grad_accum):
-            batch = normalised_batch(sampler, per_image_stats, config.batch_size)  # [B, h, w]
-            if config.augment:
-                batch, _ = augment_batch(batch, None, rngs.numpy, _GEOMETRY_ONLY)
-            # each family draws masks of its own structure (UM-MAE: one per 2x2, GreenMIM: shared units)
-            mask = model.random_mask(config.batch_size, h // 8, w // 8,
-                                     generator=rngs.torch)  # [B, h/8, w/8], same on every rank
-            x = torch.from_numpy(np.ascontiguousarray(batch[shard]))[:, None].to(device)  # [b, 1, h, w]
-            sync = micro == config.grad_accum - 1 or not context.enabled
-            with (ddp_model.no_sync() if not sync else nullcontext()):
-                with autocast(device, dtype):
-                    out = ddp_model(x, mask=mask[shard].to(device))
-                loss = out["loss"].float() / config.grad_accum
-                scaler.scale(loss).backward()
-            step_loss += float(loss.detach())
-            if "reference_loss" in out:  # the flat-patch predictor's loss on the same batch (AFFMAE)
-                step_trivial = (step_trivial or 0.0) + float(out["reference_loss"]) / config.grad_accum
-        optimizer_step(model, optimizer, scaler, config.grad_clip)
-        step += 1
-        step_loss = context.mean(step_loss, device)
-        finite_or_raise(step_loss, step)
-        losses.append(step_loss)
-        seconds = meter.tick()
-        if step % config.checkpoint_every == 0 or step == total:
-            write_outputs(step)
-        if step % config.log_every == 0 or step in (1, total):
-            emit(emit_progress, ProgressEvent(
-                "pretrain", step, total, loss=step_loss, lr=lr, images_per_s=images_per_step / max(seconds, 1e-9),
-                eta_s=meter.eta(step), extra={**{k: float(v) for k, v in out.get("losses", {}).items()},
-                                              **({} if step_trivial is None else {"trivial": step_trivial})}))
-    if checkpoint is not None and checkpoint.step >= total:  # resumed a finished run: nothing to train
-        emit(emit_progress, ProgressEvent("pretrain", step, total, message=(
-            f"the run in {output_dir} is already complete ({step}/{total} steps); package written to "
-            f"{package_path}")))
-        write_package(step)
-    context.barrier()
-    return PretrainResult(package_path, checkpoint_path, step, total, losses[-1] if losses else math.nan, losses,
-                          seconds=time.perf_counter() - started)
+    def restore(self, extra: dict[str, Any]) -> None:
+        self.per_image_stats = [NormalizationStats.from_dict(s) for s in extra["per_image_stats"]]
+        self.stats = NormalizationStats.from_dict(extra["stats"])
 
+    def provenance(self, run: TrainingLoop) -> dict[str, Any]:
+        inputs = self.inputs
+        return {
+            "job": "pretrain", "napari_affmae": __version__, "torch": torch.__version__,
+            "config": self.config.to_dict(), "sources": [source_name(img, i) for i, img in enumerate(inputs)],
+            "shapes": [list(img.shape) for img in inputs], "device": run.device.type,
+            "precision": precision_name(run.dtype), "world_size": run.context.world_size,
+            "per_image_stats": [s.to_dict() for s in self.per_image_stats],
+        }
+
+    def start_message(self, run: TrainingLoop) -> str:
+        return (f"pretraining {self.config.model} on {len(self.inputs)} image(s), {run.device.type}, "
+                f"{precision_name(run.dtype)}")
+
+    def batch(self, shard: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crops ``[b, 1, h, w]`` and their masks ``[b, h/8, w/8]`` (True = masked) of this process."""
+        config = self.config
+        h, w = config.crop_size
+        batch = normalised_batch(self.sampler, self.per_image_stats, config.batch_size)  # [B, h, w]
+        if config.augment:
+            batch, _ = augment_batch(batch, None, self.rngs.numpy, _GEOMETRY_ONLY)
+        # each family draws masks of its own structure (UM-MAE: one per 2x2, GreenMIM: shared units)
+        mask = self.model.random_mask(config.batch_size, h // 8, w // 8,
+                                      generator=self.rngs.torch)  # [B, h/8, w/8], same on every rank
+        x = torch.from_numpy(np.ascontiguousarray(batch[shard]))[:, None].to(device)  # [b, 1, h, w]
+        return x, mask[shard].to(device)
+
+    def forward(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+        x, mask = batch
+        return model(x, mask=mask)
+
+    def loss(self, out: dict[str, Any], batch: Any) -> torch.Tensor:
+        return out["loss"].float()
+
+    def observe(self, out: dict[str, Any], batch: Any) -> dict[str, float]:
+        if "reference_loss" not in out:
+            return {}
+        # the flat-patch predictor's loss on the same batch (AFFMAE), averaged over the micro-batches
+        return {"trivial": float(out["reference_loss"]) / self.config.grad_accum}
+
+    def step_extra(self, out: dict[str, Any]) -> dict[str, float]:
+        return {k: float(v) for k, v in out.get("losses", {}).items()}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"stats": self.stats.to_dict(), "per_image_stats": [s.to_dict() for s in self.per_image_stats]}
+
+    def package(self, run: TrainingLoop, done: int) -> ModelPackage:
+        return ModelPackage.from_model(self.model, normalization=self.stats,
+                                       pixel_size=image_pixel_size(self.inputs[0]),
+                                       provenance=dict(run.provenance, steps=done, total_steps=run.total,
+                                                       final_loss=run.losses[-1] if run.losses else None))
+
+    def finish(self, run: TrainingLoop) -> None:
+        if run.checkpoint is not None and run.checkpoint.step >= run.total:  # resumed a finished run
+            run.emit(ProgressEvent("pretrain", run.step, run.total, message=(
+                f"the run in {Path(self.config.output_dir)} is already complete ({run.step}/{run.total} steps); "
+                f"package written to {run.package_path}")))
+            run.write_package(run.step)
+
+    def result(self, run: TrainingLoop, cancelled: bool) -> PretrainResult:
+        return PretrainResult(run.package_path, run.checkpoint_path, run.step, run.total, run.final_loss, run.losses,
+                              cancelled=cancelled, seconds=time.perf_counter() - run.started)

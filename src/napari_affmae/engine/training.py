@@ -1,4 +1,13 @@
-"""Pieces shared by the training jobs: optimiser groups, the step meter, output folders, resume lookup."""
+"""The training loop shared by pretraining and fine-tuning, and the pieces around it: optimiser
+groups, the step meter, output folders and their lock, resume lookup.
+
+`run_training` runs a `TrainingTask` (what one job supplies: its model, its batches, its loss, what
+goes in its checkpoint and package, its result) through one `TrainingLoop`, which owns everything
+the jobs share: resume (model, optimiser, scheduler, scaler, step, RNG), checkpoints every
+``checkpoint_every`` steps, gradient accumulation with DDP ``no_sync`` on all but the last
+micro-batch, autocast, cancellation (checked before every step: outputs are written, then
+`JobCancelled` is raised with the task's result attached) and progress events.
+"""
 from __future__ import annotations
 
 import json
@@ -11,14 +20,19 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import CHECKPOINT_NAME
-from .progress import CancelToken, ProgressCallback, ProgressEvent
+from .checkpoint import CHECKPOINT_NAME, Checkpoint, RngStates, load_checkpoint, restore_checkpoint, save_checkpoint
+from .device import autocast, make_grad_scaler, resolve_device, resolve_precision
+from .distributed import DistContext, setup_distributed, teardown_distributed, wrap_model
+from .package import ModelPackage, save_package
+from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
+from .schedule import WarmupCosine
 
 log = logging.getLogger("napari_affmae.engine")
 
@@ -341,3 +355,250 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+class TrainingSettings(Protocol):
+    """The fields of a job's config dataclass that the loop reads (`PretrainConfig`, `FinetuneConfig`)."""
+
+    batch_size: int  # global batch, split across torchrun processes
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float
+    seed: int
+    device: str
+    precision: str
+    grad_accum: int
+    grad_clip: float | None
+    output_dir: str | Path
+    checkpoint_every: int
+    log_every: int
+    resume: bool | str | Path
+    overwrite: bool
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class TrainingTask:
+    """What one training job supplies to `TrainingLoop`; the loop calls the hooks in the order below.
+
+    Set up: `total_steps`, `build_model`, `check_resume` (a checkpoint is being resumed), `prepare`
+    (statistics and samplers, drawing from the run's generators), `restore` (the checkpoint's
+    ``extra``), `provenance`, `start_message`. Every micro-batch: `batch`, `forward` (under
+    autocast), `loss`, `observe`. Every logged step: `step_extra`. Outputs: `checkpoint_extra` and
+    `package` (main process only), `on_cancel`, `finish` (after the last step), `result`."""
+
+    job: str = ""  # ProgressEvent.job and provenance, e.g. "pretrain"
+    verb: str = ""  # in messages, e.g. "pretraining"
+    package_name: str = ""  # file name of the package in the output folder
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    layer_decay: float = 1.0  # layer-wise lr decay of `param_groups`
+    save_last_step: bool = True  # write checkpoint + package when the last step ends (else `finish` does)
+
+    def total_steps(self) -> int:
+        """Steps of a fresh run (a resumed run keeps its checkpoint's total)."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def check_resume(self, checkpoint: Checkpoint) -> None:
+        """Raise a ValueError when ``checkpoint`` does not belong to this run."""
+
+    def prepare(self, rngs: RngStates) -> None:
+        """Statistics and samplers, drawing from ``rngs`` (saved in checkpoints)."""
+
+    def restore(self, extra: dict[str, Any]) -> None:
+        """Job state saved by `checkpoint_extra`."""
+
+    def provenance(self, run: TrainingLoop) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def start_message(self, run: TrainingLoop) -> str:
+        raise NotImplementedError
+
+    def batch(self, shard: slice, device: torch.device) -> Any:
+        """This process's part (``shard`` of the global batch) of the next micro-batch, on ``device``."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        raise NotImplementedError
+
+    def loss(self, out: Any, batch: Any) -> torch.Tensor:
+        """Scalar float32 loss of one micro-batch (the loop divides it by ``grad_accum``)."""
+        raise NotImplementedError
+
+    def observe(self, out: Any, batch: Any) -> dict[str, float]:
+        """After the backward pass: values summed over the step's micro-batches into the progress extras."""
+        return {}
+
+    def step_extra(self, out: Any) -> dict[str, float]:
+        """Progress extras from the step's last micro-batch output."""
+        return {}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """JSON-able job state for the checkpoint (the loop adds ``losses``)."""
+        return {}
+
+    def package(self, run: TrainingLoop, done: int) -> ModelPackage:
+        raise NotImplementedError
+
+    def on_cancel(self, run: TrainingLoop) -> None:
+        """Before the outputs of a cancelled run are written."""
+
+    def finish(self, run: TrainingLoop) -> None:
+        """After the last step (every process); with ``save_last_step`` False it writes the outputs."""
+
+    def result(self, run: TrainingLoop, cancelled: bool) -> Any:
+        raise NotImplementedError
+
+
+def run_training(task: TrainingTask, config: TrainingSettings, progress: ProgressCallback | None,
+                 cancel: CancelToken | None, *, sources: Sequence[Any], started: float) -> Any:
+    """Resolve the device, join torchrun's process group, lock the output folder (main process; it must
+    not be one of ``sources``) and run ``task`` through a `TrainingLoop`. Returns ``task.result``."""
+    device = resolve_device(config.device)
+    dtype = resolve_precision(device, config.precision)
+    context = setup_distributed(device)
+    lock = None
+    try:
+        if context.is_main:
+            lock = open_run_folder(config.output_dir, task.package_name, resume=config.resume,
+                                   overwrite=config.overwrite, inputs=sources)
+        return TrainingLoop(task, config, device, dtype, context, progress, cancel, started).run()
+    finally:
+        if lock is not None:
+            lock.release()
+        teardown_distributed(context)
+
+
+class TrainingLoop:
+    """One training run of a `TrainingTask`: AdamW + `WarmupCosine`, GradScaler, gradient accumulation,
+    DDP, checkpoints, exact resume, cancellation and progress (see the module docstring).
+
+    Attributes the task may read: ``config``, ``device``, ``dtype``, ``context``, ``model`` (unwrapped),
+    ``checkpoint`` (resumed from, or None), ``step``, ``total``, ``losses`` (one per step, from step 1),
+    ``checkpoint_path``, ``package_path``, ``started`` (``time.perf_counter()`` at the job's start)."""
+
+    def __init__(self, task: TrainingTask, config: TrainingSettings, device: torch.device, dtype: torch.dtype,
+                 context: DistContext, progress: ProgressCallback | None, cancel: CancelToken | None,
+                 started: float) -> None:
+        self.task, self.config = task, config
+        self.device, self.dtype, self.context = device, dtype, context
+        self.progress = progress if context.is_main else None
+        self.cancel, self.started = cancel, started
+        output_dir = Path(config.output_dir)
+        self.checkpoint_path = output_dir / CHECKPOINT_NAME
+        self.package_path = output_dir / task.package_name
+        self.step, self.total, self.losses = 0, 0, []
+        self.checkpoint: Checkpoint | None = None
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else math.nan
+
+    def run(self) -> Any:
+        """Train to ``total`` steps (resuming when asked); returns ``task.result``."""
+        self._set_up()
+        self.emit(ProgressEvent(self.task.job, self.step, self.total, message=self.task.start_message(self)))
+        meter = StepMeter(self.total)
+        while self.step < self.total:
+            if self.context.any(cancelled(self.cancel), self.device):
+                self._stop()
+            self._train_step(meter)
+        self.task.finish(self)
+        self.context.barrier()
+        return self.task.result(self, False)
+
+    def _set_up(self) -> None:
+        """Model, optimiser, scheduler and scaler, the task's data, then the checkpoint's state if resuming."""
+        task, config = self.task, self.config
+        self.context.barrier()
+        resume_from = resume_location(config.resume, Path(config.output_dir))
+        checkpoint = self.checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
+        self.total = task.total_steps()
+        if checkpoint is not None:
+            self.total = int(checkpoint.meta["scheduler"]["total_steps"])
+        self.shard = self.context.shard(config.batch_size)
+        self.rngs = RngStates.seeded(config.seed)
+        self.model = model = task.build_model()
+        if checkpoint is not None:
+            task.check_resume(checkpoint)
+        model.to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, task.layer_decay), lr=config.lr,
+                                           betas=task.betas)
+        self.scheduler = WarmupCosine(self.optimizer, self.total, config.warmup_steps, config.lr, config.min_lr_ratio)
+        self.scaler = make_grad_scaler(self.device, self.dtype)
+        task.prepare(self.rngs)
+        if checkpoint is not None:
+            self.step = restore_checkpoint(checkpoint, model=model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                           scaler=self.scaler, rng=self.rngs)
+            self.losses = list(checkpoint.extra.get("losses", []))
+            task.restore(checkpoint.extra)
+            log.info("resumed %s from %s at step %d of %d", task.verb, checkpoint.path, self.step, self.total)
+        self.ddp_model = wrap_model(model, self.context, self.device)
+        self.ddp_model.train()
+        self.provenance = task.provenance(self)
+
+    def _train_step(self, meter: StepMeter) -> None:
+        """One optimiser step over ``grad_accum`` micro-batches; checkpoint and progress as due."""
+        task, config, context = self.task, self.config, self.context
+        lr = self.scheduler.apply(self.step)
+        step_loss, observed, out = 0.0, {}, None
+        for micro in range(config.grad_accum):
+            batch = task.batch(self.shard, self.device)
+            sync = micro == config.grad_accum - 1 or not context.enabled
+            with (self.ddp_model.no_sync() if not sync else nullcontext()):
+                with autocast(self.device, self.dtype):
+                    out = task.forward(self.ddp_model, batch)
+                loss = task.loss(out, batch) / config.grad_accum
+                self.scaler.scale(loss).backward()
+            step_loss += float(loss.detach())
+            for key, value in task.observe(out, batch).items():
+                observed[key] = observed.get(key, 0.0) + value
+        optimizer_step(self.model, self.optimizer, self.scaler, config.grad_clip)
+        self.step += 1
+        step = self.step
+        step_loss = context.mean(step_loss, self.device)
+        finite_or_raise(step_loss, step)
+        self.losses.append(step_loss)
+        seconds = meter.tick()
+        if (step % config.checkpoint_every == 0 and step < self.total) or (step == self.total and task.save_last_step):
+            self.write_outputs(step)
+        if step % config.log_every == 0 or step in (1, self.total):
+            self.emit(ProgressEvent(
+                task.job, step, self.total, loss=step_loss, lr=lr,
+                images_per_s=config.batch_size * config.grad_accum / max(seconds, 1e-9), eta_s=meter.eta(step),
+                extra={**task.step_extra(out), **observed}))
+
+    def _stop(self) -> None:
+        """Write the outputs of a cancelled run and raise `JobCancelled` carrying the task's result."""
+        self.task.on_cancel(self)
+        self.write_outputs(self.step)
+        self.context.barrier()
+        result = self.task.result(self, True)
+        err = JobCancelled(f"{self.task.verb} cancelled at step {self.step}/{self.total}; checkpoint saved at "
+                           f"{self.checkpoint_path}")
+        err.result = result
+        raise err
+
+    def emit(self, event: ProgressEvent) -> None:
+        """Report ``event`` (main process only)."""
+        emit(self.progress, event)
+
+    def write_outputs(self, done: int) -> None:
+        """Checkpoint (model, optimiser, scheduler, scaler, RNG, losses + the task's state) and package at
+        step ``done``; main process only, both written atomically."""
+        if not self.context.is_main:
+            return
+        save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        scaler=self.scaler, step=done, rng=self.rngs, job_config=self.config.to_dict(),
+                        extra={"losses": self.losses, **self.task.checkpoint_extra()})
+        self.write_package(done)
+
+    def write_package(self, done: int) -> None:
+        """The task's package at step ``done`` (main process only)."""
+        if self.context.is_main:
+            save_package(self.task.package(self, done), self.package_path)
