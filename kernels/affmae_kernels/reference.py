@@ -339,11 +339,7 @@ def neighborhood_attention(
     return out.to(q.dtype)
 
 
-def weighted_merge(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``out[b, n, g] = sum_m weights[b, n, m, g] * feat[b, idx[b, n, m]]``.
-
-    weights ``[B, N', M, G]``, feat ``[B, N, C]``, idx ``[B, N', M]`` -> ``[B, N', G, C]``.
-    """
+def _check_merge_inputs(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor) -> None:
     if weights.dim() != 4 or feat.dim() != 3 or idx.dim() != 3:
         raise ValueError(
             f"weighted_merge expects weights [B,N',M,G], feat [B,N,C], idx [B,N',M]; got "
@@ -352,10 +348,88 @@ def weighted_merge(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor)
     b, n_out, m, _ = weights.shape
     if tuple(idx.shape) != (b, n_out, m) or feat.shape[0] != b:
         raise ValueError(f"idx must be [B, N', M] = {(b, n_out, m)} and feat [B={b}, N, C]; got {tuple(idx.shape)}, {tuple(feat.shape)}")
+
+
+def _unchunked_weighted_merge(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Whole-tensor gather + einsum with plain autograd (test oracle of `weighted_merge`)."""
+    _check_merge_inputs(weights, feat, idx)
+    b, n_out, m, _ = weights.shape
     c = feat.shape[-1]
     gathered = torch.gather(feat, 1, idx.long().reshape(b, n_out * m, 1).expand(b, n_out * m, c))
     gathered = gathered.reshape(b, n_out, m, c)  # [B, N', M, C]
     return torch.einsum("bnmg,bnmc->bngc", weights.to(feat.dtype), gathered)
+
+
+def _merge_rows(feat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Row indices ``[B*n*M]`` of ``idx [B, n, M]`` into the flattened ``feat [B*N, C]``."""
+    b, n = feat.shape[:2]
+    return (idx.long() + torch.arange(b, device=idx.device).reshape(b, 1, 1) * n).reshape(-1)
+
+
+def _merge_forward(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Chunked forward of `weighted_merge` (no autograd): -> ``[B, N', G, C]``."""
+    b, n_out, m, g = weights.shape
+    c = feat.shape[-1]
+    rows = feat.reshape(-1, c)  # [B*N, C]
+    out = feat.new_empty(b, n_out, g, c)  # [B, N', G, C]
+    for s in range(0, n_out, chunk):
+        gathered = rows.index_select(0, _merge_rows(feat, idx[:, s:s + chunk]))
+        gathered = gathered.reshape(b, -1, m, c)  # [B, n, M, C]
+        out[:, s:s + chunk] = torch.einsum("bnmg,bnmc->bngc", weights[:, s:s + chunk], gathered)
+    return out
+
+
+class _ChunkedMerge(torch.autograd.Function):
+    """Weighted merge over chunks of output rows; saves weights, feat, idx; regathers in backward."""
+
+    @staticmethod
+    def forward(ctx, weights, feat, idx, chunk: int):
+        out = _merge_forward(weights, feat, idx, chunk)
+        ctx.save_for_backward(weights, feat, idx)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weights, feat, idx = ctx.saved_tensors
+        need_w, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        b, n_out, m, g = weights.shape
+        c = feat.shape[-1]
+        rows = feat.reshape(-1, c)  # [B*N, C]
+        dw = torch.empty_like(weights) if need_w else None
+        dfeat = torch.zeros_like(rows) if need_f else None  # [B*N, C]
+        for s in range(0, n_out, ctx.chunk):
+            flat = _merge_rows(feat, idx[:, s:s + ctx.chunk])
+            go = grad_out[:, s:s + ctx.chunk]  # [B, n, G, C]
+            if dw is not None:
+                gathered = rows.index_select(0, flat).reshape(b, -1, m, c)  # [B, n, M, C]
+                dw[:, s:s + ctx.chunk] = torch.einsum("bngc,bnmc->bnmg", go, gathered)
+                del gathered
+            if dfeat is not None:
+                dgathered = torch.einsum("bnmg,bngc->bnmc", weights[:, s:s + ctx.chunk], go)
+                dfeat.index_add_(0, flat, dgathered.reshape(-1, c))
+        return dw, None if dfeat is None else dfeat.reshape(feat.shape), None, None
+
+
+def weighted_merge(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor,
+                   chunk_size: int | None = None) -> torch.Tensor:
+    """``out[b, n, g] = sum_m weights[b, n, m, g] * feat[b, idx[b, n, m]]``.
+
+    weights ``[B, N', M, G]``, feat ``[B, N, C]``, idx ``[B, N', M]`` -> ``[B, N', G, C]``.
+    Output rows run in chunks of ``chunk_size`` (default: the gathered ``[B, n, M, C]`` within
+    `DEFAULT_CHUNK_BYTES`); the backward regathers instead of keeping ``[B, N', M, C]``.
+    """
+    _check_merge_inputs(weights, feat, idx)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows; got {chunk_size}")
+    b, _, m, _ = weights.shape
+    c = feat.shape[-1]
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_BYTES // max(1, b * m * c * feat.element_size()))
+    w = weights.to(feat.dtype)
+    if torch.is_grad_enabled() and (w.requires_grad or feat.requires_grad):
+        return _ChunkedMerge.apply(w, feat, idx, chunk_size)
+    return _merge_forward(w, feat, idx, chunk_size)
 
 
 def knn_centroids(
@@ -363,19 +437,25 @@ def knn_centroids(
     centroid_pos: torch.Tensor,
     k: int,
     centroid_valid: torch.Tensor | None = None,
-    chunk: int = 4096,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Indices of the k nearest centroids per query, nearest first.
 
     query_pos ``[B, Nq, 2]``, centroid_pos ``[B, Nc, 2]`` (float, any unit), centroid_valid
     ``[B, Nc]`` bool -> int64 ``[B, Nq, k]``. Ties break towards the lower centroid index.
-    Queries are processed in chunks so memory stays ``O(chunk * Nc)``.
+    Queries are processed in chunks of ``chunk`` so memory stays ``O(chunk * Nc)``; default: as
+    many as keep the chunk's distance/sort temporaries (about 32 bytes per query-centroid pair)
+    within `DEFAULT_CHUNK_BYTES`.
     """
     if query_pos.dim() != 3 or centroid_pos.dim() != 3 or query_pos.shape[-1] != centroid_pos.shape[-1]:
         raise ValueError(f"positions must be [B, N, 2]; got {tuple(query_pos.shape)} and {tuple(centroid_pos.shape)}")
     nc = centroid_pos.shape[1]
     if not 1 <= k <= nc:
         raise ValueError(f"k={k} must be between 1 and the number of centroids {nc}")
+    if chunk is None:
+        chunk = max(1, DEFAULT_CHUNK_BYTES // (32 * query_pos.shape[0] * nc))
+    elif chunk < 1:
+        raise ValueError(f"chunk must be a positive number of queries; got {chunk}")
     qp = query_pos.float()
     cp = centroid_pos.float()
     out = []

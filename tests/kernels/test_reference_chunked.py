@@ -176,3 +176,45 @@ def test_chunked_backward_keeps_far_less_memory():
     # no tensor larger than one chunk's neighbour tensor (or the inputs/gradients) ever exists
     assert largest_chunked <= max(whole * chunk // nq, b * h * nq * m * 4)
     assert largest_chunked * 8 <= largest_whole
+
+
+# ------------------------------------------------------------------------------ weighted merge
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, None])
+def test_chunked_merge_equals_unchunked_forward_and_gradients(chunk_size):
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(2, 7, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    feat = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64).transpose(1, 2).contiguous()
+    feat = feat.transpose(1, 2).requires_grad_(True)  # non-contiguous [B, N, C]
+    idx = torch.randint(0, 9, (2, 7, 5), generator=gen, dtype=torch.int32)
+    grad_out = torch.randn(2, 7, 4, 6, generator=gen, dtype=torch.float64)
+    out = reference.weighted_merge(weights, feat, idx, chunk_size=chunk_size)
+    want = reference._unchunked_weighted_merge(weights, feat, idx)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(out, [weights, feat], grad_out)
+    exp = torch.autograd.grad(want, [weights, feat], grad_out)
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.weighted_merge(weights, feat, idx, chunk_size=chunk_size), want)
+
+
+def test_chunked_merge_saves_no_gathered_features():
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(1, 512, 64, 4, generator=gen, requires_grad=True)
+    feat = torch.randn(1, 1024, 48, generator=gen, requires_grad=True)
+    idx = torch.randint(0, 1024, (1, 512, 64), generator=gen)
+    args = dict(weights=weights, feat=feat, idx=idx)
+    gathered = 512 * 64 * 48 * 4  # [B, N', M, C]
+    assert _saved_bytes(reference._unchunked_weighted_merge, args) >= gathered
+    assert _saved_bytes(reference.weighted_merge, args, chunk_size=32) == 0  # inputs only
+
+
+def test_knn_chunks_do_not_change_the_result():
+    gen = torch.Generator().manual_seed(0)
+    query_pos = torch.randint(0, 12, (2, 50, 2), generator=gen).float()  # many ties
+    centroid_pos = torch.randint(0, 12, (2, 30, 2), generator=gen).float()
+    valid = torch.rand(2, 30, generator=gen) > 0.2
+    want = reference.knn_centroids(query_pos, centroid_pos, 6, valid, chunk=50)
+    for chunk in (1, 7, None):
+        assert torch.equal(reference.knn_centroids(query_pos, centroid_pos, 6, valid, chunk=chunk), want)
