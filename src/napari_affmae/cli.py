@@ -532,12 +532,12 @@ def _check_report(path: Path) -> None:
 
 
 def _cmd_batch(args, progress, cancel, run_log) -> int:
-    from .engine import BatchConfig, batch_segment, load_package  # noqa: PLC0415
+    from .engine import BatchConfig, SegmentConfig, batch_segment, load_package  # noqa: PLC0415
 
     package = load_package(args.package, expect_task="segmentation")
-    config = BatchConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-                         device=args.device, precision=args.precision, normalization=args.normalization,
-                         overwrite=args.overwrite, channel=args.channel, timepoint=args.timepoint)
+    tiling = SegmentConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+                           device=args.device, precision=args.precision, normalization=args.normalization)
+    config = BatchConfig(tiling, overwrite=args.overwrite, channel=args.channel, timepoint=args.timepoint)
     if args.report is not None and _is_main_rank():
         _check_report(args.report)
     report = batch_segment(args.datasets, package, config, label_name=args.name, progress=progress, cancel=cancel)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from napari_affmae.engine import BatchConfig, SegmentConfig, batch_segment, load_package, segment
@@ -57,7 +58,7 @@ def test_batch_writes_ngff_labels_and_isolates_failures(trained, em_stack, tmp_p
     events = []
     package = load_package(trained["segmentation"])
     report = batch_segment([good[0], broken, good[1], tmp_path / "missing.zarr"], package,
-                           BatchConfig(tile_size=(64, 64)), label_name="seg", progress=events.append)
+                           BatchConfig(SegmentConfig(tile_size=(64, 64))), label_name="seg", progress=events.append)
     status = {Path(r.path).name: r.status for r in report.results}
     assert status == {"ds0.ome.zarr": "done", "broken.zarr": "failed", "ds1.ome.zarr": "done",
                       "missing.zarr": "failed"}
@@ -83,7 +84,7 @@ def test_batch_writes_ngff_labels_and_isolates_failures(trained, em_stack, tmp_p
     assert np.asarray(zarr.open_group(str(good[1] / "labels" / "seg"), mode="r")["s0"]).shape == (80, 100)
     assert events[-1].job == "batch"
     # rerun: everything complete, nothing recomputed
-    again = batch_segment(good, package, BatchConfig(tile_size=(64, 64)), label_name="seg")
+    again = batch_segment(good, package, BatchConfig(SegmentConfig(tile_size=(64, 64))), label_name="seg")
     assert [r.status for r in again.results] == ["already complete"] * 2
 
 
@@ -136,7 +137,7 @@ def test_an_interrupted_overwrite_is_named_then_resumed(trained, tmp_path):
 
     image = synthetic_em((4, 64, 64), seed=2)[0]
     dataset = _datasets(tmp_path, [image])[0]
-    config = BatchConfig(tile_size=(32, 32), device="cpu")
+    config = BatchConfig(SegmentConfig(tile_size=(32, 32), device="cpu"))
     first = batch_segment(dataset, trained["segmentation"], config, label_name="seg").results[0]
     assert first.status == "done"
     token, staged_chunks = CancelToken(), []
@@ -147,7 +148,7 @@ def test_an_interrupted_overwrite_is_named_then_resumed(trained, tmp_path):
             if len(staged_chunks) == 2:
                 token.cancel()
 
-    overwrite = BatchConfig(tile_size=(32, 32), device="cpu", overwrite=True)
+    overwrite = BatchConfig(SegmentConfig(tile_size=(32, 32), device="cpu"), overwrite=True)
     with pytest.raises(JobCancelled):
         batch_segment(dataset, trained["segmentation"], overwrite, label_name="seg", progress=stop_after_two_bands,
                       cancel=token)
@@ -162,3 +163,15 @@ def test_an_interrupted_overwrite_is_named_then_resumed(trained, tmp_path):
     labels = np.asarray(_read_labels_with_ome_zarr(dataset, "seg").data[0])
     np.testing.assert_array_equal(labels, segment(load_package(trained["segmentation"]), image,
                                                   SegmentConfig(tile_size=(32, 32), device="cpu")))
+
+
+def test_batch_config_holds_a_segment_config():
+    config = BatchConfig(SegmentConfig(tile_size=(64, 96), overlap=0.1, batch_size=2), overwrite=True)
+    assert config.segment.tile_size == (64, 96) and config.segment.batch_size == 2 and config.overwrite
+    assert BatchConfig().segment == SegmentConfig()  # the tiling defaults are SegmentConfig's
+    with pytest.raises(ValueError, match="tile_size must be multiples of 8"):
+        BatchConfig(SegmentConfig(tile_size=(60, 64)))
+    with pytest.raises(ValueError, match="batch segmentation writes labels"):
+        BatchConfig(SegmentConfig(output="probabilities"))
+    with pytest.raises(ValueError, match="every slice"):
+        BatchConfig(SegmentConfig(slices=[0]))

@@ -119,7 +119,7 @@ def test_an_interrupted_batch_overwrite_keeps_the_earlier_labels(trained, second
         if event.message and "chunks)" in event.message:
             token.cancel()
 
-    config = BatchConfig(tile_size=(32, 32), device="cpu", overwrite=True)
+    config = BatchConfig(SegmentConfig(tile_size=(32, 32), device="cpu"), overwrite=True)
     with pytest.raises(JobCancelled):
         batch_segment(dataset, second_package, config, label_name="seg", progress=stop_after_one, cancel=token)
     staged = dataset / "labels" / "seg.affmae-new"
@@ -325,7 +325,7 @@ def test_batch_resume_with_another_package_is_refused(trained, second_package, t
             if len(bands) == 2:
                 token.cancel()
 
-    config = BatchConfig(tile_size=(32, 32), device="cpu")
+    config = BatchConfig(SegmentConfig(tile_size=(32, 32), device="cpu"))
     with pytest.raises(JobCancelled):
         batch_segment(dataset, trained["segmentation"], config, label_name="seg", progress=stop_after_two,
                       cancel=token)

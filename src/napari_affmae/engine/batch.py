@@ -31,13 +31,12 @@ import torch
 import torch.distributed as dist
 
 from ..data.normalize import compute_stats
-from ..data.sampling import as_crop_shape
 from .device import resolve_device, resolve_precision
 from .distributed import setup_distributed, teardown_distributed
 from .inputs import as_input_image
 from .package import ModelPackage, package_bytes
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
-from .segment import NORMALIZATIONS, TiledPredictor, intensity_warning, model_predictor, output_labels, \
+from .segment import SegmentConfig, TiledPredictor, intensity_warning, model_predictor, output_labels, \
     predicted_labels_to_names, resolve_package
 from .training import emit
 
@@ -46,30 +45,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BatchConfig:
-    """Options of a batch run (tiling as in `SegmentConfig`)."""
+    """Options of a batch run: tiling, device, precision and normalisation in ``segment`` (a `SegmentConfig`;
+    batch writes labels of every slice, so its ``output`` must be "labels" and ``slices`` None), plus what
+    only a batch run has."""
 
-    tile_size: tuple[int, int] = (256, 256)
-    overlap: float = 0.25
-    batch_size: int = 4
-    device: str = "auto"
-    precision: str = "auto"
-    normalization: str = "package"
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     overwrite: bool = False  # recompute labels that are already complete
     channel: int | None = None  # for multi-channel images
     timepoint: int | None = None
     chunks: Sequence[int] | None = None  # label chunk shape (default: one plane, <= 512 x 512)
 
     def __post_init__(self) -> None:
-        self.tile_size = as_crop_shape(self.tile_size)
-        th, tw = self.tile_size
-        if th % 8 or tw % 8 or th < 32 or tw < 32:
-            raise ValueError(f"tile_size must be multiples of 8 and at least 32 x 32; got {th} x {tw}")
-        if not 0.0 <= self.overlap <= 0.5:
-            raise ValueError(f"overlap is a fraction of the tile between 0 and 0.5; got {self.overlap}")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size (tiles per forward pass) must be >= 1; got {self.batch_size}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {self.normalization!r}")
+        if not isinstance(self.segment, SegmentConfig):
+            raise TypeError(f"BatchConfig.segment must be a SegmentConfig; got {type(self.segment).__name__}")
+        if self.segment.output != "labels":
+            raise ValueError(f"batch segmentation writes labels; got output={self.segment.output!r}")
+        if self.segment.slices is not None:
+            raise ValueError("batch segmentation writes every slice of every dataset; leave slices unset")
 
 
 @dataclass
@@ -145,8 +137,8 @@ def batch_segment(paths: str | os.PathLike | Sequence[str | os.PathLike], packag
     pkg = resolve_package(package)
     datasets = find_datasets(paths)
     fingerprint = hashlib.sha256(package_bytes(pkg)).hexdigest()  # recorded in the labels; a resume must match
-    device = resolve_device(config.device)
-    dtype = resolve_precision(device, config.precision)
+    device = resolve_device(config.segment.device)
+    dtype = resolve_precision(device, config.segment.precision)
     context = setup_distributed(device)
     try:
         model = pkg.build_model(device)
@@ -204,12 +196,13 @@ def _segment_dataset(path: str, pkg: ModelPackage, predict, config: BatchConfig,
     lead = next((axes.index(a) for a in "zt" if a in axes and writer.shape[axes.index(a)] > 1), None)
     if lead is None:
         lead = next((axes.index(a) for a in "zt" if a in axes), None)
-    stats = pkg.stats if config.normalization == "package" and pkg.stats is not None else compute_stats(image.array)
-    warning = intensity_warning(pkg, image, config.normalization)
+    tiling = config.segment
+    stats = pkg.stats if tiling.normalization == "package" and pkg.stats is not None else compute_stats(image.array)
+    warning = intensity_warning(pkg, image, tiling.normalization)
     if warning:
         log.warning("%s: %s", path, warning)
         emit(progress, ProgressEvent("batch", index, count, message=f"warning: {Path(path).name}: {warning}"))
-    predictor = TiledPredictor(predict, int(pkg.num_classes), config.tile_size, config.overlap, config.batch_size,
+    predictor = TiledPredictor(predict, int(pkg.num_classes), tiling.tile_size, tiling.overlap, tiling.batch_size,
                                stats.apply, device, cancel=cancel)
     pending = writer.pending_chunks()
     # group pending chunks by (slice, band of rows)

@@ -66,8 +66,8 @@ class SegmentConfig:
             raise ValueError(f"tile_size must be multiples of 8 and at least 32 x 32; got {th} x {tw}")
         if not 0.0 <= self.overlap <= 0.5:
             raise ValueError(f"overlap is a fraction of the tile between 0 and 0.5; got {self.overlap}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size (tiles per forward pass) must be >= 1; got {self.batch_size}")
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}; got {self.output!r}")
         if self.normalization not in NORMALIZATIONS:

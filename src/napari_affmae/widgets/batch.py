@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engine import BatchConfig, BatchReport, ProgressEvent, batch_segment, find_datasets
+from ..engine import BatchConfig, BatchReport, ProgressEvent, SegmentConfig, batch_segment, find_datasets
 from ._base import Job, JobWidget, checked_multiple_of_8, device_combo, int_spin, notify, size_spin
 from ._jobs import JobOutcome
 from ._layers import class_features, label_colormap
@@ -179,8 +179,9 @@ class BatchWidget(JobWidget):
     # ------------------------------------------------------------------ job
     def config(self) -> BatchConfig:
         tile = (checked_multiple_of_8(self.tile_h, "the tile height"), checked_multiple_of_8(self.tile_w, "the tile width"))
-        return BatchConfig(tile_size=tile, overlap=float(self.overlap.value()), batch_size=int(self.batch_size.value()),
-                           device=self.device.currentText(), overwrite=self.overwrite.isChecked())
+        tiling = SegmentConfig(tile_size=tile, overlap=float(self.overlap.value()),
+                               batch_size=int(self.batch_size.value()), device=self.device.currentText())
+        return BatchConfig(tiling, overwrite=self.overwrite.isChecked())
 
     def prepare(self) -> Job:
         if not self.datasets:
