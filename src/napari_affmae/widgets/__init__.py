@@ -7,15 +7,13 @@ napari thread worker (progress bar with ETA, Cancel), and puts the result back a
 * `FinetuneWidget` — fine-tune on painted labels, then segment the current slice.
 * `SegmentWidget` — whole stack / current slice / current view -> Labels layer.
 * `BatchWidget` — many OME-Zarr datasets -> ``labels/<name>`` in each, resumable.
+
+Importing this package does no heavy work: Triton's preload and the imports a first job would make
+happen when the first widget opens (`_preload.warm_up_once`).
 """
-from ._preload import preload_triton, warm_up_imports
-
-preload_triton()  # before torch imports triton next to the OpenGL driver's LLVM (see _preload)
-warm_up_imports()  # keep the first job from freezing the viewer while it imports (see _preload)
-
-from .batch import BatchWidget  # noqa: E402
-from .finetune import FinetuneWidget  # noqa: E402
-from .pretrain import PretrainWidget  # noqa: E402
-from .segment import SegmentWidget  # noqa: E402
+from .batch import BatchWidget
+from .finetune import FinetuneWidget
+from .pretrain import PretrainWidget
+from .segment import SegmentWidget
 
 __all__ = ["BatchWidget", "FinetuneWidget", "PretrainWidget", "SegmentWidget"]

@@ -19,6 +19,7 @@ from ..engine import CancelToken, ProgressEvent
 from ..engine.checkpoint import CHECKPOINT_NAME
 from ._jobs import JobOutcome, JobRunner
 from ._panels import ProgressPanel, RunButton
+from ._preload import warm_up_once
 from ._state import SharedState, shared_state
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class JobWidget(QWidget):
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        warm_up_once()  # the first widget: Triton preload and a job's imports, on the GUI thread (see _preload)
         self.viewer = napari_viewer
         self.state: SharedState = shared_state(napari_viewer)
         self.runner = JobRunner(self.state)  # no Qt parent: it must outlive a closed widget's C++ side

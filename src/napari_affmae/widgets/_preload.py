@@ -1,4 +1,7 @@
-"""Imports done once when the widgets load, so that jobs neither crash nor freeze the viewer.
+"""Imports done once, when the first dock widget opens, so that jobs neither crash nor freeze the viewer.
+
+`warm_up_once` runs both steps below the first time a `JobWidget` is built (not when
+``napari_affmae.widgets`` is imported: importing the widgets does no heavy work).
 
 `preload_triton`: load Triton's native library so that it cannot clash with the OpenGL driver's LLVM.
 
@@ -17,6 +20,18 @@ import os
 import sys
 
 log = logging.getLogger(__name__)
+_warmed_up = False
+
+
+def warm_up_once() -> None:
+    """`preload_triton`, then `warm_up_imports`; only the first call does anything (call it on the GUI
+    thread, before a job can run)."""
+    global _warmed_up
+    if _warmed_up:
+        return
+    _warmed_up = True
+    preload_triton()  # before torch imports triton next to the OpenGL driver's LLVM
+    warm_up_imports()  # keep the first job from freezing the viewer while it imports
 
 
 def preload_triton() -> bool:
