@@ -142,6 +142,7 @@ def _bad_inputs(root: Path, packages: dict[str, Path]) -> dict[str, tuple[list, 
             ["finetune", root / "img.tif", root / "strokes_ok.tif", *out, "--pretrained", seg, *train],
             "segmentation package, but a pretraining"),
         "crop size": (["pretrain", root / "img.tif", *out, "--crop-size", "60", "--steps", "1"], "multiples of 8"),
+        "threads": (["segment", seg, root / "img.tif", "-o", root / "o4.tif", "--threads", "0"], "--threads must be >= 1"),
     }
 
 

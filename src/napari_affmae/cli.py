@@ -177,6 +177,9 @@ def _add_common(parser: argparse.ArgumentParser, *, training: bool) -> None:
     group.add_argument("--log-file", type=Path, default=None,
                        help="JSON-lines log file (one event per line; default: a file in the output directory)")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
+    group.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for PyTorch (default: this job's share of the free cores, re-measured "
+                            "while it runs, so jobs started side by side do not slow each other down)")
     group.add_argument("--stop-file", type=Path, default=None,
                        help="cancel cleanly when this file appears (like Ctrl-C; training saves a checkpoint)")
     if training:
@@ -329,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and training (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: this job's share of the free cores)")
 
     p = sub.add_parser("bench", help="benchmarks shipped with the package (affmae bench efficiency --help)",
                        description="Run a benchmark of napari_affmae.bench; everything after its name is passed "
@@ -695,7 +700,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cancel = _cancel_token(args)
         handler = {"pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "segment": _cmd_segment,
                    "batch": _cmd_batch, "demo": _cmd_demo}[args.command]
-        code = handler(args, progress, cancel, run_log)
+        threads = args.threads
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be >= 1; got {threads}")
+        from .engine.cpu_share import CpuShare  # noqa: PLC0415  (imports torch)
+
+        with CpuShare(threads) as share:
+            code = handler(args, share.wrap(progress), cancel, run_log)
         bar._end_line()
         run_log.write("end", exit_code=code, seconds=time.perf_counter() - started)
         return code

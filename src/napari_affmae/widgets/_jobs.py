@@ -21,6 +21,7 @@ from typing import Any, Callable
 from qtpy.QtCore import QObject, Signal
 
 from ..engine import CancelToken, JobCancelled, ProgressEvent
+from ..engine.cpu_share import CpuShare
 from ._state import SharedState
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,13 @@ class JobOutcome:
 
 
 def _run_job(name: str, work: JobFunction, emit: Callable[[ProgressEvent], None], token: CancelToken) -> JobOutcome:
-    """Worker-thread body: never raises, so every ending arrives through ``returned``."""
+    """Worker-thread body: never raises, so every ending arrives through ``returned``. The job holds a
+    `CpuShare`, so a job next to another (in this viewer, another napari or any busy program) uses its
+    share of the cores instead of all of them."""
     started = time.perf_counter()
     try:
-        result = work(emit, token)
+        with CpuShare() as share:
+            result = work(share.wrap(emit), token)
         return JobOutcome(name, result=result, seconds=time.perf_counter() - started)
     except JobCancelled as err:
         return JobOutcome(name, result=getattr(err, "result", None), cancelled=True, error=None,
