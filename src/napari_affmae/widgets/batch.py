@@ -13,7 +13,6 @@ from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -25,11 +24,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engine import BatchConfig, BatchReport, ProgressEvent, SegmentConfig, batch_segment, find_datasets
-from ._base import Job, JobWidget, checked_multiple_of_8, device_combo, int_spin, notify, size_spin
+from ..engine import BatchConfig, BatchReport, ProgressEvent, batch_segment, find_datasets
+from ._base import Job, JobWidget, notify
 from ._jobs import JobOutcome
 from ._layers import class_features, label_colormap
 from ._panels import PathEdit, form_label
+from .segment import TilingControls
 
 STATUS_COLORS = {"done": "#4caf50", "already complete": "#4caf50", "failed": "#f44336", "cancelled": "#ff9800"}
 
@@ -73,23 +73,14 @@ class BatchWidget(JobWidget):
         form.addRow(form_label("Model package"), self.package)
         form.addRow(form_label("Label name"), self.label_name)
 
-        self.tile_h = size_spin(256, maximum=4096, tooltip="tile height in pixels (multiple of 8)")
-        self.tile_w = size_spin(256, maximum=4096, tooltip="tile width in pixels (multiple of 8)")
-        self.overlap = QDoubleSpinBox()
-        self.overlap.setRange(0.0, 0.5)
-        self.overlap.setSingleStep(0.05)
-        self.overlap.setValue(0.25)
-        self.batch_size = int_spin(4, 1, 256, "tiles per forward pass")
-        self.device = device_combo()
+        self.tiling = TilingControls(normalization=False)
+        self.tile_h, self.tile_w, self.overlap = self.tiling.tile_h, self.tiling.tile_w, self.tiling.overlap
+        self.batch_size, self.device = self.tiling.batch_size, self.tiling.device
         self.overwrite = QCheckBox("Recompute labels that are already complete")
         self.advanced = QCollapsible("Advanced")
         inner = QWidget()
         advanced_form = QFormLayout(inner)
-        advanced_form.addRow(form_label("Tile height"), self.tile_h)
-        advanced_form.addRow(form_label("Tile width"), self.tile_w)
-        advanced_form.addRow(form_label("Overlap"), self.overlap)
-        advanced_form.addRow(form_label("Batch size"), self.batch_size)
-        advanced_form.addRow(form_label("Device"), self.device)
+        self.tiling.add_rows(advanced_form)
         advanced_form.addRow(self.overwrite)
         self.advanced.addWidget(inner)
         self.main_layout.addWidget(self.advanced)
@@ -178,10 +169,7 @@ class BatchWidget(JobWidget):
 
     # ------------------------------------------------------------------ job
     def config(self) -> BatchConfig:
-        tile = (checked_multiple_of_8(self.tile_h, "the tile height"), checked_multiple_of_8(self.tile_w, "the tile width"))
-        tiling = SegmentConfig(tile_size=tile, overlap=float(self.overlap.value()),
-                               batch_size=int(self.batch_size.value()), device=self.device.currentText())
-        return BatchConfig(tiling, overwrite=self.overwrite.isChecked())
+        return BatchConfig(self.tiling.config(), overwrite=self.overwrite.isChecked())
 
     def prepare(self) -> Job:
         if not self.datasets:

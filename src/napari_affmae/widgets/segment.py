@@ -16,6 +16,46 @@ from ._results import plan_region, segmentation_job, show_segmentation
 SCOPE_LABELS = {"Whole image / stack": "whole", "Current slice": "slice", "Current view": "view"}
 
 
+class TilingControls:
+    """The tiling rows of the Segment and Batch widgets' Advanced sections (defaults from `SegmentConfig`):
+    tile height and width, overlap, tiles per forward pass, device and, when asked for, normalisation."""
+
+    def __init__(self, *, normalization: bool) -> None:
+        defaults = SegmentConfig()
+        self.tile_h = size_spin(defaults.tile_size[0], maximum=4096, tooltip="tile height in pixels (multiple of 8)")
+        self.tile_w = size_spin(defaults.tile_size[1], maximum=4096, tooltip="tile width in pixels (multiple of 8)")
+        self.overlap = QDoubleSpinBox()
+        self.overlap.setRange(0.0, 0.5)
+        self.overlap.setSingleStep(0.05)
+        self.overlap.setValue(defaults.overlap)
+        self.overlap.setToolTip("overlap between neighbouring tiles, as a fraction of the tile")
+        self.batch_size = int_spin(defaults.batch_size, 1, 256, "tiles per forward pass")
+        self.device = device_combo()
+        self.normalization: QComboBox | None = None
+        if normalization:
+            self.normalization = QComboBox()
+            self.normalization.addItems(["package", "image"])
+            self.normalization.setCurrentText(defaults.normalization)
+            self.normalization.setToolTip("package: the intensity statistics stored with the model; image: this "
+                                          "image's own (for data with a different contrast)")
+
+    def add_rows(self, form: QFormLayout) -> None:
+        form.addRow(form_label("Tile height"), self.tile_h)
+        form.addRow(form_label("Tile width"), self.tile_w)
+        form.addRow(form_label("Overlap"), self.overlap)
+        form.addRow(form_label("Batch size"), self.batch_size)
+        form.addRow(form_label("Device"), self.device)
+        if self.normalization is not None:
+            form.addRow(form_label("Normalisation"), self.normalization)
+
+    def config(self) -> SegmentConfig:
+        """The controls' `SegmentConfig`; ValueError naming the control when a tile side is not a multiple of 8."""
+        tile = (checked_multiple_of_8(self.tile_h, "the tile height"), checked_multiple_of_8(self.tile_w, "the tile width"))
+        extra = {} if self.normalization is None else {"normalization": self.normalization.currentText()}
+        return SegmentConfig(tile_size=tile, overlap=float(self.overlap.value()), batch_size=int(self.batch_size.value()),
+                             device=self.device.currentText(), **extra)
+
+
 class SegmentWidget(JobWidget):
     """Tiled inference over the whole stack, the current slice or the visible part of it."""
 
@@ -38,28 +78,13 @@ class SegmentWidget(JobWidget):
         form.addRow(form_label("Segment"), self.scope)
         form.addRow(self.probabilities)
 
-        self.tile_h = size_spin(256, maximum=4096, tooltip="tile height in pixels (multiple of 8)")
-        self.tile_w = size_spin(256, maximum=4096, tooltip="tile width in pixels (multiple of 8)")
-        self.overlap = QDoubleSpinBox()
-        self.overlap.setRange(0.0, 0.5)
-        self.overlap.setSingleStep(0.05)
-        self.overlap.setValue(0.25)
-        self.overlap.setToolTip("overlap between neighbouring tiles, as a fraction of the tile")
-        self.batch_size = int_spin(4, 1, 256, "tiles per forward pass")
-        self.device = device_combo()
-        self.normalization = QComboBox()
-        self.normalization.addItems(["package", "image"])
-        self.normalization.setToolTip("package: the intensity statistics stored with the model; image: this "
-                                      "image's own (for data with a different contrast)")
+        self.tiling = TilingControls(normalization=True)
+        self.tile_h, self.tile_w, self.overlap = self.tiling.tile_h, self.tiling.tile_w, self.tiling.overlap
+        self.batch_size, self.device, self.normalization = (self.tiling.batch_size, self.tiling.device,
+                                                            self.tiling.normalization)
         self.advanced = QCollapsible("Advanced")
         inner = QWidget()
-        advanced_form = QFormLayout(inner)
-        advanced_form.addRow(form_label("Tile height"), self.tile_h)
-        advanced_form.addRow(form_label("Tile width"), self.tile_w)
-        advanced_form.addRow(form_label("Overlap"), self.overlap)
-        advanced_form.addRow(form_label("Batch size"), self.batch_size)
-        advanced_form.addRow(form_label("Device"), self.device)
-        advanced_form.addRow(form_label("Normalisation"), self.normalization)
+        self.tiling.add_rows(QFormLayout(inner))
         self.advanced.addWidget(inner)
         self.main_layout.addWidget(self.advanced)
         self.main_layout.addWidget(self.button)
@@ -76,9 +101,7 @@ class SegmentWidget(JobWidget):
             self.package.set_text(path)
 
     def config(self) -> SegmentConfig:
-        tile = (checked_multiple_of_8(self.tile_h, "the tile height"), checked_multiple_of_8(self.tile_w, "the tile width"))
-        return SegmentConfig(tile_size=tile, overlap=float(self.overlap.value()), batch_size=int(self.batch_size.value()),
-                             device=self.device.currentText(), normalization=self.normalization.currentText())
+        return self.tiling.config()
 
     def prepare(self) -> Job:
         package = self.package.path()
