@@ -219,6 +219,7 @@ def test_pretraining_progress_shows_the_flat_patch_baseline(files, tmp_path):
     pretrain(str(files["image"]), PretrainConfig(crop_size=(64, 64), batch_size=2, steps=2, warmup_steps=1,
                                                  device="cpu", output_dir=tmp_path / "pre"),
              progress=TerminalProgress(stream))
-    last = [line for line in stream.getvalue().splitlines() if "2/2" in line][-1]
+    lines = stream.getvalue().replace("\r", "\n").splitlines()  # tqdm redraws with carriage returns
+    last = [line for line in lines if "2/2" in line][-1]
     baseline = float(last.split("(flat patches ")[1].split(")")[0])
     assert baseline == pytest.approx(63 / 64 * 1.17, rel=0.05)  # (p*p - 1)/(p*p) x the summed loss weights

@@ -63,40 +63,35 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _format_seconds(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "--:--"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
-
-
 class TerminalProgress:
-    """A progress bar on stderr (redrawn in place on a terminal, a line every ~5 % otherwise)."""
+    """Progress on stderr with tqdm: one bar per job (redrawn in place on a terminal; at most one update
+    every 30 s into a log file), the job's messages printed above it."""
 
-    def __init__(self, stream=None, quiet: bool = False, width: int = 24) -> None:
+    def __init__(self, stream=None, quiet: bool = False) -> None:
         self.stream = stream or sys.stderr
         self.quiet = quiet
-        self.width = width
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.last_line = 0.0
-        self.open_line = False
-        self.last_job = None
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.min_interval = 0.2 if tty else 30.0  # seconds between redraws
+        self.bar: Any = None
+        self.job: str | None = None
 
     def __call__(self, event: Any) -> None:
         if self.quiet:
             return
-        if event.message:
-            self._end_line()
-            self.stream.write(f"[{event.job}] {event.message}\n")
-        if event.total and (event.loss is not None or event.images_per_s is not None or event.step == event.total):
-            self._bar(event)
-        self.stream.flush()
+        from tqdm import tqdm  # noqa: PLC0415
 
-    def _bar(self, event: Any) -> None:
-        fraction = min(1.0, event.step / event.total)
-        filled = int(round(fraction * self.width))
-        parts = [f"{event.job:<8} [{'#' * filled}{'.' * (self.width - filled)}] {event.step}/{event.total}"]
+        if event.message:
+            tqdm.write(f"[{event.job}] {event.message}", file=self.stream)
+        if not event.total or (event.loss is None and event.images_per_s is None and event.step != event.total):
+            return
+        if self.bar is None or self.job != event.job or self.bar.total != event.total:
+            self.close()
+            unit = "tile" if event.job == "segment" else "step"
+            self.bar = tqdm(total=event.total, desc=event.job, unit=unit, file=self.stream, dynamic_ncols=True,
+                            mininterval=self.min_interval, maxinterval=max(10.0, self.min_interval),
+                            miniters=1, leave=True)
+            self.job = event.job
+        parts = []
         if event.loss is not None:
             parts.append(f"loss {event.loss:.4f}")
         if event.extra and "trivial" in event.extra:  # learning beyond flat patches once loss is below it
@@ -104,27 +99,17 @@ class TerminalProgress:
         if event.lr is not None:
             parts.append(f"lr {event.lr:.2e}")
         if event.images_per_s is not None:
-            unit = "tiles/s" if event.job == "segment" else "img/s"
-            parts.append(f"{event.images_per_s:.1f} {unit}")
-        parts.append(f"ETA {_format_seconds(event.eta_s)}")
-        line = "  ".join(parts)
-        done = event.step >= event.total
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100))
-            self.open_line = True
-            if done:
-                self._end_line()
-        else:
-            now = time.monotonic()
-            step_every = max(1, event.total // 20)
-            if done or event.step % step_every == 0 or now - self.last_line > 30:
-                self.stream.write(line + "\n")
-                self.last_line = now
+            parts.append(f"{event.images_per_s:.1f} {'tiles' if event.job == 'segment' else 'img'}/s")
+        self.bar.set_postfix_str("  ".join(parts), refresh=False)
+        self.bar.update(min(event.step, event.total) - self.bar.n)
+        if event.step >= event.total:
+            self.close()
 
-    def _end_line(self) -> None:
-        if self.open_line:
-            self.stream.write("\n")
-            self.open_line = False
+    def close(self) -> None:
+        """End the current bar (its last state stays on screen)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _progress_and_log(bar: TerminalProgress, run_log: RunLog) -> Callable[[Any], None]:
@@ -707,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with CpuShare(threads) as share:
             code = handler(args, share.wrap(progress), cancel, run_log)
-        bar._end_line()
+        bar.close()
         run_log.write("end", exit_code=code, seconds=time.perf_counter() - started)
         return code
     except JobCancelled as err:
