@@ -6,4 +6,6 @@
 """
 from .registry import create_model, list_models, register_model
 
+from . import affmae, baselines, feature_forest  # noqa: E402,F401,I001  (each family registers its models)
+
 __all__ = ["create_model", "list_models", "register_model"]

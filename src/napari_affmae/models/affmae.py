@@ -236,4 +236,4 @@ def _builder(size: str):
 
 
 for _size in SIZES:
-    register_model(f"affmae_{_size}")(_builder(_size))
+    register_model(f"affmae_{_size}", _builder(_size))

@@ -215,9 +215,11 @@ def make_forest_config(**overrides: Any) -> FeatureForestConfig:
     return FeatureForestConfig(**overrides)
 
 
-@register_model("feature_forest", tasks=("segmentation",), trainable=False)
 def feature_forest(task: str = "segmentation", num_classes: int | None = None, **overrides: Any) -> FeatureForest:
     """Filters + AFFMAE-tiny encoder features -> random forest (the Live preview model)."""
     if task != "segmentation":
         raise ValueError("feature_forest is a segmentation model only (it is not pretrained)")
     return FeatureForest(make_forest_config(**overrides), num_classes)
+
+
+register_model("feature_forest", feature_forest, tasks=("segmentation",), trainable=False)

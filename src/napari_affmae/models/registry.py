@@ -1,8 +1,11 @@
 """Build models by name, list them by pattern (in the spirit of timm's registry).
 
-A builder is registered once per model name and called as
-``builder(task="mae" | "segmentation", num_classes=None, **overrides)``; ``overrides`` replace
-fields of the model's config dataclass (unknown fields raise a ValueError).
+This module imports no model code. Each family module registers its builders when it is imported,
+with one call per name, ``register_model(name, builder, tasks=..., trainable=...)``, and the
+``napari_affmae.models`` package imports every family, so importing the package (or anything in it)
+fills the registry. A builder is called as ``builder(task="mae" | "segmentation", num_classes=None,
+**overrides)``; ``overrides`` replace fields of the model's config dataclass (unknown fields raise
+a ValueError).
 """
 from __future__ import annotations
 
@@ -17,28 +20,25 @@ _TASKS: dict[str, tuple[str, ...]] = {}
 _NOT_TRAINABLE: set[str] = set()  # models fitted another way (e.g. the Live preview's forest), not by fine-tuning
 
 
-def register_model(name: str, tasks: tuple[str, ...] = TASKS,
-                   trainable: bool = True) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: register ``builder`` under ``name`` (must be unique) for the given tasks; ``trainable=False``
-    for a model that gradient fine-tuning cannot train (it is fitted another way)."""
-
-    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model name {name!r} is registered twice")
-        _REGISTRY[name] = builder
-        _TASKS[name] = tuple(tasks)
-        if not trainable:
-            _NOT_TRAINABLE.add(name)
-        return builder
-
-    return wrap
+def register_model(name: str, builder: Callable[..., nn.Module], tasks: tuple[str, ...] = TASKS,
+                   trainable: bool = True) -> None:
+    """Register ``builder`` under ``name`` (must be unique) for the given tasks; ``trainable=False`` for a
+    model that gradient fine-tuning cannot train (it is fitted another way)."""
+    if name in _REGISTRY:
+        raise ValueError(f"model name {name!r} is registered twice")
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"{name}: unknown task(s) {sorted(unknown)}; use {TASKS}")
+    _REGISTRY[name] = builder
+    _TASKS[name] = tuple(tasks)
+    if not trainable:
+        _NOT_TRAINABLE.add(name)
 
 
 def list_models(pattern: str = "*", task: str | None = None, trainable: bool | None = None) -> list[str]:
     """Sorted model names matching a shell-style pattern, e.g. ``"affmae_*"``; ``task`` keeps only
     the models that support it (``"mae"`` lists the pretrainable ones); ``trainable=True`` only those that
     fine-tuning can train."""
-    _import_all()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern) and (task is None or task in _TASKS[n])
                   and (trainable is None or (n not in _NOT_TRAINABLE) == trainable))
 
@@ -49,7 +49,6 @@ def create_model(name: str, task: str = "mae", num_classes: int | None = None, *
     ``num_classes`` (number of output classes K, background included) is required for
     segmentation and must be left out for MAE pretraining.
     """
-    _import_all()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     if task not in TASKS:
@@ -61,14 +60,3 @@ def create_model(name: str, task: str = "mae", num_classes: int | None = None, *
     model = _REGISTRY[name](task=task, num_classes=num_classes, **overrides)
     model.model_name = name
     return model
-
-
-def _import_all() -> None:
-    # Registration happens at import time of each family module.
-    from . import affmae, feature_forest  # noqa: F401,PLC0415
-
-    try:
-        from . import baselines  # noqa: F401,PLC0415
-    except ImportError as err:  # only a missing baselines package is tolerated
-        if "baselines" not in str(err):
-            raise

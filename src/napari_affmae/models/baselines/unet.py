@@ -97,4 +97,4 @@ def _make_builder(base: UNetConfig):
 
 
 for _size, _config in SIZES.items():
-    register_model(f"unet_{_size}", tasks=("segmentation",))(_make_builder(_config))
+    register_model(f"unet_{_size}", _make_builder(_config), tasks=("segmentation",))
