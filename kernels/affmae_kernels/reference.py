@@ -149,6 +149,12 @@ def default_chunk_size(q: torch.Tensor, num_neighbors: int, cluster: int = 1,
     return max(cluster, size // cluster * cluster)
 
 
+def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise outer products a ``[B, H, n, M]`` x b ``[B, H, n, D]`` -> ``[B*H*n*M, D]`` (one bmm)."""
+    m, d = a.shape[-1], b.shape[-1]
+    return torch.bmm(a.reshape(-1, m, 1), b.reshape(-1, 1, d)).reshape(-1, d)
+
+
 class _Problem:
     """One attention call, sliced into query chunks ``[start, stop)`` (multiples of the cluster size)."""
 
@@ -236,7 +242,9 @@ class _Problem:
 
         Per chunk: recompute the gathered K/V, logits and ``p = exp(logits - lse) * keep``; then
         ``ds = p * (dp - sum(p * dp))`` with ``dp = dout . v`` (softmax backward), and scatter the
-        neighbour gradients into dk/dv with one row-wise ``index_add_`` each.
+        neighbour gradients into dk/dv with one row-wise ``index_add_`` each. The products are
+        those of the FLOP convention of `napari_affmae.bench.flops`: twice the forward's
+        (the blank value's terms element-wise, as in the forward) plus the recomputed QK^T.
         """
         need_q, need_k, need_v, need_bias, need_bk, need_bv = need
         b, h, nq, d, m = self.b, self.h, self.nq, self.d, self.m
@@ -255,14 +263,14 @@ class _Problem:
             del logits
             go = grad_out[:, :, start:stop].to(self.compute)  # [B, H, n, D]
             dp = torch.einsum("bhqd,bhqmd->bhqm", go, v_nb)  # [B, H, n, M]
-            if self.blank_v is not None:
-                dp = torch.cat([dp, torch.einsum("bhqd,hd->bhq", go, self.blank_v)[..., None]], dim=-1)
+            if self.blank_v is not None:  # the blank value enters element-wise, as in the forward
+                dp = torch.cat([dp, (go * self.blank_v[None, :, None, :]).sum(-1, keepdim=True)], dim=-1)
             ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))  # d loss / d logits, [B, H, n, M(+1)]
             del dp
             if dv is not None:
-                dv.index_add_(0, flat, (p[..., :m, None] * go[:, :, :, None, :]).reshape(-1, d))
+                dv.index_add_(0, flat, _outer(p[..., :m], go))
             if dbv is not None:
-                dbv += torch.einsum("bhq,bhqd->hd", p[..., m], go)
+                dbv += (p[..., m:] * go).sum(dim=(0, 2))
             del v_nb
             if dbias is not None:
                 dbias[:, :, start:stop] = ds[..., :m]
@@ -270,11 +278,11 @@ class _Problem:
             if dq is not None:
                 dqc = torch.einsum("bhqm,bhqmd->bhqd", ds[..., :m], k_nb)
                 if self.blank_k is not None:
-                    dqc = dqc + ds[..., m:] * self.blank_k[None, :, None, :]
+                    dqc = dqc + torch.matmul(ds[..., m:], self.blank_k[None, :, None, :])  # [B, H, n, D]
                 dq[:, :, start:stop] = dqc
             del k_nb
             if dk is not None:
-                dk.index_add_(0, flat, (ds[..., :m, None] * qc[:, :, :, None, :]).reshape(-1, d))
+                dk.index_add_(0, flat, _outer(ds[..., :m], qc))
             if dbk is not None:
                 dbk += torch.einsum("bhq,bhqd->hd", ds[..., m], qc)
         dk = None if dk is None else dk.reshape(b, h, self.nk, d)

@@ -36,7 +36,8 @@ queries, ``Nk`` keys, ``M`` neighbours, ``D`` head dim, ``G`` merge groups, ``C`
   backend, whose gather + einsum the counter does see, SDPA through the counter (with formulas
   added for the CPU flash kernel) - and only what no counter can see is added analytically: k-NN
   distances, and the recomputed QK^T where the executed backward keeps the probabilities instead
-  (the reference ops, SDPA's math fallback). The tests check that both modes give the same total.
+  (SDPA's math fallback; the reference neighbourhood attention recomputes in its own chunked
+  backward, which the counter sees). The tests check that both modes give the same total.
 
 The replacement is process-global while the context is active (module attributes are swapped):
 count in one thread at a time.
@@ -66,7 +67,6 @@ SDPA = "dense_attention"
 NEIGHBORHOOD = "neighborhood_attention"
 MERGE = "weighted_merge"
 KNN = "knn_centroids"
-NA_RECOMPUTE = "neighborhood_attention_recompute"  # exact mode only (see module docstring)
 SDPA_RECOMPUTE = "dense_attention_recompute"  # exact mode only: SDPA's math fallback on CPU
 
 _aten = torch.ops.aten
@@ -98,8 +98,8 @@ def neighborhood_attention_flops(batch: int, heads: int, queries: int, neighbour
                                  blank: bool = True) -> tuple[int, int, int]:
     """(forward, backward, recomputed QK^T) FLOPs of one neighbourhood-attention call.
 
-    ``backward`` includes the recomputation; ``recompute`` is reported apart so the exact mode can
-    add it to what autograd executes on the reference (which keeps the probabilities instead).
+    ``backward`` includes the recomputation (the reference's chunked backward executes exactly
+    these products); ``recompute`` is the recomputed QK^T alone.
     """
     qk = 2 * batch * heads * queries * head_dim * (neighbours + int(blank))
     pv = 2 * batch * heads * queries * neighbours * head_dim
@@ -230,15 +230,13 @@ class _Counting:
 
     def neighborhood_attention(self, q, k, v, idx, bias=None, valid=None, blank_k=None, blank_v=None, scale=None,
                                *, backend=None):
-        fwd, bwd, recompute = neighborhood_attention_flops(*_na_shapes(q, idx, blank_k))
+        fwd, bwd, _ = neighborhood_attention_flops(*_na_shapes(q, idx, blank_k))
         if not self.exact:
             return _AttentionStandIn.apply(self.tally, NEIGHBORHOOD, fwd, bwd, q, k, v, bias, blank_k, blank_v)
         self.tally.calls[NEIGHBORHOOD] = self.tally.calls.get(NEIGHBORHOOD, 0) + 1
-        out = self.na_original(q, k, v, idx, bias=bias, valid=valid, blank_k=blank_k, blank_v=blank_v,
-                               scale=scale, backend="reference")
-        if out.requires_grad:  # the reference keeps p; a flash-style backward recomputes QK^T
-            out.register_hook(lambda grad: self.tally.add(NA_RECOMPUTE, recompute))
-        return out
+        # the reference's backward recomputes QK^T itself (flash style): the counter sees all of it
+        return self.na_original(q, k, v, idx, bias=bias, valid=valid, blank_k=blank_k, blank_v=blank_v,
+                                scale=scale, backend="reference")
 
     def weighted_merge(self, weights, feat, idx, *, backend=None):
         b, n_out, m, groups = weights.shape
