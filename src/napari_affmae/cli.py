@@ -320,16 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: this job's share of the free cores)")
 
-    p = sub.add_parser("bench", help="benchmarks shipped with the package (affmae bench efficiency --help)",
+    p = sub.add_parser("bench", help="benchmarks to run on this machine and your data (affmae bench efficiency "
+                       "--help)",
                        description="Run a benchmark of napari_affmae.bench; everything after its name is passed "
-                                   "to it (see 'affmae bench efficiency --help').")
+                                   "to it (see 'affmae bench efficiency --help'). Each prints a table or JSON and "
+                                   "writes its results as JSON where asked.")
     p.add_argument("name", choices=("efficiency", "segmentation", "ablation", "preview"),
                    help="which benchmark: efficiency (FLOPs, memory, step times of AFFMAE and the baselines), "
-                        "segmentation (real-EM fine-tuning from few labels, all arms) or ablation (one-change "
+                        "segmentation (fine-tuning on EM stacks from few labels, all arms) or ablation (one-change "
                         "variants of AFFMAE pretraining on the segmentation benchmark's setting) or preview (Live preview "
                         "vs the ilastik-style rf_filters: update times and IoU over correction rounds)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
-                   help="options of the benchmark (e.g. --device cuda --out docs/benchmarks.md)")
+                   help="options of the benchmark (e.g. --device cuda --json)")
     return parser
 
 

@@ -1,13 +1,36 @@
 """Fixtures of the benchmark tests."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import numpy as np
 import pytest
 import tifffile
 
 from napari_affmae.data import MEMBRANE, MITOCHONDRION, synthetic_em
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_script(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` (a script that writes this repository's docs pages) as a module."""
+    key = f"_benchmarks_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+@pytest.fixture
+def bench_script() -> Callable[[str], ModuleType]:
+    """Loads ``benchmarks/<name>.py`` by name."""
+    return load_script
 
 
 def _write(path: Path, array: np.ndarray) -> None:

@@ -14,8 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from affmae_kernels import reference
 from napari_affmae.bench import flops as fl
-from napari_affmae.bench import memory, report
-from napari_affmae.bench.efficiency import FAMILIES, BenchConfig, main, run_benchmark
+from napari_affmae.bench import memory
+from napari_affmae.bench.efficiency import FAMILIES, BenchConfig, format_table, main, run_benchmark
 from napari_affmae.models.registry import create_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,7 +188,7 @@ def test_peak_memory_sampler_fallback(monkeypatch):
 
 # --------------------------------------------------------------------------------- end to end
 
-def test_benchmark_end_to_end_json_page_and_plots(tmp_path):
+def test_benchmark_end_to_end_json_page_and_plots(tmp_path, bench_script):
     page = tmp_path / "docs" / "benchmarks.md"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "efficiency.py"), "--resolutions", "128", "--repeats", "1",
@@ -219,7 +219,7 @@ def test_benchmark_end_to_end_json_page_and_plots(tmp_path):
     assert affmae["ratio_to_reference"]["mem_train_fused_bound"] == pytest.approx(
         vit["mem_train"] / affmae["mem_train_fused_bound"])
     text = page.read_text()
-    assert "## CPU: tiny models, fp32" in text and "GPU figures owed" in text
+    assert "## CPU: tiny models, fp32" in text and "Not measured on a GPU yet" in text
     assert "4 B H Nq M D" in text and "| AFFMAE (cluster nbhd) |" in text
     for metric in ("flops", "time", "memory"):
         png = tmp_path / "docs" / "images" / f"bench_cpu_tiny_fp32_{metric}.png"
@@ -229,8 +229,14 @@ def test_benchmark_end_to_end_json_page_and_plots(tmp_path):
     saved = tmp_path / "results.json"
     saved.write_text(proc.stdout)
     again = tmp_path / "again" / "benchmarks.md"
-    assert main(["--from-json", str(saved), "--out", str(again), "--quiet"]) == 0
+    assert bench_script("efficiency").main(["--from-json", str(saved), "--out", str(again), "--quiet"]) == 0
     assert again.read_text() == text
+    # the packaged command shows the same results and keeps them as JSON, and writes no page
+    kept = tmp_path / "kept" / "results.json"
+    assert main(["--from-json", str(saved), "--out", str(kept), "--quiet"]) == 0
+    assert json.loads(kept.read_text()) == data
+    assert main(["--from-json", str(saved), "--out", str(tmp_path / "page.md"), "--quiet"]) == 2
+    assert not (tmp_path / "page.md").exists()
 
 
 @pytest.fixture(scope="module")
@@ -246,14 +252,15 @@ def test_slow_runs_are_skipped_with_a_reason(skipped_run):
     assert vit_big.ms_train is None and vit_big.ms_infer is None and vit_big.mem_train is None
     assert any(n.startswith("training step skipped: >") and "predicted" in n for n in vit_big.notes)
     assert vit_big.flops_train and vit_big.flops_seg  # FLOPs are counted regardless
-    assert "skipped" in report.format_table(skipped_run)
+    assert "skipped" in format_table(skipped_run)
 
 
-def test_page_keeps_the_sections_of_other_devices(skipped_run, tmp_path):
+def test_page_keeps_the_sections_of_other_devices(skipped_run, tmp_path, bench_script):
     page = tmp_path / "benchmarks.md"
+    report = bench_script("efficiency")
     report.write_page(skipped_run, page, tmp_path / "images")
     first = page.read_text()
-    assert "GPU figures owed" in first and "<!-- bench:cpu-tiny-fp32 -->" in first
+    assert "Not measured on a GPU yet" in first and "<!-- bench:cpu-tiny-fp32 -->" in first
     skipped_run.environment.update(device_type="cuda", device="NVIDIA test device")
     try:
         report.write_page(skipped_run, page, tmp_path / "images")
@@ -261,7 +268,7 @@ def test_page_keeps_the_sections_of_other_devices(skipped_run, tmp_path):
         skipped_run.environment.update(device_type="cpu", device="CPU")
     both = page.read_text()
     assert "<!-- bench:cuda-tiny-fp32 -->" in both and "<!-- bench:cpu-tiny-fp32 -->" in both
-    assert "GPU figures owed" not in both
+    assert "Not measured on a GPU yet" not in both
     assert both.index("bench:cuda") < both.index("bench:cpu")
     cpu_block = first[first.index("<!-- bench:cpu"):]
     assert cpu_block in both  # the CPU section is kept as it was

@@ -13,8 +13,9 @@ order, families interleaved so machine noise hits all of them alike):
 
 Ratios are "ViT-MAE / family": above 1 means the family is cheaper than ViT-MAE.
 
-Run it as ``affmae bench efficiency`` or ``python benchmarks/efficiency.py``; ``main(argv)``
-returns the exit code.
+Run it as ``affmae bench efficiency``: it prints the tables (`format_table`) or, with ``--json``,
+the raw results (`BenchResult.to_json`), and ``--out FILE`` keeps those results in a file;
+``main(argv)`` returns the exit code.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -442,6 +444,112 @@ def _flops(fn: Callable[[], None], runner: _Runner) -> tuple[int, dict[str, int]
     return counted.total, dict(counted.by_op)
 
 
+# --------------------------------------------------------------------------------------- tables
+
+#: (attribute, title, unit, scale) of the per-resolution tables.
+METRICS = (
+    ("flops_train", "FLOPs per pretraining step (forward + loss + backward)", "GFLOP", 1e-9),
+    ("flops_seg", "FLOPs per segmentation forward", "GFLOP", 1e-9),
+    ("ms_train", "Time per training step (forward + loss + backward)", "ms", 1.0),
+    ("ms_infer", "Time per segmentation forward (inference mode)", "ms", 1.0),
+    ("mem_train", "Peak memory added by one training step", "MiB", 1 / 2**20),
+    ("mem_infer", "Peak memory added by one segmentation forward", "MiB", 1 / 2**20),
+)
+BOUND_LABEL = "AFFMAE, fused-kernel bound*"
+BOUND_NOTE = ("*AFFMAE, fused-kernel bound: the same step with neighbourhood attention, merge and k-NN run as "
+              "shape-only stand-ins that keep only what a fused kernel keeps (q, k, v, bias), i.e. without the "
+              "`[B, H, Nq, M, D]` neighbour tensors the CPU reference materialises: a lower bound for the Triton "
+              "kernels' memory.")
+
+
+def number_text(value: float) -> str:
+    """A number for the tables: no decimals from 100 on, one from 10 on, else two (1,234 / 12.3 / 1.23)."""
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _cell_text(result: BenchResult, cell: Cell | None, metric: str, scale: float) -> str:
+    if cell is None or getattr(cell, metric) is None:
+        return "-"
+    text = number_text(getattr(cell, metric) * scale)
+    ratio = result.ratio(cell.family, cell.resolution, metric)
+    if ratio is not None and cell.family != REFERENCE:
+        text += f" (x{ratio:.2f})"
+    return text
+
+
+def grid(result: BenchResult, metric: str, scale: float) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of one metric: a row per family (+ the fused-kernel bound), a column per resolution."""
+    header = ["family"] + [f"{r}^2" for r in result.config.resolutions]
+    rows = []
+    for info in result.families:
+        rows.append([info.label] + [_cell_text(result, result.cell(info.key, r), metric, scale)
+                                    for r in result.config.resolutions])
+        bound = f"{metric}_fused_bound"
+        cells = [result.cell(info.key, r) for r in result.config.resolutions]
+        if info.key == "affmae" and any(c is not None and getattr(c, bound, None) for c in cells):
+            rows.append([BOUND_LABEL] + [_cell_text(result, c, bound, scale) for c in cells])
+    return header, rows
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns padded with spaces: the first left-aligned, the others right-aligned."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def params_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the parameter counts and mask ratios."""
+    ref = next((f for f in result.families if f.key == REFERENCE), None)
+    header = ["family", "model", "params MAE (M)", "params seg (M)", "mask ratio"]
+    rows = []
+    for f in result.families:
+        rel = f" ({f.params_mae / ref.params_mae:.2f}x ViT)" if ref and f.key != REFERENCE else ""
+        rows.append([f.label, f.model, f"{f.params_mae / 1e6:.2f}{rel}", f"{f.params_seg / 1e6:.2f}",
+                     "-" if f.mask_ratio is None else f"{f.mask_ratio:g}"])
+    return header, rows
+
+
+def notes(result: BenchResult) -> list[str]:
+    """Why cells are empty, one line each (a reason repeated at every resolution is given once)."""
+    out = []
+    for c in result.cells:
+        for note in c.notes:
+            out.append(f"{FAMILIES[c.family].label} @ {c.resolution}^2: {note}")
+    seen, unique = set(), []
+    for line in out:
+        key = re.sub(r" @ \d+\^2", "", line)
+        if "FLOPs only on CPU" in line:
+            if key in seen:
+                continue
+            seen.add(key)
+            line = key
+        unique.append(line)
+    return unique
+
+
+def format_table(result: BenchResult) -> str:
+    """Plain-text report for the terminal: parameters, then one grid per metric, then notes."""
+    cfg, env = result.config, result.environment
+    parts = [f"Efficiency benchmark: size {cfg.size}, {env['device']}, {cfg.precision}, batch {cfg.batch}; "
+             f"(xR) = {FAMILIES[REFERENCE].label} / family", "", text_table(*params_rows(result))]
+    for metric, title, unit, scale in METRICS:
+        parts += ["", f"{title} [{unit}]", text_table(*grid(result, metric, scale))]
+    if any(c.mem_train_fused_bound or c.mem_infer_fused_bound for c in result.cells):
+        parts += ["", BOUND_NOTE.replace("`", "")]
+    lines = notes(result)
+    if lines:
+        parts += ["", "Notes:"] + [f"- {n}" for n in lines]
+    return "\n".join(parts)
+
+
 # ----------------------------------------------------------------------------------------- CLI
 
 def _csv(kind: Callable[[str], object]):
@@ -454,7 +562,8 @@ def _csv(kind: Callable[[str], object]):
     return parse
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None, results_file: bool = True) -> argparse.ArgumentParser:
+    """The benchmark's options; ``results_file``: with ``--out FILE`` (the results as JSON)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Parameters, FLOPs, peak memory and step times of AFFMAE, ViT-MAE, UM-MAE and GreenMIM at "
@@ -477,53 +586,58 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print machine-readable results on stdout "
                         "(the table then goes to stderr)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write/update this Markdown page (e.g. docs/benchmarks.md) and its plots")
-    parser.add_argument("--images", type=Path, default=None,
-                        help="folder of the plots (default: images/ next to --out)")
+    if results_file:
+        parser.add_argument("--out", type=Path, default=None, metavar="FILE.json",
+                            help="also write the machine-readable results (as --json prints them) to this file")
     parser.add_argument("--flops-only", action="store_true", help="count parameters and FLOPs, time nothing")
     parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
-                        help="measure nothing: re-render the table/page from a saved --json output")
+                        help="measure nothing: show the results of a saved --json output again")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``affmae bench efficiency``: run the benchmark, print the table (or JSON), write the page."""
-    args = build_parser(prog).parse_args(argv)
+def result_from_args(args: argparse.Namespace, argv: Sequence[str] | None, prog: str | None) -> BenchResult:
+    """Measure what ``args`` asks for (or read ``--from-json``); ValueError / OSError on bad input."""
     if not args.quiet and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from . import report  # noqa: PLC0415  (matplotlib only when needed)
+    if args.from_json is not None:
+        return result_from_json(json.loads(args.from_json.read_text(encoding="utf-8")))
+    config = BenchConfig(families=args.families, size=args.size, resolutions=args.resolutions,
+                         device=args.device, precision=args.precision, repeats=args.repeats,
+                         batch=args.batch, max_step_seconds=args.max_step_seconds,
+                         mask_ratio=args.mask_ratio, threads=args.threads, flops_only=args.flops_only)
+    result = run_benchmark(config, (lambda message: None) if args.quiet else log.info)
+    shown = list(sys.argv[1:] if argv is None else argv)
+    result.environment["command"] = " ".join([prog or "affmae bench efficiency", *shown])
+    return result
 
-    try:
-        if args.from_json is not None:
-            result = result_from_json(json.loads(args.from_json.read_text(encoding="utf-8")))
-        else:
-            config = BenchConfig(families=args.families, size=args.size, resolutions=args.resolutions,
-                                 device=args.device, precision=args.precision, repeats=args.repeats,
-                                 batch=args.batch, max_step_seconds=args.max_step_seconds,
-                                 mask_ratio=args.mask_ratio, threads=args.threads, flops_only=args.flops_only)
-    except (ValueError, OSError) as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
-    if args.from_json is None:
-        progress = (lambda message: None) if args.quiet else log.info
-        try:
-            result = run_benchmark(config, progress)
-        except ValueError as err:
-            sys.stderr.write(f"error: {err}\n")
-            return 2
-        shown = list(sys.argv[1:] if argv is None else argv)
-        result.environment["command"] = " ".join([prog or "affmae bench efficiency", *shown])
-    table = report.format_table(result)
-    if args.json:
+
+def print_result(result: BenchResult, as_json: bool) -> None:
+    """The table on stdout, or the JSON on stdout and the table on stderr."""
+    table = format_table(result)
+    if as_json:
         sys.stderr.write(table + "\n")
         sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
     else:
         sys.stdout.write(table + "\n")
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``affmae bench efficiency``: run the benchmark, print the table (or JSON), keep the results."""
+    args = build_parser(prog).parse_args(argv)
+    if args.out is not None and args.out.suffix.lower() == ".md":
+        sys.stderr.write(f"error: --out writes the results as JSON, not a Markdown page ({args.out}); name a "
+                         ".json file\n")
+        return 2
+    try:
+        result = result_from_args(args, argv, prog)
+    except (ValueError, OSError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    print_result(result, args.json)
     if args.out is not None:
-        images = args.images if args.images is not None else args.out.parent / "images"
-        report.write_page(result, args.out, images)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result.to_json(), indent=1) + "\n", encoding="utf-8")
         if not args.quiet:
-            log.info("wrote %s and plots in %s", args.out, images)
+            log.info("wrote %s", args.out)
     return 0
