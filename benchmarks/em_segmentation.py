@@ -1,24 +1,327 @@
-"""Real-EM few-label segmentation benchmark: AFFMAE pretrained vs from scratch, ViT-MAE, U-Net.
+"""Real-EM few-label segmentation benchmark and its page docs/results.md.
 
     python benchmarks/em_segmentation.py                       # default: VNC mitochondria, k = 1, 4, CPU
-    python benchmarks/em_segmentation.py --tasks all --k 1,2,4,all --regimes sparse,dense \
+    python benchmarks/em_segmentation.py --tasks all --k 1,2,4,all --regimes sparse,dense \\
         --seeds 0,1,2 --size small --device cuda --pretrain-steps 3000 --finetune-steps 1000
+    python benchmarks/em_segmentation.py --render-only runs/a/results.json runs/b/results.json
 
-Data from ``--data-dir`` (default $AFFMAE_DATA or ../shared/data); writes docs/results.md, its
-PNGs in docs/images/ and runs/em_segmentation/results.json. The code lives in
-`napari_affmae.bench.em_segmentation` (protocol in `napari_affmae.bench.em_protocol`).
+Runs `napari_affmae.bench.em_segmentation` (the same options as ``affmae bench segmentation``;
+protocol in `napari_affmae.bench.em_protocol`) on the data of ``--data-dir``, ``$AFFMAE_DATA`` or
+the repository's ../shared/data, and writes the page ``--out`` (default docs/results.md), its PNGs
+in images/ next to it, and WORK_DIR/results.json.
 """
 from __future__ import annotations
 
+import json
+import logging
 import sys
 from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 for folder in ("src", "kernels"):  # runnable from a plain checkout, too
     if str(REPO / folder) not in sys.path:
         sys.path.insert(0, str(REPO / folder))
 
-from napari_affmae.bench.em_segmentation import main  # noqa: E402
+from napari_affmae.bench import em_protocol as P  # noqa: E402
+from napari_affmae.bench.em_segmentation import (  # noqa: E402
+    ARMS, NO_NETWORK, RunRecord, build_parser, command_line, config_from_args, exit_code, masking_for,
+    read_results, run_benchmark, save_figure, save_results, summarise_runs)
+from napari_affmae.bench.tables import stat_text  # noqa: E402
+
+PROG = "python benchmarks/em_segmentation.py"
+DATA_DIR = REPO.parent / "shared" / "data"  # where a checkout keeps the EM data, beside the repository
+TIE_IOU = 0.01  # IoU differences at or below this count as ties in the verdict
+ABLATION_PAGE = "results-ablations.md"  # written by benchmarks/em_ablation.py next to the results page
+
+
+def plot_iou_vs_k(results: dict[str, Any], path: Path) -> None:
+    """Foreground IoU (mean ± std over seeds) vs number of labelled slices, one panel per task x regime."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = results["summary"]
+    panels = sorted({(r["task"], r["regime"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (task, regime) in zip(axes[0], panels):
+        for arm in ARMS:
+            pts = sorted((r["n_labelled"], r["fg_iou"]["mean"], r["fg_iou"]["std"] or 0.0) for r in rows
+                         if r["task"] == task and r["regime"] == regime and r["arm"] == arm
+                         and r["fg_iou"]["mean"] is not None)
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=arm)
+        ax.set_title(f"{P.TASKS[task].title}, {regime} labels", fontsize=9)
+        ax.set_xlabel("labelled slices k")
+        ax.set_ylabel("foreground IoU (held-out slices)")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_overlays(results: dict[str, Any], path: Path, crop: int = 384) -> None:
+    """Per task: raw slice with truth contour, then each arm's prediction (red) over the raw slice."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    from matplotlib.colors import ListedColormap  # noqa: PLC0415
+
+    red = ListedColormap(["red"])
+    tasks = [t for t in results["overlays"] if results["overlays"][t]["pred"]]
+    if not tasks:
+        return
+    arms = [a for a in ARMS if a in results["config"]["arms"]]
+    cols = 1 + len(arms)
+    fig, axes = plt.subplots(len(tasks), cols, figsize=(2.6 * cols, 2.8 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
+        item = results["overlays"][task]
+        raw, truth = np.asarray(item["raw"]), np.asarray(item["truth"])
+        y0, x0 = max(0, (raw.shape[0] - crop) // 2), max(0, (raw.shape[1] - crop) // 2)
+        view = (slice(y0, y0 + crop), slice(x0, x0 + crop))
+        panels = [("truth", truth)] + [(arm, item["pred"].get(arm)) for arm in arms]
+        for ax, (name, mask) in zip(row, panels):
+            ax.imshow(raw[view], cmap="gray")
+            if mask is not None:
+                ax.imshow(np.ma.masked_equal(np.asarray(mask)[view], 0), cmap=red, alpha=0.45, vmin=0, vmax=1)
+                ax.contour(truth[view], levels=[0.5], colors="cyan", linewidths=0.5)
+            title = f"{P.TASKS[task].title} z={item['slice']}" if name == "truth" else name
+            ax.set_title(title if mask is not None else f"{name} (no result)", fontsize=7)
+            ax.axis("off")
+    save_figure(fig, path)
+
+
+def verdict(results: dict[str, Any]) -> str:
+    """Plain statement: does AFFMAE pretraining beat AFFMAE from scratch with 1-2 labelled slices?"""
+    rows = {(r["task"], r["regime"], r["k"], r["arm"]): r for r in results["summary"]}
+    wins, total, lines = 0, 0, []
+    for (task, regime, k, arm), row in sorted(rows.items()):
+        if arm != "affmae_pretrained" or row["n_labelled"] > 2:
+            continue
+        other = rows.get((task, regime, k, "affmae_scratch"))
+        if other is None or row["fg_iou"]["mean"] is None or other["fg_iou"]["mean"] is None:
+            continue
+        total += 1
+        delta = row["fg_iou"]["mean"] - other["fg_iou"]["mean"]
+        wins += delta > TIE_IOU
+        lines.append(f"{P.TASKS[task].title}, {regime}, k={k}: {delta:+.3f} IoU")
+    if total == 0:
+        return "No 1-2-slice comparison of AFFMAE pretrained vs from scratch was run." + _threshold_verdict(rows)
+    head = (f"AFFMAE pretraining beat AFFMAE from scratch by more than {TIE_IOU} foreground IoU in {wins} of "
+            f"{total} settings with 1-2 labelled slices" if wins else
+            f"AFFMAE pretraining did **not** beat AFFMAE from scratch by more than {TIE_IOU} foreground IoU "
+            "with 1-2 labelled slices in this run")
+    seeds = len(results["config"]["seeds"])
+    tail = "" if seeds > 1 else " One seed only: differences of a few hundredths are within seed-to-seed noise."
+    return head + " (" + "; ".join(lines) + ")." + tail + _threshold_verdict(rows)
+
+
+def _threshold_verdict(rows: dict[tuple, dict[str, Any]]) -> str:
+    """Which networks did not beat the grey-value threshold, and which did not beat the forest."""
+    return (_behind_verdict(rows, "threshold", "Networks that did not beat a smoothed grey-value threshold by more "
+                            f"than {TIE_IOU} IoU, i.e. learned no more than brightness")
+            + _behind_verdict(rows, "rf_filters", "Networks that did not beat the ilastik-style random forest "
+                              f"(rf_filters) by more than {TIE_IOU} IoU"))
+
+
+def _behind_verdict(rows: dict[tuple, dict[str, Any]], anchor: str, text: str) -> str:
+    """``text`` + the networks at or below the ``anchor`` arm (+ TIE_IOU) in each setting where it ran."""
+    parts = []
+    for (task, regime, k, arm), row in sorted(rows.items()):
+        cut = row["fg_iou"]["mean"]
+        if arm != anchor or cut is None:
+            continue
+        behind = [a for a in ARMS if a not in NO_NETWORK and (task, regime, k, a) in rows
+                  and rows[(task, regime, k, a)]["fg_iou"]["mean"] is not None
+                  and rows[(task, regime, k, a)]["fg_iou"]["mean"] <= cut + TIE_IOU]
+        if behind:
+            parts.append(f"{P.TASKS[task].title}, {regime}, k={k} ({anchor} {cut:.3f}): {', '.join(behind)}")
+    return f" {text}: " + "; ".join(parts) + "." if parts else ""
+
+
+def _masking_text(cfg: dict[str, Any], family: str) -> str:
+    masking = masking_for(family, cfg.get("affmae_options", {}))
+    text = f"{masking['mask_type']} masks {masking['mask_ratio']:.0%}"
+    return text + (f", keep rate {masking['keep_rate']}" if "keep_rate" in masking else "")
+
+
+def render_page(results: dict[str, Any], images: dict[str, str], command: str) -> str:
+    cfg, env = results["config"], results["environment"]
+    lines = [
+        "# Real-EM evaluation: few labels, pretrained vs from scratch", "",
+        "Written by `python benchmarks/em_segmentation.py` (`napari_affmae.bench.em_segmentation`); "
+        "protocol in `napari_affmae.bench.em_protocol`.", "",
+        ("Commands (one page from several runs): " if " + " in command else "Command: ")
+        + " + ".join(f"`{c}`" for c in command.split(" + ")), "",
+        f"Machine: {env['machine']} ({env['platform']}, {env['processor']}, {env['cpu_count']} CPU cores, "
+        f"{env['torch_threads']} torch threads); device: **{env['device']}**"
+        + (f" ({env['gpu']})" if env.get("gpu") else "") + f"; torch {env['torch']}. "
+        f"Total wall time {results['total_s'] / 60:.1f} min" + (" (sum of the runs)." if " + " in command else "."),
+        "",
+        f"Budget per arm: pretraining {cfg['pretrain_steps']} steps, fine-tuning {cfg['finetune_steps']} steps, "
+        f"batch {cfg['batch_size']}, crops {cfg['crop']} x {cfg['crop']} px, tiled inference {cfg['tile']} px "
+        f"tiles; size `{cfg['size']}`; seeds {cfg['seeds']}. Parameters (segmentation models): "
+        + ", ".join(f"{n} {c / 1e6:.2f} M" for n, c in results["parameters"].items()) + ".", "",
+        f"Arms: `affmae_pretrained` (AFFMAE pretrained on the stack itself + its unlabelled stack, "
+        f"{_masking_text(cfg, 'affmae')}), `affmae_scratch`, `vit_mae_pretrained` (ViT-MAE, "
+        f"{_masking_text(cfg, 'vit_mae')}, same images and steps), `unet_scratch` (plain U-Net). All fine-tuned "
+        "with the same loop: cross-entropy + Dice on labelled pixels, AdamW, warm-up + cosine, "
+        "flips/rot90/intensity augmentation. `threshold` (no network, where run): Gaussian smoothing "
+        f"(sigma {P.THRESHOLD_SIGMA:g} px), then the grey-value cut that best separates the painted pixels "
+        "(balanced accuracy) — what a network must beat to have learned more than brightness. `rf_filters` (no "
+        "network, where run): ilastik's pixel classifier rebuilt — intensity, edge and Hessian-eigenvalue "
+        "filters at 5 scales (1-16 px) and a 100-tree random forest fitted on the painted pixels."
+        + (f" AFFMAE options: `{json.dumps(cfg['affmae_options'])}`." if cfg.get("affmae_options") else ""), "",
+        "Labels: class 1 = background, class 2 = the structure; `dense` = every pixel of the k labelled "
+        f"slices, `sparse` = simulated brush strokes of both classes inside their class (about "
+        f"{P.SPARSE_FRACTION:.0%} of each labelled slice). Metrics on the held-out slices, pixels pooled: "
+        f"foreground IoU and Dice, background IoU, boundary F1 for membranes (tolerance {cfg['tolerance']} px); "
+        "mean ± sample std over seeds.", "",
+        "## Slice splits", "",
+    ]
+    for task, s in results["splits"].items():
+        labelled = "; ".join(f"k={k}: z {v}" for k, v in s["labelled"].items())
+        lines.append(f"- **{P.TASKS[task].title}** (stack {s['shape']}): training pool z {s['pool']} "
+                     f"(labelling order {s['label_order']}); {labelled}; evaluated on z {s['eval_slices']} "
+                     f"(never labelled); pretraining images: {', '.join(s['pretrain_images'])}.")
+    lines += ["", "## Results", "",
+              "| task | labels | k | arm | fg IoU | fg Dice | bg IoU | boundary F1 | labelled px | fine-tune s "
+              "| inference s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["summary"]:
+        if r["error"] and r["fg_iou"]["mean"] is None:
+            lines.append(f"| {P.TASKS[r['task']].title} | {r['regime']} | {r['k']} | {r['arm']} | failed: "
+                         f"{r['error']} | | | | | | |")
+            continue
+        lines.append(f"| {P.TASKS[r['task']].title} | {r['regime']} | {r['k']} | {r['arm']} | {stat_text(r['fg_iou'])} "
+                     f"| {stat_text(r['fg_dice'])} | {stat_text(r['bg_iou'])} | {stat_text(r['boundary_f1'])} "
+                     f"| {r['labelled_fraction']:.1%} | {stat_text(r['finetune_s'], 0)} | {stat_text(r['inference_s'], 0)} |")
+    lines += ["", "Pretraining (shared by all k and label regimes of a task and seed):", "",
+              "| task | seed | model | steps | first loss | final loss | s |", "|---|---|---|---|---|---|---|"]
+    for p in results["pretraining"]:
+        if "error" in p:
+            lines.append(f"| {p['task']} | {p['seed']} | {p['model']} | failed: {p['error']} | | | |")
+        else:
+            lines.append(f"| {p['task']} | {p['seed']} | {p['model']} | {p['steps']} | {p['first_loss']:.4f} "
+                         f"| {p['final_loss']:.4f} | {p['seconds']:.0f} |")
+    lines += ["", "## Verdict", "", verdict(results), ""]
+    if "ablations" in images:
+        lines += [f"What we tried to make pretraining help (mask ratio, keep rate, target, steps, refinement head): "
+                  f"[{images['ablations']}]({images['ablations']}).", ""]
+    if "iou" in images:
+        lines += [f"![foreground IoU vs labelled slices]({images['iou']})", ""]
+    if "overlays" in images:
+        lines += ["Example predictions on a held-out slice (red = predicted structure, cyan = true outline; "
+                  "first seed, first label regime, smallest k):", "", f"![overlays]({images['overlays']})", ""]
+    cites = sorted({P.TASKS[t].citation for t in results["splits"]})
+    lines += ["## Data", ""] + [f"- {c}" for c in cites] + [""]
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
+    """Write the page ``out`` and its PNGs (``<out dir>/images/results_*.png``)."""
+    out = Path(out)
+    image_dir = out.parent / "images"
+    images = {}
+    iou_png = image_dir / "results_iou_vs_k.png"
+    plot_iou_vs_k(results, iou_png)
+    images["iou"] = f"images/{iou_png.name}"
+    overlay_png = image_dir / "results_overlays.png"
+    if "overlays" in results:  # re-rendered pages (``--render-only``) keep the PNG of the run
+        plot_overlays(results, overlay_png)
+    if overlay_png.exists():
+        images["overlays"] = f"images/{overlay_png.name}"
+    if (out.parent / ABLATION_PAGE).exists():
+        images["ablations"] = ABLATION_PAGE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_page(results, images, command), encoding="utf-8")
+    return out
+
+
+
+
+def _render_only(paths: Sequence[Path], out: Path) -> int:
+    try:
+        results = merge_results([read_results(p) for p in paths], [str(p) for p in paths])
+    except ValueError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    sys.stderr.write(f"wrote {write_report(results, out, results['command'])}\n")
+    return 0
+
+
+# config fields that may differ between runs merged into one page
+MERGEABLE = ("arms", "work_dir", "threads")
+
+
+def merge_results(parts: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """One results dict from runs of the same setting and budget that ran different arms."""
+    first = parts[0]
+    if len(parts) == 1:
+        return {**first, "command": first.get("command", "python benchmarks/em_segmentation.py")}
+    same = {k: v for k, v in first["config"].items() if k not in MERGEABLE}
+    for part, name in zip(parts[1:], names[1:]):
+        differ = sorted(k for k in set(same) | set(part["config"]) - set(MERGEABLE)
+                        if part["config"].get(k) != same.get(k))
+        if part["environment"].get("device") != first["environment"].get("device"):
+            differ.append("device")
+        if differ:
+            raise ValueError(f"{name} differs from {names[0]} in {differ}: only runs of the same setting and "
+                             "budget can share a page")
+    seen = set()
+    for part, name in zip(parts, names):
+        for r in part["runs"]:
+            key = (r["task"], r["regime"], str(r["k"]), r["seed"], r["arm"])
+            if key in seen:
+                raise ValueError(f"{name} repeats the run {key}; merge runs of different arms only")
+            seen.add(key)
+    cfg = first["config"]
+    order = {"task": list(cfg["tasks"]), "regime": list(cfg["regimes"]), "k": [str(k) for k in cfg["ks"]],
+             "arm": list(ARMS)}
+    runs = sorted((r for part in parts for r in part["runs"]),  # the order a single run would have
+                  key=lambda r: (order["task"].index(r["task"]), r["seed"], order["regime"].index(r["regime"]),
+                                 order["k"].index(str(r["k"])), order["arm"].index(r["arm"])))
+    arms = [a for a in ARMS if any(a in part["config"]["arms"] for part in parts)]
+    records = [RunRecord(**r) for r in runs]
+    return {
+        **first, "config": {**first["config"], "arms": arms}, "runs": runs, "summary": summarise_runs(records),
+        "pretraining": [p for part in parts for p in part["pretraining"]],
+        "parameters": {k: v for part in parts for k, v in part.get("parameters", {}).items()},
+        "total_s": sum(part["total_s"] for part in parts),
+        "command": " + ".join(part.get("command", "python benchmarks/em_segmentation.py") for part in parts),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark (or ``--render-only``), write the page and results.json."""
+    parser = build_parser(PROG, results_file=False)
+    parser.add_argument("--out", type=Path, default=Path("docs/results.md"), help="Markdown page to write")
+    parser.add_argument("--render-only", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="run nothing: write the page again from the results.json of earlier runs (their "
+                        "commands and the overlay PNG are kept); several runs of the same setting and budget that "
+                        "ran different arms (e.g. on different machines) are merged into one page")
+    args = parser.parse_args(argv)
+    if not args.quiet and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.render_only is not None:
+        return _render_only(args.render_only, args.out)
+    try:
+        config = config_from_args(args, DATA_DIR)
+        results = run_benchmark(config)
+    except (ValueError, FileNotFoundError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    command = command_line(argv, PROG)
+    page = write_report(results, args.out, command)
+    saved = save_results(results, config.work_dir / "results.json", command)
+    sys.stderr.write(f"wrote {page} and {saved}\n")
+    return exit_code(results)
+
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python benchmarks/em_segmentation.py"))
+    sys.exit(main())

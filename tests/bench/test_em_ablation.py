@@ -13,10 +13,11 @@ TINY = ["--pretrain-steps", "2", "--finetune-steps", "1", "--batch-size", "2", "
         "--device", "cpu", "--max-eval-slices", "1", "--quiet"]
 
 
-def test_variants_run_and_the_page_compares_each_with_its_scratch_model(tiny_data_dir: Path,
-                                                                         tmp_path: Path) -> None:
+def test_variants_run_and_the_page_compares_each_with_its_scratch_model(tiny_data_dir: Path, tmp_path: Path,
+                                                                         bench_script, capsys) -> None:
     work, out = tmp_path / "work", tmp_path / "docs" / "results-ablations.md"
-    code = A.main(["--data-dir", str(tiny_data_dir), "--work-dir", str(work), "--out", str(out),
+    script = bench_script("em_ablation")
+    code = script.main(["--data-dir", str(tiny_data_dir), "--work-dir", str(work), "--out", str(out),
                    "--variants", "steps_x3,no_refine,keep_70", *TINY])  # the reference is added
     assert code == 0
     rows = {r["variant"]: r for r in json.loads((work / "ablations.json").read_text())["rows"]}
@@ -46,10 +47,20 @@ def test_variants_run_and_the_page_compares_each_with_its_scratch_model(tiny_dat
         assert f"{row['probe_loss']:.3f} / {row['trivial_loss']:.3f} ({row['ratio']:.3f})" in page
     # probing again needs no training and rewrites the page with the run's own command
     out.write_text("stale")
-    assert A.main(["--work-dir", str(work), "--out", str(out), "--probe-only", "--quiet"]) == 0
+    assert script.main(["--work-dir", str(work), "--out", str(out), "--probe-only", "--quiet"]) == 0
     again = out.read_text()
     assert "--variants steps_x3,no_refine,keep_70" in again and again.split("Reconstruction probe")[1] == \
         page.split("Reconstruction probe")[1]
+    # the packaged command probes the same packages, prints the same rows and writes JSON only
+    capsys.readouterr()
+    kept = tmp_path / "kept.json"
+    assert A.main(["--work-dir", str(work), "--out", str(kept), "--probe-only", "--quiet"]) == 2  # no kept.json yet
+    (kept).write_text((work / "ablations.json").read_text())
+    assert A.main(["--work-dir", str(work), "--out", str(kept), "--probe-only", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for cells in A.table_rows(json.loads(kept.read_text())):
+        assert cells[0] in printed and cells[4] in printed  # variant and probe
+    assert json.loads(kept.read_text())["rows"] == json.loads((work / "ablations.json").read_text())["rows"]
 
 
 def _results_json(path: Path, **config) -> Path:
@@ -85,23 +96,25 @@ def test_reference_is_reused_only_from_a_run_with_the_same_budget(tmp_path: Path
 
 
 def test_bad_ablation_options_give_a_clear_error(tmp_path: Path, capsys) -> None:
-    assert A.main(["--data-dir", str(tmp_path), "--variants", "reference,bigger", "--out", str(tmp_path / "r.md")]) == 2
+    assert A.main(["--data-dir", str(tmp_path), "--variants", "reference,bigger", "--out", str(tmp_path / "r.json")]) == 2
     assert "unknown variant(s) ['bigger']" in capsys.readouterr().err
     assert A.main(["--data-dir", str(tmp_path), "--reference", str(tmp_path / "none.json"),
-                   "--out", str(tmp_path / "r.md")]) == 2
+                   "--out", str(tmp_path / "r.json")]) == 2
     assert "no such results.json" in capsys.readouterr().err
     short = _results_json(tmp_path / "short.json", finetune_steps=50)  # refused before any training
     assert A.main(["--data-dir", str(tmp_path), "--reference", str(short), "--device", "cpu",
-                   "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "r.md")]) == 2
+                   "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "r.json")]) == 2
     assert "another budget" in capsys.readouterr().err
-    assert not (tmp_path / "r.md").exists() and not (tmp_path / "w").exists()
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "w").exists()
+    assert A.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 2
+    assert "not a Markdown page" in capsys.readouterr().err
 
 
 def test_affmae_bench_ablation_is_the_same_script(tmp_path: Path, capsys) -> None:
     from napari_affmae.cli import main as cli_main
 
     assert cli_main(["bench", "ablation", "--data-dir", str(tmp_path), "--variants", "mask_75,raw",
-                     "--out", str(tmp_path / "r.md")]) == 2
+                     "--out", str(tmp_path / "r.json")]) == 2
     assert "unknown variant(s) ['raw']; choose from reference, raw_pixels" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["bench", "ablation", "--help"])

@@ -219,3 +219,19 @@ def test_correction_strokes_paint_errors_with_their_true_class() -> None:
     np.testing.assert_array_equal(P.correction_strokes(labels, truth, truth), labels)  # nothing wrong: no stroke
     with pytest.raises(ValueError, match="one shape"):
         P.correction_strokes(labels, pred[:10], truth)
+
+
+def test_data_folder_from_the_option_the_variable_or_a_checkout_fallback(tmp_path, monkeypatch):
+    monkeypatch.delenv(P.DATA_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match=r"--data-dir or set \$AFFMAE_DATA"):
+        P.resolve_data_dir()
+    with pytest.raises(FileNotFoundError, match="nor is there"):
+        P.resolve_data_dir(None, tmp_path / "missing")  # a fallback that does not exist is no answer
+    with pytest.raises(FileNotFoundError, match="AFFMAE_DATA"):
+        P.default_data_dir()  # nothing relative to the installed package
+    assert P.resolve_data_dir(None, tmp_path) == tmp_path
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    assert P.default_data_dir(tmp_path / "repo") == tmp_path / "shared" / "data"  # beside a checkout
+    monkeypatch.setenv(P.DATA_ENV, str(tmp_path / "env"))
+    assert P.resolve_data_dir(None, tmp_path) == tmp_path / "env"  # the variable before the fallback
+    assert P.resolve_data_dir(tmp_path / "opt", tmp_path) == tmp_path / "opt"  # the option before both

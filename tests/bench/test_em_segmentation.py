@@ -15,7 +15,7 @@ from napari_affmae.models import create_model
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_script_runs_end_to_end_and_writes_the_page(tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_script_runs_end_to_end_and_writes_the_page(tiny_data_dir: Path, tmp_path: Path, bench_script) -> None:
     out = tmp_path / "docs" / "results.md"
     work = tmp_path / "work"
     cmd = [sys.executable, str(REPO / "benchmarks" / "em_segmentation.py"), "--data-dir", str(tiny_data_dir),
@@ -46,21 +46,49 @@ def test_script_runs_end_to_end_and_writes_the_page(tiny_data_dir: Path, tmp_pat
     for png in ("results_iou_vs_k.png", "results_overlays.png"):
         assert (out.parent / "images" / png).stat().st_size > 1000
     # the page can be written again from results.json alone (e.g. after a change of wording)
-    (out.parent / S.ABLATION_PAGE).write_text("# variants\n")
-    assert S.main(["--render-only", str(work / "results.json"), "--out", str(out)]) == 0
+    script = bench_script("em_segmentation")
+    (out.parent / script.ABLATION_PAGE).write_text("# variants\n")
+    assert script.main(["--render-only", str(work / "results.json"), "--out", str(out)]) == 0
     again = out.read_text()
-    assert again.replace(f"[{S.ABLATION_PAGE}]({S.ABLATION_PAGE})", "") != again  # links the variants page
+    assert again.replace(f"[{script.ABLATION_PAGE}]({script.ABLATION_PAGE})", "") != again  # links the variants page
     assert again.split("## Verdict")[0] == page.split("## Verdict")[0]  # same command, table and plots
-    assert S.main(["--render-only", str(tiny_data_dir / "vnc" / "stack1_raw.tif"), "--out", str(out)]) == 2
+    assert script.main(["--render-only", str(tiny_data_dir / "vnc" / "stack1_raw.tif"), "--out", str(out)]) == 2
+
+
+def test_packaged_command_prints_scores_and_writes_json_only(tiny_data_dir: Path, tmp_path: Path, capsys,
+                                                              monkeypatch) -> None:
+    from napari_affmae.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AFFMAE_DATA", str(tiny_data_dir))  # data from the variable when --data-dir is absent
+    out = tmp_path / "kept" / "scores.json"
+    assert cli_main(["bench", "segmentation", "--work-dir", str(tmp_path / "w"), "--out", str(out), "--k", "1",
+                     "--arms", "threshold", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "fg IoU" in printed and "VNC mitochondria" in printed and "threshold" in printed
+    results = json.loads(out.read_text())
+    assert results["command"].startswith("affmae bench segmentation --work-dir")
+    assert results["config"]["data_dir"] == str(tiny_data_dir) and [r["arm"] for r in results["runs"]] == ["threshold"]
+    assert not (tmp_path / "w" / "results.json").exists() and not list(tmp_path.rglob("*.md"))
+    assert cli_main(["bench", "segmentation", "--out", str(tmp_path / "page.md")]) == 2
+    assert "not a Markdown page" in capsys.readouterr().err
+
+
+def test_missing_data_folder_names_the_option_and_the_variable(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("AFFMAE_DATA", raising=False)
+    assert S.main(["--work-dir", str(tmp_path / "w"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "$AFFMAE_DATA" in err
+    assert not (tmp_path / "w").exists()
 
 
 def test_bad_options_give_a_clear_error(tmp_path: Path, capsys) -> None:
-    assert S.main(["--data-dir", str(tmp_path), "--tasks", "nuclei", "--out", str(tmp_path / "r.md")]) == 2
+    assert S.main(["--data-dir", str(tmp_path), "--tasks", "nuclei", "--out", str(tmp_path / "r.json")]) == 2
     assert "unknown task" in capsys.readouterr().err
     assert S.main(["--data-dir", str(tmp_path), "--work-dir", str(tmp_path / "w"),
-                   "--out", str(tmp_path / "r.md"), "--quiet"]) == 2
+                   "--out", str(tmp_path / "r.json"), "--quiet"]) == 2
     assert "stack1_raw.tif" in capsys.readouterr().err
-    assert not (tmp_path / "r.md").exists()
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_unet_baseline_is_segmentation_only() -> None:
@@ -77,11 +105,12 @@ def test_unet_baseline_is_segmentation_only() -> None:
         model.load_encoder_from(create_model("affmae_tiny"))
 
 
-def test_affmae_options_reach_pretraining_and_both_affmae_arms(tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_affmae_options_reach_pretraining_and_both_affmae_arms(tiny_data_dir: Path, tmp_path: Path,
+                                                              bench_script) -> None:
     from napari_affmae.engine import load_package
 
     work = tmp_path / "work"
-    code = S.main(["--data-dir", str(tiny_data_dir), "--work-dir", str(work), "--out", str(tmp_path / "r.md"),
+    code = bench_script("em_segmentation").main(["--data-dir", str(tiny_data_dir), "--work-dir", str(work), "--out", str(tmp_path / "r.md"),
                    "--k", "1", "--arms", "affmae_pretrained,affmae_scratch", "--pretrain-steps", "2",
                    "--finetune-steps", "1", "--batch-size", "2", "--crop", "32", "--tile", "64", "--device", "cpu",
                    "--max-eval-slices", "1", "--quiet", "--affmae-option", "mask_ratio=0.75",
@@ -103,7 +132,7 @@ def test_affmae_options_reach_pretraining_and_both_affmae_arms(tiny_data_dir: Pa
 def test_bad_affmae_options_are_refused_before_training(tmp_path: Path, capsys) -> None:
     assert S.parse_options(["mask_ratio=0.75", "refine=False", "neighborhood=cluster"]) == {
         "mask_ratio": 0.75, "refine": False, "neighborhood": "cluster"}
-    base = ["--data-dir", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "r.md")]
+    base = ["--data-dir", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "r.json")]
     assert S.main([*base, "--affmae-option", "maskratio=0.7"]) == 2
     assert "unknown AFFMAE option(s) ['maskratio']" in capsys.readouterr().err
     assert S.main([*base, "--affmae-option", "keep_rate=0"]) == 2
@@ -115,30 +144,31 @@ def test_bad_affmae_options_are_refused_before_training(tmp_path: Path, capsys) 
     assert not (tmp_path / "w").exists()
 
 
-def test_runs_of_different_arms_merge_into_one_page(tiny_data_dir: Path, tmp_path: Path, capsys) -> None:
+def test_runs_of_different_arms_merge_into_one_page(tiny_data_dir: Path, tmp_path: Path, capsys,
+                                                    bench_script) -> None:
     common = ["--data-dir", str(tiny_data_dir), "--k", "1,2", "--finetune-steps", "1", "--batch-size", "2",
               "--crop", "32", "--tile", "64", "--device", "cpu", "--quiet"]
     jsons = {}
     for name, arms, extra in (("a", "threshold", []), ("b", "unet_scratch", []),
                               ("c", "unet_scratch,threshold", ["--tile", "32"])):
         work = tmp_path / name
-        assert S.main([*common, *extra, "--arms", arms, "--work-dir", str(work),
-                       "--out", str(tmp_path / f"{name}.md")]) == 0
+        assert S.main([*common, *extra, "--arms", arms, "--work-dir", str(work)]) == 0
         jsons[name] = work / "results.json"
     out = tmp_path / "merged.md"
-    assert S.main(["--render-only", str(jsons["b"]), str(jsons["a"]), "--out", str(out)]) == 0
+    script = bench_script("em_segmentation")
+    assert script.main(["--render-only", str(jsons["b"]), str(jsons["a"]), "--out", str(out)]) == 0
     page = out.read_text()
     assert page.count("Commands (one page from several runs): `") == 1 and "--arms threshold" in page
     rows = [line.split(" | ")[2:4] for line in page.splitlines() if line.startswith("| VNC mitochondria")]
     assert rows == [["1", "unet_scratch"], ["1", "threshold"], ["2", "unet_scratch"], ["2", "threshold"]]
     capsys.readouterr()
-    assert S.main(["--render-only", str(jsons["a"]), str(jsons["c"]), "--out", str(out)]) == 2
+    assert script.main(["--render-only", str(jsons["a"]), str(jsons["c"]), "--out", str(out)]) == 2
     assert "differs from" in capsys.readouterr().err  # another tile size: not the same budget
-    assert S.main(["--render-only", str(jsons["a"]), str(jsons["a"]), "--out", str(out)]) == 2
+    assert script.main(["--render-only", str(jsons["a"]), str(jsons["a"]), "--out", str(out)]) == 2
     assert "repeats the run" in capsys.readouterr().err
 
 
-def test_verdict_names_pretraining_ties_and_networks_no_better_than_a_threshold() -> None:
+def test_verdict_names_pretraining_ties_and_networks_no_better_than_a_threshold(bench_script) -> None:
     def row(arm: str, iou: float, k: str = "1") -> dict:
         return {"task": "vnc_mito", "regime": "sparse", "k": k, "arm": arm, "n_labelled": int(k),
                 "fg_iou": {"mean": iou, "std": None, "n": 1}}
@@ -146,13 +176,13 @@ def test_verdict_names_pretraining_ties_and_networks_no_better_than_a_threshold(
     results = {"config": {"seeds": [0]}, "summary": [
         row("affmae_pretrained", 0.125), row("affmae_scratch", 0.120), row("unet_scratch", 0.300),
         row("threshold", 0.118), row("affmae_pretrained", 0.40, "4"), row("threshold", 0.13, "4")]}
-    text = S.verdict(results)
+    text = bench_script("em_segmentation").verdict(results)
     assert "did **not** beat AFFMAE from scratch" in text and "k=1: +0.005 IoU" in text
     assert "k=1 (threshold 0.118): affmae_pretrained, affmae_scratch." in text  # both within 0.01 of it
     assert "unet_scratch" not in text.split("threshold 0.118")[1] and "k=4" not in text.split("IoU, i.e.")[1]
 
 
-def test_verdict_names_networks_no_better_than_the_forest() -> None:
+def test_verdict_names_networks_no_better_than_the_forest(bench_script) -> None:
     def row(arm: str, iou: float) -> dict:
         return {"task": "vnc_mito", "regime": "sparse", "k": "1", "arm": arm, "n_labelled": 1,
                 "fg_iou": {"mean": iou, "std": None, "n": 1}}
@@ -160,7 +190,7 @@ def test_verdict_names_networks_no_better_than_the_forest() -> None:
     results = {"config": {"seeds": [0]}, "summary": [
         row("affmae_pretrained", 0.116), row("affmae_scratch", 0.115), row("unet_scratch", 0.30),
         row("rf_filters", 0.197)]}
-    text = S.verdict(results)
+    text = bench_script("em_segmentation").verdict(results)
     assert "ilastik-style random forest (rf_filters) by more than 0.01 IoU: VNC mitochondria, sparse, k=1 " \
            "(rf_filters 0.197): affmae_pretrained, affmae_scratch." in text
     assert "unet_scratch" not in text.split("rf_filters 0.197")[1]

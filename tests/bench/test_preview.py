@@ -45,3 +45,15 @@ def test_bad_preview_options_are_refused(tiny_data_dir: Path, tmp_path: Path, ca
     assert B.main(["--data-dir", str(tiny_data_dir), "--package", f"vnc={tmp_path / 'missing.affmae'}"]) == 2
     assert "package for vnc not found" in capsys.readouterr().err
     assert B.main(["--data-dir", str(tiny_data_dir), "--rounds", "-1"]) == 2
+
+
+def test_preview_without_a_data_folder_names_the_option_and_the_variable(tmp_path: Path, capsys,
+                                                                         monkeypatch) -> None:
+    monkeypatch.delenv("AFFMAE_DATA", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        B.parse_args([])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "$AFFMAE_DATA" in err
+    config, _ = B.parse_args([], fallback_data_dir=tmp_path)  # a checkout's script names its own folder
+    assert config.data_dir == tmp_path

@@ -41,6 +41,7 @@ import torch.nn as nn
 from ..models.registry import create_model
 from .flops import FlopCount, count_flops, shape_only_neighborhood_ops
 from .memory import cpu_method, measure_peak
+from .tables import text_table
 
 log = logging.getLogger(__name__)
 
@@ -493,16 +494,6 @@ def grid(result: BenchResult, metric: str, scale: float) -> tuple[list[str], lis
         if info.key == "affmae" and any(c is not None and getattr(c, bound, None) for c in cells):
             rows.append([BOUND_LABEL] + [_cell_text(result, c, bound, scale) for c in cells])
     return header, rows
-
-
-def text_table(header: list[str], rows: list[list[str]]) -> str:
-    """Columns padded with spaces: the first left-aligned, the others right-aligned."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def params_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:

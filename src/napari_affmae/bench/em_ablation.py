@@ -7,7 +7,8 @@ A variant that changes the segmentation model itself (``refine``) also re-runs A
 so its difference is measured against a matching scratch model. The reference (no change) is run
 too, or read from the benchmark's own ``results.json`` with ``--reference``.
 
-Writes a Markdown table (``docs/results-ablations.md``) and ``ablations.json`` in the work directory.
+``affmae bench ablation`` prints one row per variant (pretraining loss, reconstruction probe, IoU
+pretrained and from scratch) and writes the results as JSON (``WORK_DIR/ablations.json``, or ``--out``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 
 from . import em_protocol as P
 from . import em_segmentation as S
+from .tables import text_table
 
 log = logging.getLogger(__name__)
 
@@ -219,29 +221,16 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
             "environment": S.environment(device), "rows": rows}
 
 
-def render_page(results: dict[str, Any], command: str) -> str:
-    cfg, env = results["config"], results["environment"]
+TABLE_HEADER = ["variant", "change", "pretraining steps", "loss first → final", "probe: model / trivial (ratio)",
+                "fg IoU pretrained", "fg IoU scratch", "pretrained − scratch", "minutes"]
+
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row of `TABLE_HEADER` cells per variant. The difference is against the variant's own scratch model
+    where it changes the segmentation model, else against the reference's."""
     rows = results["rows"]
     scratch = next((r["scratch_fg_iou"] for r in rows if r["variant"] == "reference"), None)
-    lines = [
-        "# What we tried: AFFMAE pretraining variants on real EM", "",
-        "Written by `python benchmarks/em_ablation.py` (`napari_affmae.bench.em_ablation`). Each variant changes "
-        "one thing of the AFFMAE pretrained arm of the [real-EM benchmark](results.md) and keeps its fine-tuning "
-        "budget; the difference column is against AFFMAE from scratch (the matching scratch model where the "
-        "variant changes the segmentation model).", "",
-        f"Command: `{command}`", "",
-        f"Machine: {env['machine']} ({env['platform']}, {env['cpu_count']} CPU cores, {env['torch_threads']} torch "
-        f"threads); device: **{env['device']}**" + (f" ({env['gpu']})" if env.get("gpu") else "") + ".", "",
-        f"Setting: {P.TASKS[cfg['task']].title}, k = {cfg['k']} labelled slice(s), {cfg['regime']} labels, seed "
-        f"{cfg['seed']}, affmae_tiny; pretraining {cfg['pretrain_steps']} steps (x factor), fine-tuning "
-        f"{cfg['finetune_steps']} steps, batch {cfg['batch_size']}, crops {cfg['crop']} px, tiles {cfg['tile']} px.",
-        "", "Reconstruction probe: the pretrained model's loss on 16 fixed batches of crops from the evaluation "
-        "slices (same masks for all), next to the loss of the trivial predictor that fills every masked patch "
-        "flat at the visible mean; a ratio below 1 means the model predicts more than flat patches.", "",
-        "| variant | change | pretraining steps | loss first → final | probe: model / trivial (ratio) "
-        "| fg IoU pretrained | fg IoU scratch | pretrained − scratch | minutes |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    out = []
     for r in rows:
         base = r["scratch_fg_iou"] if r["own_scratch"] else scratch  # never a scratch model of another shape
         iou = "–" if r["fg_iou"] is None else f"{r['fg_iou']:.3f}"
@@ -251,29 +240,39 @@ def render_page(results: dict[str, Any], command: str) -> str:
         minutes = "(from results.json)" if r["reused_from"] else "–" if r["minutes"] is None else f"{r['minutes']:.1f}"
         probe = ("–" if r.get("probe_loss") is None else
                  f"{r['probe_loss']:.3f} / {r['trivial_loss']:.3f} ({r['ratio']:.3f})")
-        lines.append(f"| {r['variant']} | {r['change']} | {r['pretrain_steps'] or '–'} | {loss} | {probe} | {iou} | "
-                     f"{'–' if base is None else f'{base:.3f}'} | {delta} | {minutes} |")
-    errors = [f"- {r['variant']}: pretrained arm failed: {r['error']}" for r in rows if r["error"]]
-    errors += [f"- {r['variant']}: scratch arm failed: {r['scratch_error']}" for r in rows if r["scratch_error"]]
-    if errors:
-        lines += [""] + errors
-    lines += ["", "One seed: differences of a few hundredths of IoU are within seed-to-seed noise "
-              "(see the spread over seeds on the GPU grid).", ""]
-    return "\n".join(lines)
+        out.append([r["variant"], r["change"], str(r["pretrain_steps"] or "–"), loss, probe, iou,
+                    "–" if base is None else f"{base:.3f}", delta, minutes])
+    return out
+
+
+def failures(results: dict[str, Any]) -> list[str]:
+    """One line per failed arm."""
+    rows = results["rows"]
+    lines = [f"{r['variant']}: pretrained arm failed: {r['error']}" for r in rows if r["error"]]
+    return lines + [f"{r['variant']}: scratch arm failed: {r['scratch_error']}" for r in rows if r["scratch_error"]]
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Plain-text table for the terminal: one row per variant, then the failures."""
+    errors = failures(results)
+    return text_table(TABLE_HEADER, table_rows(results)) + ("\n\n" + "\n".join(errors) if errors else "")
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None, results_file: bool = True) -> argparse.ArgumentParser:
+    """The study's options; ``results_file``: with ``--out FILE.json``."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=None,
-                   help=f"folder with vnc/ and isbi2012/ (default ${P.DATA_ENV} or <repo>/../shared/data)")
+                   help=f"folder with vnc/ and isbi2012/ (default: ${P.DATA_ENV})")
     p.add_argument("--work-dir", type=Path, default=Path("runs/em_ablation"))
-    p.add_argument("--out", type=Path, default=Path("docs") / S.ABLATION_PAGE)
+    if results_file:
+        p.add_argument("--out", type=Path, default=None, metavar="FILE.json",
+                       help="where the results go as JSON (default: WORK_DIR/ablations.json)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--reference", type=Path, default=None,
-                   help="results.json of benchmarks/em_segmentation.py with the same budget: reuse its AFFMAE "
+                   help="results.json of the segmentation benchmark with the same budget: reuse its AFFMAE "
                    "pretrained and scratch runs as the reference instead of running them again")
     p.add_argument("--task", default="vnc_mito", choices=list(P.TASKS))
     p.add_argument("--k", default="1", help="labelled slices (integer or 'all')")
@@ -289,45 +288,72 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--probe-only", action="store_true",
-                   help="train nothing: probe the packages of an earlier run (its --work-dir/ablations.json) again "
-                   "and rewrite the page")
+                   help="train nothing: probe the packages of an earlier run (its --work-dir/ablations.json) again")
     return p
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
+def results_from_args(args: argparse.Namespace, argv: Sequence[str] | None, prog: str,
+                      fallback_data_dir: Path | None = None, saved: Path | None = None) -> dict[str, Any]:
+    """Run the variants ``args`` ask for, or probe again (``--probe-only``: results read from ``saved``, by
+    default WORK_DIR/ablations.json). ``command`` holds the command line. ValueError / FileNotFoundError on bad
+    input."""
     if not args.quiet and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        config = AblationConfig(
-            data_dir=Path(args.data_dir if args.data_dir is not None else P.default_data_dir()),
-            work_dir=args.work_dir, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
-            task=args.task, k=P.parse_k(args.k), regime=args.regime, seed=args.seed,
-            pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
-            crop=args.crop, tile=args.tile, max_eval_slices=args.max_eval_slices, device=args.device,
-            threads=args.threads, reference=args.reference)
-        results = _probe_again(config) if args.probe_only else run_ablation(config)
-    except (ValueError, FileNotFoundError) as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
     shown = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--probe-only"]
-    command = results.get("command") or " ".join([prog or "python benchmarks/em_ablation.py", *shown])
-    results["command"] = command
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render_page(results, command), encoding="utf-8")
-    config.work_dir.mkdir(parents=True, exist_ok=True)
-    (config.work_dir / "ablations.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
-    sys.stderr.write(f"wrote {args.out} and {config.work_dir / 'ablations.json'}\n")
+    if args.probe_only:  # the command of the run that trained the variants is kept
+        results = _probe_again(args.work_dir, saved if saved is not None else args.work_dir / "ablations.json")
+        results.setdefault("command", " ".join([prog, *shown]))
+        return results
+    config = AblationConfig(
+        data_dir=P.resolve_data_dir(args.data_dir, fallback_data_dir),
+        work_dir=args.work_dir, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+        task=args.task, k=P.parse_k(args.k), regime=args.regime, seed=args.seed,
+        pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
+        crop=args.crop, tile=args.tile, max_eval_slices=args.max_eval_slices, device=args.device,
+        threads=args.threads, reference=args.reference)
+    results = run_ablation(config)
+    results["command"] = " ".join([prog, *shown])
+    return results
+
+
+def save_results(results: dict[str, Any], path: Path) -> Path:
+    """Write ``results`` as JSON to ``path`` (folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    return path
+
+
+def exit_code(results: dict[str, Any]) -> int:
+    """0 when some variant was scored, else 1."""
     return 0 if any(r["fg_iou"] is not None for r in results["rows"]) else 1
 
 
-def _probe_again(config: AblationConfig) -> dict[str, Any]:
-    path = config.work_dir / "ablations.json"
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``affmae bench ablation``: run the variants, print the table, write the results as JSON."""
+    args = build_parser(prog).parse_args(argv)
+    if args.out is not None and args.out.suffix.lower() == ".md":
+        sys.stderr.write(f"error: --out writes the results as JSON, not a Markdown page ({args.out}); name a "
+                         ".json file\n")
+        return 2
+    path = args.out if args.out is not None else args.work_dir / "ablations.json"
+    try:
+        results = results_from_args(args, argv, prog or "affmae bench ablation", saved=path)
+    except (ValueError, FileNotFoundError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    save_results(results, path)
+    sys.stdout.write(format_table(results) + "\n")
+    sys.stderr.write(f"wrote {path}\n")
+    return exit_code(results)
+
+
+def _probe_again(work_dir: Path, path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"--probe-only: no {path}; run the variants first")
     results = json.loads(path.read_text(encoding="utf-8"))
     stored = results["config"]
-    config = AblationConfig(**{**stored, "data_dir": Path(stored["data_dir"]), "work_dir": config.work_dir,
+    config = AblationConfig(**{**stored, "data_dir": Path(stored["data_dir"]), "work_dir": work_dir,
                                "reference": None if stored["reference"] is None else Path(stored["reference"])})
     add_probes(results["rows"], config)
     return results

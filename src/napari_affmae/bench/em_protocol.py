@@ -348,13 +348,29 @@ def summarise(values: Sequence[float | None]) -> dict[str, float | int | None]:
 
 # ----------------------------------------------------------------------------------------------- data
 
-def default_data_dir(repo_root: Path | None = None) -> Path:
-    """``$AFFMAE_DATA`` if set, else ``<repo>/../shared/data``."""
+def resolve_data_dir(data_dir: str | Path | None = None, fallback: str | Path | None = None) -> Path:
+    """The EM data folder: ``data_dir`` (``--data-dir``), else ``$AFFMAE_DATA``, else ``fallback`` if it exists.
+
+    Raises FileNotFoundError naming the option and the variable when none of them gives a folder.
+    """
+    if data_dir is not None:
+        return Path(data_dir)
     env = os.environ.get(DATA_ENV)
     if env:
         return Path(env)
-    root = repo_root if repo_root is not None else Path(__file__).resolve().parents[3]
-    return root.parent / "shared" / "data"
+    if fallback is not None and Path(fallback).is_dir():
+        return Path(fallback)
+    looked = f" (nor is there {fallback})" if fallback is not None else ""
+    raise FileNotFoundError(f"no EM data folder given{looked}: pass --data-dir or set ${DATA_ENV} to the folder "
+                            "holding vnc/ and isbi2012/")
+
+
+def default_data_dir(repo_root: Path | None = None) -> Path:
+    """``$AFFMAE_DATA``, else ``<repo_root>/../shared/data`` when a source checkout ``repo_root`` is given.
+
+    Raises FileNotFoundError naming the option and the variable when neither gives a folder.
+    """
+    return resolve_data_dir(None, None if repo_root is None else Path(repo_root).parent / "shared" / "data")
 
 
 def load_task(data_dir: str | Path, task: EMTask | str) -> tuple[np.ndarray, np.ndarray, list[Path]]:

@@ -260,7 +260,10 @@ def _environment() -> dict[str, Any]:
     return {**environment("cpu"), "load_avg_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
-def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> tuple[PreviewBenchConfig, argparse.Namespace]:
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None,
+               fallback_data_dir: Path | None = None) -> tuple[PreviewBenchConfig, argparse.Namespace]:
+    """The run ``argv`` asks for; data from ``--data-dir``, ``$AFFMAE_DATA`` or ``fallback_data_dir`` (an
+    argparse error naming the option and the variable when none gives a folder)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=None, help=f"folder with vnc/ and isbi2012/ (default: ${P.DATA_ENV})")
     p.add_argument("--work-dir", type=Path, default=Path("runs/live_preview"), help="pretrained packages go here")
@@ -277,7 +280,10 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> tu
     p.add_argument("--json", action="store_true", help="print the summary object as JSON")
     p.add_argument("--out", type=Path, default=None, help="also write all results as JSON here")
     args = p.parse_args(argv)
-    data_dir = args.data_dir or P.default_data_dir()
+    try:
+        data_dir = P.resolve_data_dir(args.data_dir, fallback_data_dir)
+    except FileNotFoundError as err:
+        p.error(str(err))
     tasks = list(P.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     packages = {}
     for item in args.package:
