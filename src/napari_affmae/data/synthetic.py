@@ -162,6 +162,47 @@ def _make_mitochondria(
     return mitos
 
 
+@dataclass
+class _SliceFields:
+    """Smooth random fields of a synthetic stack, each ``[Z, Y, X]`` float32 (``cell_tone``: ``[N]``)."""
+
+    warp_y: np.ndarray  # px
+    warp_x: np.ndarray  # px
+    membrane_width: np.ndarray  # px
+    texture_coarse: np.ndarray
+    texture_fine: np.ndarray
+    vesicles: np.ndarray  # grey levels
+    cell_tone: np.ndarray  # per-cell cytoplasm shade
+
+
+def _render_slice(z: int, centres: np.ndarray, fields: _SliceFields, mitos: list) -> tuple[np.ndarray, np.ndarray]:
+    """Slice ``z`` of the stack: grey values ``[Y, X]`` float32 (before blur and noise) and labels ``[Y, X]``
+    uint8, from the cell centres ``[N, 2]`` of this slice (a Voronoi tessellation with warped walls)."""
+    height, width = fields.warp_y.shape[1:]
+    yy, xx = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
+    tree = cKDTree(centres)
+    query = np.stack([yy + fields.warp_y[z], xx + fields.warp_x[z]], axis=-1).reshape(-1, 2)  # [Y*X, 2]
+    dist, idx = tree.query(query, k=2)
+    d1, d2 = dist[:, 0] ** 2, dist[:, 1] ** 2
+    gap = np.linalg.norm(centres[idx[:, 0]] - centres[idx[:, 1]], axis=-1)
+    wall = ((d2 - d1) / (2.0 * np.maximum(gap, 1e-6))).reshape(height, width).astype(np.float32)  # px to the wall
+    cell = idx[:, 0].reshape(height, width)
+    half = 0.5 * fields.membrane_width[z]
+
+    membrane = wall < half
+    # membrane darkness: soft profile across the wall so edges are anti-aliased
+    darkness = np.clip(1.0 - (wall - half) / 1.2, 0.0, 1.0)
+    darkness = np.where(membrane, 1.0, darkness * (wall < half + 1.2))
+
+    fine = fields.texture_fine[z]
+    cyto = 168.0 + 11.0 * fields.cell_tone[cell] + 12.0 * fields.texture_coarse[z] + 10.0 * fine + fields.vesicles[z]
+    plane = cyto * (1.0 - darkness) + (62.0 + 8.0 * fine) * darkness
+    label = np.where(membrane, MEMBRANE, CYTOPLASM).astype(np.uint8)
+    for mito in mitos:
+        _draw_mitochondrion(mito, z, centres, wall, half, cell, plane, label, fine)
+    return plane, label
+
+
 def synthetic_em(
     shape: tuple[int, ...] | list[int] = (8, 256, 256),
     seed: int = 0,
@@ -218,37 +259,12 @@ def synthetic_em(
     slice_gain = rng.normal(0.0, 2.5, size=depth).astype(np.float32)
     vesicles = _vesicle_field(rng, volume, density=vesicle_density)
 
+    fields = _SliceFields(warp_y, warp_x, width_field, texture_coarse, texture_fine, vesicles, cell_tone)
     image = np.empty(volume, dtype=np.float32)
     labels = np.empty(volume, dtype=np.uint8)
-    yy, xx = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
-
     for z in range(depth):
-        centres = seeds + velocity * z  # [N, 2]
-        tree = cKDTree(centres)
-        query = np.stack([yy + warp_y[z], xx + warp_x[z]], axis=-1).reshape(-1, 2)  # [Y*X, 2]
-        dist, idx = tree.query(query, k=2)
-        d1, d2 = dist[:, 0] ** 2, dist[:, 1] ** 2
-        gap = np.linalg.norm(centres[idx[:, 0]] - centres[idx[:, 1]], axis=-1)
-        wall = ((d2 - d1) / (2.0 * np.maximum(gap, 1e-6))).reshape(height, width).astype(np.float32)  # px to the wall
-        cell = idx[:, 0].reshape(height, width)
-        half = 0.5 * width_field[z]
-
-        membrane = wall < half
-        # membrane darkness: soft profile across the wall so edges are anti-aliased
-        darkness = np.clip(1.0 - (wall - half) / 1.2, 0.0, 1.0)
-        darkness = np.where(membrane, 1.0, darkness * (wall < half + 1.2))
-
-        cyto = (
-            168.0 + 11.0 * cell_tone[cell] + 12.0 * texture_coarse[z] + 10.0 * texture_fine[z] + vesicles[z]
-        )
-        plane = cyto * (1.0 - darkness) + (62.0 + 8.0 * texture_fine[z]) * darkness
-        label = np.where(membrane, MEMBRANE, CYTOPLASM).astype(np.uint8)
-
-        for mito in mitos:
-            _draw_mitochondrion(mito, z, centres, wall, half, cell, plane, label, texture_fine[z])
-
+        plane, labels[z] = _render_slice(z, seeds + velocity * z, fields, mitos)
         image[z] = plane + slice_gain[z]
-        labels[z] = label
 
     if blur_sigma > 0:
         image = ndimage.gaussian_filter(image, sigma=(0.0, blur_sigma, blur_sigma))
