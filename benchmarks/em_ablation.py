@@ -32,7 +32,7 @@ def render_page(results: dict[str, Any], command: str) -> str:
     """The Markdown page of a study's results."""
     cfg, env = results["config"], results["environment"]
     lines = [
-        "# What we tried: AFFMAE pretraining variants on real EM", "",
+        "# AFFMAE pretraining variants on real EM", "",
         "Written by `python benchmarks/em_ablation.py` (`napari_affmae.bench.em_ablation`). Each variant changes "
         "one thing of the AFFMAE pretrained arm of the [real-EM benchmark](results.md) and keeps its fine-tuning "
         "budget; the difference column is against AFFMAE from scratch (the matching scratch model where the "

@@ -211,7 +211,7 @@ def render_page(results: dict[str, Any], images: dict[str, str], command: str) -
                          f"| {p['final_loss']:.4f} | {p['seconds']:.0f} |")
     lines += ["", "## Verdict", "", verdict(results), ""]
     if "ablations" in images:
-        lines += [f"What we tried to make pretraining help (mask ratio, keep rate, target, steps, refinement head): "
+        lines += [f"Variants of AFFMAE pretraining (mask ratio, keep rate, target, steps, refinement head): "
                   f"[{images['ablations']}]({images['ablations']}).", ""]
     if "iou" in images:
         lines += [f"![foreground IoU vs labelled slices]({images['iou']})", ""]

@@ -452,7 +452,7 @@ in the same kernel, and writes dq, ds (= dbias), per-block partial sums of dblan
   slot) and a second kernel walks, per key, a CSR list of the (query, slot) pairs that use it
   (built with a stable argsort, cached per idx tensor so the blocks of a stage share it): no
   atomics, deterministic, but two extra `[B,H,Nq,M]` fp32 buffers. **Default: `atomic`** — chosen
-  without GPU evidence (see "Owed" below); flip the default if the GPU table says `reverse` wins.
+  before any GPU measurement (see "GPU measurements" below); flip the default if the GPU table says `reverse` wins.
 
 **Tests** (`python -m pytest tests/kernels`, about 1–1.5 min on 2 CPU cores): the Triton code itself runs on CPU under
 `TRITON_INTERPRET=1` against a float64 reference on small random shapes — forward and every
@@ -502,7 +502,7 @@ Reading the table: the DRAM floor is only tens of microseconds, so launch overhe
 2–3 kernels per pass) already matters. The per-token kernels are in addition bound by CUDA-core
 FLOPs of about the same size and by a gather volume through L1/L2 that is ~12× the DRAM floor
 (neighbouring queries share most keys, so most of it should hit L1); the cluster tiles cut both
-— tensor cores and 8× fewer gathered rows — which is the point of that mode. Issue targets:
+— tensor cores and 8× fewer gathered rows — which is the point of that mode. Targets:
 forward+backward ≥ 3× faster than the reference at N = 16k, M = 64, D = 32, bf16, and within 2× of
 the DRAM floor.
 
@@ -513,12 +513,12 @@ the launch configurations the dispatcher picks (D = 32, M = 64, c = 8; fp16 buil
 fp32 cluster tiles use exact IEEE fp32 dots, hence no mma):
 
 {compile_report}
-## Owed
+## GPU measurements
 
 {owed}
 """
 
-OWED_NO_GPU = """No GPU was lent to this task, so **every GPU figure is owed**: run on a CUDA machine
+OWED_NO_GPU = """**Not measured on a GPU yet**: this page was produced without a GPU. On a CUDA machine, run
 
     python -m pytest tests/kernels                    # compiled kernels on CUDA (auto-detected)
     python benchmarks/kernels.py                      # rewrites this page with the GPU table

@@ -4,7 +4,7 @@ For each task of the few-strokes protocol (`bench.em_protocol`, k = 1 labelled s
 strokes) and each arm:
 
 * ``rf_filters`` — ilastik's pixel classifier rebuilt: the 20 multiscale filter features of
-  `data.features.filter_features` and a 100-tree random forest (our `LivePreview` without a package);
+  `data.features.filter_features` and a 100-tree random forest (`engine.live.LivePreview` without a package);
 * ``live`` — the Live preview as the Fine-tune widget runs it: the same filters plus the AFFMAE
   encoder stages of a pretrained package, the same forest.
 
