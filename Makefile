@@ -10,7 +10,7 @@ APT_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-icc
 	libxcb-cursor0 libdbus-1-3
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test install install-test system-deps clean
+.PHONY: demo test install install-test system-deps wheel-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PIP) -e ".[testing]"
 	touch $@
 
@@ -42,5 +42,16 @@ demo: install
 test: install-test
 	xvfb-run -a -s "-screen 0 1600x1000x24" $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# What a user gets from `pip install "napari-affmae[all]"`: build the wheel, install it with that extra
+# into a fresh venv (no source tree on the path) and open napari with every AFFMAE widget under Xvfb.
+WHEEL_DIR := build/wheel-check
+wheel-check: system-deps
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/pip install -q --upgrade pip
+	$(WHEEL_DIR)/venv/bin/pip wheel -q --no-deps -w $(WHEEL_DIR)/dist .
+	$(WHEEL_DIR)/venv/bin/pip install -q -c constraints.txt torch==2.13.0 "$$(ls $(WHEEL_DIR)/dist/*.whl)[all]"
+	cd $(WHEEL_DIR) && xvfb-run -a -s "-screen 0 1600x1000x24" venv/bin/python $(CURDIR)/.ci/open_viewer.py
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build
