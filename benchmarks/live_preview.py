@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(ours.render_only.read_text())
         command = results.get("command", "python benchmarks/live_preview.py")
     else:
-        config, _ = B.parse_args(rest, prog="python benchmarks/live_preview.py")
+        config, _ = B.parse_args(rest, prog="python benchmarks/live_preview.py",
+                                 fallback_data_dir=REPO.parent / "shared" / "data")
         try:
             config.validate()
         except ValueError as err:
