@@ -138,20 +138,19 @@ def compile_all(arch: int = 90, only: str | None = None) -> list[KernelResources
             compiled.append((current_case[0], kernel, constants))
         return launch
 
-    from . import triton_ops  # noqa: PLC0415
+    from .settings import kernel_settings  # noqa: PLC0415
 
     original = KernelInterface.__getitem__
     KernelInterface.__getitem__ = compile_instead_of_launch
-    triton_ops.COMPILE_ONLY = True
     try:
-        for name, run in _cases():
-            if only and re.search(only, name) is None:
-                continue
-            current_case[0] = name
-            run()
+        with kernel_settings(compile_only=True):
+            for name, run in _cases():
+                if only and re.search(only, name) is None:
+                    continue
+                current_case[0] = name
+                run()
     finally:
         KernelInterface.__getitem__ = original
-        triton_ops.COMPILE_ONLY = False
 
     report = []
     for case, kernel, constants in compiled:

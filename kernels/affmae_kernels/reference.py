@@ -290,26 +290,51 @@ class _Problem:
         return dq, dk, dv, dbias, dbk, dbv
 
 
+def _attention_chunk(q: torch.Tensor, idx: torch.Tensor, chunk_size: int | None) -> int:
+    """Queries per chunk: ``chunk_size`` or `default_chunk_size` (whole clusters in cluster mode)."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of queries; got {chunk_size}")
+        return chunk_size
+    return default_chunk_size(q, idx.shape[-1], q.shape[2] // idx.shape[1])
+
+
+def attention_forward(q, k, v, idx, bias, valid, blank_k, blank_v, scale: float,
+                      chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked forward without autograd: -> out ``[B, H, Nq, D]`` (q's dtype), lse ``[B, H, Nq]``
+    (float32, float64 for float64 inputs; 0 on rows with nothing to attend)."""
+    problem = _Problem(q, k, v, idx, bias, valid, blank_k, blank_v, scale, _attention_chunk(q, idx, chunk_size))
+    out, lse = problem.forward()
+    return out.to(q.dtype), lse
+
+
+def attention_backward(grad_out, q, k, v, idx, bias, valid, blank_k, blank_v, lse, scale: float,
+                       need: tuple[bool, ...], chunk_size: int | None = None) -> tuple[torch.Tensor | None, ...]:
+    """Chunked backward from the saved lse: -> (dq, dk, dv, dbias, dblank_k, dblank_v) in the
+    dtypes of their inputs, None where ``need`` (same order) is False."""
+    problem = _Problem(q, k, v, idx, bias, valid, blank_k, blank_v, scale, _attention_chunk(q, idx, chunk_size))
+    grads = problem.backward(grad_out, lse, tuple(need))
+    like = (q, k, v, bias, blank_k, blank_v)
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, like))
+
+
 class _ChunkedAttention(torch.autograd.Function):
     """Autograd of the chunked reference: saves only the inputs and the per-row log-sum-exp."""
 
     @staticmethod
     def forward(ctx, q, k, v, idx, bias, valid, blank_k, blank_v, scale: float, chunk: int):
-        problem = _Problem(q, k, v, idx, bias, valid, blank_k, blank_v, scale, chunk)
-        out, lse = problem.forward()
+        out, lse = attention_forward(q, k, v, idx, bias, valid, blank_k, blank_v, scale, chunk)
         ctx.save_for_backward(q, k, v, idx, bias, valid, blank_k, blank_v, lse)
         ctx.scale, ctx.chunk = scale, chunk
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, idx, bias, valid, blank_k, blank_v, lse = ctx.saved_tensors
-        problem = _Problem(q, k, v, idx, bias, valid, blank_k, blank_v, ctx.scale, ctx.chunk)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
                 ctx.needs_input_grad[4], ctx.needs_input_grad[6], ctx.needs_input_grad[7])
-        grads = problem.backward(grad_out, lse, need)
-        like = (q, k, v, bias, blank_k, blank_v)
-        dq, dk, dv, dbias, dbk, dbv = (None if g is None else g.to(t.dtype) for g, t in zip(grads, like))
+        dq, dk, dv, dbias, dbk, dbv = attention_backward(grad_out, q, k, v, idx, bias, valid, blank_k, blank_v, lse,
+                                                         ctx.scale, need, ctx.chunk)
         return dq, dk, dv, None, dbias, None, dbk, dbv, None, None
 
 
@@ -334,20 +359,16 @@ def neighborhood_attention(
     softmax (flash-attention style); the maths is that of `_unchunked_neighborhood_attention`.
     """
     check_attention_inputs(q, k, v, idx, bias, valid, blank_k, blank_v)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of queries; got {chunk_size}")
-    b, h, nq, d = q.shape
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    cluster = nq // idx.shape[1]
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(q, idx.shape[-1], cluster)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    chunk = _attention_chunk(q, idx, chunk_size)
     tensors = (q, k, v, bias, blank_k, blank_v)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _ChunkedAttention.apply(q, k, v, idx, bias, valid, blank_k, blank_v, scale, chunk)
-    out, _ = _Problem(q, k, v, idx, bias, valid, blank_k, blank_v, scale, chunk).forward()
-    return out.to(q.dtype)
+    return attention_forward(q, k, v, idx, bias, valid, blank_k, blank_v, scale, chunk)[0]
 
 
-def _check_merge_inputs(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor) -> None:
+def check_merge_inputs(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor) -> None:
+    """Raise ValueError when weights ``[B, N', M, G]``, feat ``[B, N, C]``, idx ``[B, N', M]`` do not fit."""
     if weights.dim() != 4 or feat.dim() != 3 or idx.dim() != 3:
         raise ValueError(
             f"weighted_merge expects weights [B,N',M,G], feat [B,N,C], idx [B,N',M]; got "
@@ -360,7 +381,7 @@ def _check_merge_inputs(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Te
 
 def _unchunked_weighted_merge(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Whole-tensor gather + einsum with plain autograd (test oracle of `weighted_merge`)."""
-    _check_merge_inputs(weights, feat, idx)
+    check_merge_inputs(weights, feat, idx)
     b, n_out, m, _ = weights.shape
     c = feat.shape[-1]
     gathered = torch.gather(feat, 1, idx.long().reshape(b, n_out * m, 1).expand(b, n_out * m, c))
@@ -387,6 +408,26 @@ def _merge_forward(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor,
     return out
 
 
+def _merge_backward(grad_out, weights, feat, idx, need_w: bool, need_f: bool, chunk: int):
+    """Chunked backward of `_merge_forward` (weights already in feat's dtype): -> (dw, dfeat) or None."""
+    b, n_out, m, g = weights.shape
+    c = feat.shape[-1]
+    rows = feat.reshape(-1, c)  # [B*N, C]
+    dw = torch.empty_like(weights) if need_w else None
+    dfeat = torch.zeros_like(rows) if need_f else None  # [B*N, C]
+    for s in range(0, n_out, chunk):
+        flat = _merge_rows(feat, idx[:, s:s + chunk])
+        go = grad_out[:, s:s + chunk]  # [B, n, G, C]
+        if dw is not None:
+            gathered = rows.index_select(0, flat).reshape(b, -1, m, c)  # [B, n, M, C]
+            dw[:, s:s + chunk] = torch.einsum("bngc,bnmc->bnmg", go, gathered)
+            del gathered
+        if dfeat is not None:
+            dgathered = torch.einsum("bnmg,bngc->bnmc", weights[:, s:s + chunk], go)
+            dfeat.index_add_(0, flat, dgathered.reshape(-1, c))
+    return dw, None if dfeat is None else dfeat.reshape(feat.shape)
+
+
 class _ChunkedMerge(torch.autograd.Function):
     """Weighted merge over chunks of output rows; saves weights, feat, idx; regathers in backward."""
 
@@ -400,23 +441,33 @@ class _ChunkedMerge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weights, feat, idx = ctx.saved_tensors
-        need_w, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        b, n_out, m, g = weights.shape
-        c = feat.shape[-1]
-        rows = feat.reshape(-1, c)  # [B*N, C]
-        dw = torch.empty_like(weights) if need_w else None
-        dfeat = torch.zeros_like(rows) if need_f else None  # [B*N, C]
-        for s in range(0, n_out, ctx.chunk):
-            flat = _merge_rows(feat, idx[:, s:s + ctx.chunk])
-            go = grad_out[:, s:s + ctx.chunk]  # [B, n, G, C]
-            if dw is not None:
-                gathered = rows.index_select(0, flat).reshape(b, -1, m, c)  # [B, n, M, C]
-                dw[:, s:s + ctx.chunk] = torch.einsum("bngc,bnmc->bnmg", go, gathered)
-                del gathered
-            if dfeat is not None:
-                dgathered = torch.einsum("bnmg,bngc->bnmc", weights[:, s:s + ctx.chunk], go)
-                dfeat.index_add_(0, flat, dgathered.reshape(-1, c))
-        return dw, None if dfeat is None else dfeat.reshape(feat.shape), None, None
+        dw, dfeat = _merge_backward(grad_out, weights, feat, idx, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                    ctx.chunk)
+        return dw, dfeat, None, None
+
+
+def _merge_chunk(weights: torch.Tensor, feat: torch.Tensor, chunk_size: int | None) -> int:
+    """Output rows per chunk: ``chunk_size`` or the gathered ``[B, n, M, C]`` within `DEFAULT_CHUNK_BYTES`."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of rows; got {chunk_size}")
+        return chunk_size
+    b, _, m, _ = weights.shape
+    return max(1, DEFAULT_CHUNK_BYTES // max(1, b * m * feat.shape[-1] * feat.element_size()))
+
+
+def merge_forward(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor,
+                  chunk_size: int | None = None) -> torch.Tensor:
+    """Forward of `weighted_merge` without autograd: -> ``[B, N', G, C]`` in feat's dtype."""
+    return _merge_forward(weights.to(feat.dtype), feat, idx, _merge_chunk(weights, feat, chunk_size))
+
+
+def merge_backward(grad_out: torch.Tensor, weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor,
+                   need_weights: bool, need_feat: bool, chunk_size: int | None = None):
+    """Backward of `weighted_merge`: -> (dweights in weights' dtype, dfeat), None where not needed."""
+    dw, dfeat = _merge_backward(grad_out.to(feat.dtype), weights.to(feat.dtype), feat, idx, need_weights, need_feat,
+                                _merge_chunk(weights, feat, chunk_size))
+    return None if dw is None else dw.to(weights.dtype), dfeat
 
 
 def weighted_merge(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor,
@@ -427,17 +478,21 @@ def weighted_merge(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor,
     Output rows run in chunks of ``chunk_size`` (default: the gathered ``[B, n, M, C]`` within
     `DEFAULT_CHUNK_BYTES`); the backward regathers instead of keeping ``[B, N', M, C]``.
     """
-    _check_merge_inputs(weights, feat, idx)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows; got {chunk_size}")
-    b, _, m, _ = weights.shape
-    c = feat.shape[-1]
-    if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_BYTES // max(1, b * m * c * feat.element_size()))
+    check_merge_inputs(weights, feat, idx)
+    chunk = _merge_chunk(weights, feat, chunk_size)
     w = weights.to(feat.dtype)
     if torch.is_grad_enabled() and (w.requires_grad or feat.requires_grad):
-        return _ChunkedMerge.apply(w, feat, idx, chunk_size)
-    return _merge_forward(w, feat, idx, chunk_size)
+        return _ChunkedMerge.apply(w, feat, idx, chunk)
+    return _merge_forward(w, feat, idx, chunk)
+
+
+def check_knn_inputs(query_pos: torch.Tensor, centroid_pos: torch.Tensor, k: int) -> None:
+    """Raise ValueError unless positions are ``[B, N, P]`` alike and ``1 <= k <= Nc``."""
+    if query_pos.dim() != 3 or centroid_pos.dim() != 3 or query_pos.shape[-1] != centroid_pos.shape[-1]:
+        raise ValueError(f"positions must be [B, N, 2]; got {tuple(query_pos.shape)} and {tuple(centroid_pos.shape)}")
+    nc = centroid_pos.shape[1]
+    if not 1 <= k <= nc:
+        raise ValueError(f"k={k} must be between 1 and the number of centroids {nc}")
 
 
 def knn_centroids(
@@ -455,11 +510,8 @@ def knn_centroids(
     many as keep the chunk's distance/sort temporaries (about 32 bytes per query-centroid pair)
     within `DEFAULT_CHUNK_BYTES`.
     """
-    if query_pos.dim() != 3 or centroid_pos.dim() != 3 or query_pos.shape[-1] != centroid_pos.shape[-1]:
-        raise ValueError(f"positions must be [B, N, 2]; got {tuple(query_pos.shape)} and {tuple(centroid_pos.shape)}")
+    check_knn_inputs(query_pos, centroid_pos, k)
     nc = centroid_pos.shape[1]
-    if not 1 <= k <= nc:
-        raise ValueError(f"k={k} must be between 1 and the number of centroids {nc}")
     if chunk is None:
         chunk = max(1, DEFAULT_CHUNK_BYTES // (32 * query_pos.shape[0] * nc))
     elif chunk < 1:

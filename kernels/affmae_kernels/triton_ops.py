@@ -1,46 +1,50 @@
-"""Triton-backed ops with the reference signatures, plus autograd.
+"""Triton-backed ops with the reference signatures: kernel launchers, checks and autograd.
 
-`affmae_kernels.dispatch` looks up ``neighborhood_attention``, ``weighted_merge`` and
-``knn_centroids`` here. Each takes the same arguments as its `affmae_kernels.reference`
-twin, plus keyword-only switches:
+Each public function (``neighborhood_attention``, ``weighted_merge``, ``knn_centroids``) takes
+the same arguments as its `affmae_kernels.reference` twin and runs the Triton kernels through
+the ``affmae::`` custom ops of `affmae_kernels.ops` (so autograd, ``FlopCounterMode`` and
+``torch.compile`` see one op). Keyword-only switches, defaulting to the current
+`affmae_kernels.settings.KernelSettings`:
 
-* ``debug`` (default: env ``AFFMAE_KERNELS_DEBUG=1``): check every neighbour index lies in
-  range (`reference.check_index_range`, one device sync) and allocate every kernel-written
-  buffer filled with NaN (or -1) so elements a kernel forgot to write cannot pass unnoticed.
-* ``dkdv`` for attention (default: env ``AFFMAE_KERNELS_DKDV``, else ``"atomic"``):
-  ``"atomic"`` scatters dk/dv with fp32 atomics from the query-side backward kernel;
-  ``"reverse"`` stores p and ds per (query, neighbour) and sums them per key through a
-  key -> (query, slot) index (no atomics, deterministic). The default stays ``"atomic"`` until
-  a GPU run says otherwise (docs/kernels.md).
+* ``debug``: check every neighbour index lies in range (`reference.check_index_range`, one
+  device sync) and allocate every kernel-written buffer filled with NaN (or -1) so elements a
+  kernel forgot to write cannot pass unnoticed.
+* ``dkdv`` for attention: ``"atomic"`` scatters dk/dv with fp32 atomics from the query-side
+  backward kernel; ``"reverse"`` stores p and ds per (query, neighbour) and sums them per key
+  through a key -> (query, slot) index (no atomics, deterministic). The default stays
+  ``"atomic"`` until a GPU run says otherwise (docs/kernels.md). With
+  ``torch.use_deterministic_algorithms(True)`` the backward always takes ``"reverse"``, and the
+  weighted merge's dfeat (atomics in the kernel) comes from the reference backward.
 
-On CPU the kernels only run under ``TRITON_INTERPRET=1`` set before this module is imported.
+The launchers (``attention_forward`` / ``attention_backward``, ``merge_forward`` /
+``merge_backward``, ``knn_forward``) are what the custom ops call. On CPU the kernels only run
+under ``TRITON_INTERPRET=1`` set before this module is imported.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import os
-from collections import OrderedDict
-from dataclasses import dataclass
+import weakref
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
 
-from . import reference
+from . import ops, reference
 from . import triton_attention as _att
 from . import triton_knn as _knn
 from . import triton_merge as _merge
+from .settings import DEFAULT_DKDV, DKDV_MODES, Tile, current_settings, log_once
 
-__all__ = ["neighborhood_attention", "weighted_merge", "knn_centroids", "DKDV_MODES", "SUPPORTED_DTYPES"]
+__all__ = ["neighborhood_attention", "weighted_merge", "knn_centroids", "DKDV_MODES", "SUPPORTED_DTYPES",
+           "attention_refusal", "merge_refusal", "knn_refusal"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-DKDV_MODES = ("atomic", "reverse")
-#: dk/dv path when neither ``dkdv=`` nor AFFMAE_KERNELS_DKDV says: not yet measured on a GPU
-#: (docs/kernels.md, "Owed"); switch it if the benchmark shows "reverse" is faster.
-DEFAULT_DKDV = "atomic"
 MAX_KNN_K = 16
 _INT32_LIMIT = 2**31 - 1
+assert DEFAULT_DKDV in DKDV_MODES
 
 
 def interpreted() -> bool:
@@ -48,17 +52,15 @@ def interpreted() -> bool:
     return bool(_att.INTERPRETED)
 
 
-def _debug_enabled(debug: bool | None) -> bool:
-    if debug is not None:
-        return bool(debug)
-    return os.environ.get("AFFMAE_KERNELS_DEBUG", "0").lower() not in ("", "0", "false", "no")
-
-
-def _dkdv_mode(mode: str | None) -> str:
-    choice = (mode or os.environ.get("AFFMAE_KERNELS_DKDV") or DEFAULT_DKDV).lower()
+def _resolve_dkdv(mode: str | None) -> str:
+    choice = (mode or current_settings().dkdv).lower()
     if choice not in DKDV_MODES:
         raise ValueError(f"unknown dk/dv mode {choice!r}: use one of {DKDV_MODES}")
     return choice
+
+
+def _resolve_debug(debug: bool | None) -> bool:
+    return current_settings().debug if debug is None else bool(debug)
 
 
 def _alloc(shape, dtype, device, poison: bool) -> torch.Tensor:
@@ -79,41 +81,66 @@ def _check_device(name: str, t: torch.Tensor | None, device: torch.device) -> No
         raise ValueError(f"{name} is on {t.device} but q is on {device}: put every input on one device")
 
 
-#: Set by `affmae_kernels.compile_report`, whose launches only compile (host tensors are fine).
-COMPILE_ONLY = False
+def runnable_refusal(t: torch.Tensor) -> str | None:
+    """Why the kernels cannot run on t's device here (None if they can): they need CUDA tensors,
+    or CPU tensors under the interpreter (or a compile-only run, `affmae_kernels.compile_report`)."""
+    if t.is_cuda or interpreted() or current_settings().compile_only:
+        return None
+    return (f"the Triton kernels got {t.device} tensors: they need CUDA tensors, or TRITON_INTERPRET=1 "
+            "set before Triton is first imported (CPU interpreter, for tests); otherwise use the "
+            "reference backend")
 
 
 def _check_runnable(t: torch.Tensor) -> None:
-    """The kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter."""
-    if not t.is_cuda and not interpreted() and not COMPILE_ONLY:
-        raise ValueError(f"the Triton kernels got {t.device} tensors: they need CUDA tensors, or TRITON_INTERPRET=1 "
-                         "set before Triton is first imported (CPU interpreter, for tests); otherwise use the "
-                         "reference backend")
+    reason = runnable_refusal(t)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def _float_refusal(name: str, t: torch.Tensor | None) -> str | None:
+    if t is not None and t.dtype not in SUPPORTED_DTYPES:
+        return (f"{name} has dtype {t.dtype}; the Triton kernels take float32, float16 or bfloat16 "
+                "(use the reference backend for float64)")
+    return None
 
 
 def _check_float(name: str, t: torch.Tensor | None) -> None:
-    if t is not None and t.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; the Triton kernels take float32, float16 or bfloat16 "
-                         "(use the reference backend for float64)")
+    reason = _float_refusal(name, t)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def attention_refusal(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
+                      blank_k: torch.Tensor | None = None, blank_v: torch.Tensor | None = None) -> str | None:
+    """Why the attention kernels cannot take these (shape-checked) inputs, or None."""
+    for name, t in (("q", q), ("bias", bias), ("blank_k", blank_k), ("blank_v", blank_v)):
+        reason = _float_refusal(name, t)
+        if reason is not None:
+            return reason
+    reason = runnable_refusal(q)
+    if reason is not None:
+        return reason
+    d, m = q.shape[-1], idx.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {d} is not supported by the Triton kernels: use one of {SUPPORTED_HEAD_DIMS}"
+    if m == 0 or m % 8:
+        return (f"the neighbourhood size M={m} must be a positive multiple of 8 (pad idx and mark "
+                "the padding invalid)")
+    if k.shape[2] > _INT32_LIMIT or idx.numel() > _INT32_LIMIT:
+        return "too many keys or neighbour entries for int32 indexing"
+    return None
 
 
 def _check_attention(q, k, v, idx, bias, valid, blank_k, blank_v) -> None:
     """Reference shape checks plus what the kernels additionally need."""
     reference.check_attention_inputs(q, k, v, idx, bias, valid, blank_k, blank_v)
     _check_runnable(q)
-    for name, t in (("q", q), ("bias", bias), ("blank_k", blank_k), ("blank_v", blank_v)):
-        _check_float(name, t)
     for name, t in (("k", k), ("v", v), ("idx", idx), ("bias", bias), ("valid", valid),
                     ("blank_k", blank_k), ("blank_v", blank_v)):
         _check_device(name, t, q.device)
-    d, m = q.shape[-1], idx.shape[-1]
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported by the Triton kernels: use one of {SUPPORTED_HEAD_DIMS}")
-    if m == 0 or m % 8:
-        raise ValueError(f"the neighbourhood size M={m} must be a positive multiple of 8 (pad idx and mark "
-                         "the padding invalid)")
-    if k.shape[2] > _INT32_LIMIT or idx.numel() > _INT32_LIMIT:
-        raise ValueError("too many keys or neighbour entries for int32 indexing")
+    reason = attention_refusal(q, k, idx, bias, blank_k, blank_v)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def _as_index(idx: torch.Tensor) -> torch.Tensor:
@@ -132,13 +159,13 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+def _deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
+
+
 # ----------------------------------------------------------------------------------------
 # reverse index (atomic-free dk/dv), cached per idx tensor
 # ----------------------------------------------------------------------------------------
-_REVERSE_CACHE: OrderedDict = OrderedDict()
-_REVERSE_CACHE_SIZE = 4
-
-
 def build_reverse_index(idx: torch.Tensor, valid: torch.Tensor | None, num_queries: int,
                         num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Key -> (query, slot) index in CSR form.
@@ -163,68 +190,50 @@ def build_reverse_index(idx: torch.Tensor, valid: torch.Tensor | None, num_queri
     return offsets, entries
 
 
-def _cached_reverse_index(idx, valid, num_queries, num_keys):
+#: idx tensor -> (weakref to valid or None, version counters, (Nq, Nk), reverse index). Keys are
+#: held weakly and compared by identity: an entry dies with its idx tensor, so a recycled
+#: address can never hit a stale entry.
+_REVERSE_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _versions(idx: torch.Tensor, valid: torch.Tensor | None) -> tuple[int, int | None]:
+    return idx._version, None if valid is None else valid._version
+
+
+def _cached_reverse_index(idx: torch.Tensor, valid: torch.Tensor | None, num_queries: int,
+                          num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks of a stage share one idx tensor: build its reverse index once.
 
-    The cache keeps a reference to idx/valid (so their storage cannot be recycled) and
-    compares their version counters (so in-place edits invalidate the entry).
+    A hit needs the same idx object (weak, by identity), the same valid object, unchanged
+    version counters (in-place edits invalidate) and the same sizes.
     """
-    key = (id(idx), id(valid), num_queries, num_keys)
-    hit = _REVERSE_CACHE.get(key)
+    versions = _versions(idx, valid)
+    hit = _REVERSE_CACHE.get(idx)
     if hit is not None:
-        ref_idx, ref_valid, versions, value = hit
-        if ref_idx is idx and ref_valid is valid and versions == _versions(idx, valid):
-            _REVERSE_CACHE.move_to_end(key)
+        valid_ref, saved_versions, sizes, value = hit
+        same_valid = valid_ref is None if valid is None else (valid_ref is not None and valid_ref() is valid)
+        if same_valid and saved_versions == versions and sizes == (num_queries, num_keys):
             return value
     value = build_reverse_index(idx, valid, num_queries, num_keys)
-    _REVERSE_CACHE[key] = (idx, valid, _versions(idx, valid), value)
-    while len(_REVERSE_CACHE) > _REVERSE_CACHE_SIZE:
-        _REVERSE_CACHE.popitem(last=False)
+    _REVERSE_CACHE[idx] = (None if valid is None else weakref.ref(valid), versions, (num_queries, num_keys), value)
     return value
-
-
-def _versions(idx, valid):
-    return (idx._version, None if valid is None else valid._version)
 
 
 # ----------------------------------------------------------------------------------------
 # neighbourhood attention
 # ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Tile:
-    """Launch shape of one attention kernel: rows (queries) and neighbours per step, warps."""
-
-    rows: int
-    neighbours: int
-    num_warps: int
-
-
-def _tile_override(variable: str) -> Tile | None:
-    text = os.environ.get(variable)
-    if not text:
-        return None
-    try:
-        rows, neighbours, warps = (int(x) for x in text.split(","))
-    except ValueError as err:
-        raise ValueError(f"{variable}={text!r}: expected 'ROWS,NEIGHBOURS,WARPS', e.g. '16,16,4'") from err
-    for value in (rows, neighbours, warps):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"{variable}={text!r}: every entry must be a power of two")
-    return Tile(rows, neighbours, warps)
-
-
-def token_tile(m: int, d: int, backward: bool = False) -> Tile:
-    """Per-token kernels: [rows x neighbours x D] broadcast tiles (env AFFMAE_KERNELS_TOKEN_TILE).
+def token_tile(m: int, d: int, backward: bool = False, override: Tile | None = None) -> Tile:
+    """Per-token kernels: [rows x neighbours x D] broadcast tiles (``override``: settings.token_tile).
 
     The default aims at ~16 (forward) / ~8 (backward) tile elements per thread, which keeps
     the sm_90 builds at <= ~120 registers without spills (``python -m
     affmae_kernels.compile_report``); the GPU sweep in docs/kernels.md is still owed.
     """
-    tile = _tile_override("AFFMAE_KERNELS_TOKEN_TILE")
-    if tile is not None:
-        if m % tile.neighbours:
-            raise ValueError(f"AFFMAE_KERNELS_TOKEN_TILE: neighbours per step {tile.neighbours} must divide M={m}")
-        return tile
+    if override is not None:
+        if m % override.neighbours:
+            raise ValueError(f"token tile {override.spec()}: neighbours per step {override.neighbours} "
+                             f"must divide M={m}")
+        return override
     rows = 16 if d <= 32 else 8
     neighbours = 8 if d <= 64 else 4
     per_thread = 8 if backward else 16
@@ -232,13 +241,10 @@ def token_tile(m: int, d: int, backward: bool = False) -> Tile:
     return Tile(rows, neighbours, warps)
 
 
-def cluster_tile(c: int, m: int, d: int) -> Tile:
-    """Cluster kernels: [rows x neighbours] tl.dot tiles, rows >= 16 (env AFFMAE_KERNELS_CLUSTER_TILE)."""
-    tile = _tile_override("AFFMAE_KERNELS_CLUSTER_TILE")
-    if tile is not None:
-        if tile.rows < 16 or tile.neighbours < 16:
-            raise ValueError("AFFMAE_KERNELS_CLUSTER_TILE: tl.dot needs at least 16 rows and 16 neighbours")
-        return tile
+def cluster_tile(c: int, m: int, d: int, override: Tile | None = None) -> Tile:
+    """Cluster kernels: [rows x neighbours] tl.dot tiles, rows >= 16 (``override``: settings.cluster_tile)."""
+    if override is not None:
+        return override
     rows = min(64, max(16, _next_pow2(c)))
     neighbours = min(64 if d <= 64 else 32, max(16, _next_pow2(m)))
     return Tile(rows, neighbours, 8 if d >= 128 else 4)
@@ -250,133 +256,142 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (interpreted() and dtype == torch.bfloat16)
 
 
-class _NeighborhoodAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, idx32, bias, valid8, blank_k, blank_v, scale, dkdv, poison, idx_source, valid_source):
-        b, h, nq, d = q.shape
-        groups, m = idx32.shape[1], idx32.shape[2]
-        out = _alloc((b, h, nq, d), q.dtype, q.device, poison)
-        lse = _alloc((b, h, nq), torch.float32, q.device, poison)
-        has_blank = blank_k is not None
-        dummy = q  # placeholder pointer for absent optional tensors (never read)
-        args_common = (
-            *q.stride(), *k.stride(), *v.stride(), *_strides4(bias),
-        )
-        if nq and b * h:
-            with _device_guard(q):
-                if groups == nq:
-                    tile = token_tile(m, d)
-                    grid = (triton.cdiv(nq, tile.rows), b * h)
-                    _att.na_fwd_token_kernel[grid](
-                        q, k, v, idx32, bias if bias is not None else dummy,
-                        valid8 if valid8 is not None else idx32,
-                        blank_k if has_blank else dummy, blank_v if has_blank else dummy, out, lse,
-                        nq, h, scale, *args_common,
-                        M=m, D=d, BLOCK_Q=tile.rows, BLOCK_M=tile.neighbours, HAS_BIAS=bias is not None,
-                        HAS_VALID=valid8 is not None, HAS_BLANK=has_blank, num_warps=tile.num_warps,
-                    )
-                else:
-                    c = nq // groups
-                    tile = cluster_tile(c, m, d)
-                    n_sub = triton.cdiv(c, tile.rows)
-                    grid = (groups * n_sub, b * h)
-                    _att.na_fwd_cluster_kernel[grid](
-                        q, k, v, idx32, bias if bias is not None else dummy,
-                        valid8 if valid8 is not None else idx32,
-                        blank_k if has_blank else dummy, blank_v if has_blank else dummy, out, lse,
-                        nq, groups, c, n_sub, h, scale, *args_common,
-                        M=m, D=d, BLOCK_C=tile.rows, BLOCK_M=tile.neighbours, HAS_BIAS=bias is not None,
-                        HAS_VALID=valid8 is not None, HAS_BLANK=has_blank, DOT_F32=_dot_f32(q.dtype),
-                        num_warps=tile.num_warps,
-                    )
-        ctx.save_for_backward(q, k, v, idx32, bias, valid8, blank_k, blank_v, out, lse)
-        ctx.scale = scale
-        ctx.dkdv = dkdv
-        ctx.poison = poison
-        ctx.index_source = (idx_source, valid_source)  # user tensors: key of the reverse-index cache
-        return out
+def attention_forward(q, k, v, idx, bias, valid, blank_k, blank_v, scale: float, *, debug: bool = False,
+                      token: Tile | None = None, cluster: Tile | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: -> out ``[B, H, Nq, D]`` (q's dtype), lse ``[B, H, Nq]`` float32.
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, idx32, bias, valid8, blank_k, blank_v, out, lse = ctx.saved_tensors
-        scale, poison = ctx.scale, ctx.poison
-        atomic = ctx.dkdv == "atomic"
-        b, h, nq, d = q.shape
-        nk = k.shape[2]
-        groups, m = idx32.shape[1], idx32.shape[2]
-        dev = q.device
-        has_bias, has_blank = bias is not None, blank_k is not None
-        need_dbias = has_bias and ctx.needs_input_grad[4]
-        store_ds = need_dbias or not atomic
-        if dout.dtype != q.dtype:
-            dout = dout.to(q.dtype)
+    Inputs as `neighborhood_attention` (already checked); ``debug`` NaN-poisons the outputs first.
+    """
+    idx32, valid8 = _as_index(idx), _as_mask(valid)
+    if blank_k is not None:
+        blank_k, blank_v = blank_k.contiguous(), blank_v.contiguous()
+    b, h, nq, d = q.shape
+    groups, m = idx32.shape[1], idx32.shape[2]
+    out = _alloc((b, h, nq, d), q.dtype, q.device, debug)
+    lse = _alloc((b, h, nq), torch.float32, q.device, debug)
+    has_blank = blank_k is not None
+    dummy = q  # placeholder pointer for absent optional tensors (never read)
+    ptrs = (q, k, v, idx32, bias if bias is not None else dummy, valid8 if valid8 is not None else idx32,
+            blank_k if has_blank else dummy, blank_v if has_blank else dummy, out, lse)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *_strides4(bias))
+    flags = dict(HAS_BIAS=bias is not None, HAS_VALID=valid8 is not None, HAS_BLANK=has_blank)
+    if nq and b * h:
+        with _device_guard(q):
+            if groups == nq:
+                tile = token_tile(m, d, override=token)
+                _att.na_fwd_token_kernel[(triton.cdiv(nq, tile.rows), b * h)](
+                    *ptrs, nq, h, scale, *strides,
+                    M=m, D=d, BLOCK_Q=tile.rows, BLOCK_M=tile.neighbours, num_warps=tile.num_warps, **flags,
+                )
+            else:
+                c = nq // groups
+                tile = cluster_tile(c, m, d, override=cluster)
+                n_sub = triton.cdiv(c, tile.rows)
+                _att.na_fwd_cluster_kernel[(groups * n_sub, b * h)](
+                    *ptrs, nq, groups, c, n_sub, h, scale, *strides,
+                    M=m, D=d, BLOCK_C=tile.rows, BLOCK_M=tile.neighbours, DOT_F32=_dot_f32(q.dtype),
+                    num_warps=tile.num_warps, **flags,
+                )
+    return out, lse
 
-        dq = _alloc((b, h, nq, d), q.dtype, dev, poison)
-        ds_buf = _alloc((b, h, nq, m), torch.float32, dev, poison) if store_ds else None
-        p_buf = None if atomic else _alloc((b, h, nq, m), torch.float32, dev, poison)
-        if atomic:
-            dk_acc = torch.zeros((b, h, nk, d), dtype=torch.float32, device=dev)
-            dv_acc = torch.zeros((b, h, nk, d), dtype=torch.float32, device=dev)
-        else:
-            dk_acc = _alloc((b, h, nk, d), k.dtype, dev, poison)
-            dv_acc = _alloc((b, h, nk, d), v.dtype, dev, poison)
 
-        token_mode = groups == nq
-        if token_mode:
-            tile = token_tile(m, d, backward=True)
-            n_blocks = triton.cdiv(nq, tile.rows)
-        else:
-            c = nq // groups
-            tile = cluster_tile(c, m, d)
-            n_sub = triton.cdiv(c, tile.rows)
-            n_blocks = groups * n_sub
-        dbk_part = _alloc((b, h, n_blocks, d), torch.float32, dev, poison) if has_blank else None
-        dbv_part = _alloc((b, h, n_blocks, d), torch.float32, dev, poison) if has_blank else None
+def _backward_dkdv(dkdv: str) -> str:
+    """The requested dk/dv mode, or ``reverse`` (no atomics) under deterministic algorithms."""
+    if dkdv == "atomic" and _deterministic():
+        log_once(logging.INFO, "dkdv", "deterministic algorithms are enabled: the Triton attention backward "
+                 "accumulates dk/dv through the reverse index instead of atomics")
+        return "reverse"
+    return dkdv
 
-        dummy = dq
-        ptrs = (
-            q, k, v, idx32, bias if has_bias else dummy, valid8 if valid8 is not None else idx32,
-            blank_k if has_blank else dummy, blank_v if has_blank else dummy, out, dout, lse,
-            dq, ds_buf if store_ds else dummy, p_buf if p_buf is not None else dummy, dk_acc, dv_acc,
-            dbk_part if has_blank else dummy, dbv_part if has_blank else dummy,
-        )
-        strides = (*q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *dout.stride())
-        flags = dict(HAS_BIAS=has_bias, HAS_VALID=valid8 is not None, HAS_BLANK=has_blank,
-                     ATOMIC=atomic, STORE_DS=store_ds, STORE_P=not atomic)
-        if nq and b * h:
-            with _device_guard(q):
-                if token_mode:
-                    _att.na_bwd_token_kernel[(n_blocks, b * h)](
-                        *ptrs, nq, nk, h, scale, n_blocks, *strides,
-                        M=m, D=d, BLOCK_Q=tile.rows, BLOCK_M=tile.neighbours, num_warps=tile.num_warps, **flags,
-                    )
-                else:
-                    _att.na_bwd_cluster_kernel[(n_blocks, b * h)](
-                        *ptrs, nq, nk, groups, c, n_sub, h, scale, *strides,
-                        M=m, D=d, BLOCK_C=tile.rows, BLOCK_M=tile.neighbours, DOT_F32=_dot_f32(q.dtype),
-                        num_warps=tile.num_warps, **flags,
-                    )
-                if not atomic and nk:
-                    offsets, entries = _cached_reverse_index(*ctx.index_source, nq, nk)
-                    _att.dkdv_reverse_kernel[(nk, b * h)](
-                        q, dout, p_buf, ds_buf, offsets, entries, dk_acc, dv_acc,
-                        nq, nk, h, scale, *q.stride(), *dout.stride(),
-                        M=m, D=d, BLOCK_E=16, num_warps=2 if d <= 32 else 4,
-                    )
-        elif not atomic:  # nothing attends: gradients are zero
-            dk_acc.zero_()
-            dv_acc.zero_()
-            if has_blank:
-                dbk_part.zero_()
-                dbv_part.zero_()
 
-        dk = dk_acc.to(k.dtype)
-        dv = dv_acc.to(v.dtype)
-        dbias = ds_buf.to(bias.dtype) if need_dbias else None
-        dbk = dbk_part.sum(dim=(0, 2)).to(blank_k.dtype) if has_blank else None
-        dbv = dbv_part.sum(dim=(0, 2)).to(blank_v.dtype) if has_blank else None
-        return dq, dk, dv, None, dbias, None, dbk, dbv, None, None, None, None, None
+def attention_backward(dout, q, k, v, idx, bias, valid, blank_k, blank_v, out, lse, scale: float,
+                       need: tuple[bool, ...], *, dkdv: str = DEFAULT_DKDV, debug: bool = False,
+                       token: Tile | None = None, cluster: Tile | None = None) -> tuple[torch.Tensor | None, ...]:
+    """Launch the backward kernels: -> (dq, dk, dv, dbias, dblank_k, dblank_v) in the input dtypes.
+
+    ``need`` flags the same six gradients (the kernels compute dq, dk, dv and the blank gradients
+    regardless; dbias only when needed). ``dkdv``: see the module docstring.
+    """
+    idx32, valid8 = _as_index(idx), _as_mask(valid)
+    if blank_k is not None:
+        blank_k, blank_v = blank_k.contiguous(), blank_v.contiguous()
+    atomic = _backward_dkdv(dkdv) == "atomic"
+    poison = debug
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    groups, m = idx32.shape[1], idx32.shape[2]
+    dev = q.device
+    has_bias, has_blank = bias is not None, blank_k is not None
+    need_dbias = has_bias and need[3]
+    store_ds = need_dbias or not atomic
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+
+    dq = _alloc((b, h, nq, d), q.dtype, dev, poison)
+    ds_buf = _alloc((b, h, nq, m), torch.float32, dev, poison) if store_ds else None
+    p_buf = None if atomic else _alloc((b, h, nq, m), torch.float32, dev, poison)
+    if atomic:
+        dk_acc = torch.zeros((b, h, nk, d), dtype=torch.float32, device=dev)
+        dv_acc = torch.zeros((b, h, nk, d), dtype=torch.float32, device=dev)
+    else:
+        dk_acc = _alloc((b, h, nk, d), k.dtype, dev, poison)
+        dv_acc = _alloc((b, h, nk, d), v.dtype, dev, poison)
+
+    token_mode = groups == nq
+    if token_mode:
+        tile = token_tile(m, d, backward=True, override=token)
+        n_blocks = triton.cdiv(nq, tile.rows)
+    else:
+        c = nq // groups
+        tile = cluster_tile(c, m, d, override=cluster)
+        n_sub = triton.cdiv(c, tile.rows)
+        n_blocks = groups * n_sub
+    dbk_part = _alloc((b, h, n_blocks, d), torch.float32, dev, poison) if has_blank else None
+    dbv_part = _alloc((b, h, n_blocks, d), torch.float32, dev, poison) if has_blank else None
+
+    dummy = dq
+    ptrs = (
+        q, k, v, idx32, bias if has_bias else dummy, valid8 if valid8 is not None else idx32,
+        blank_k if has_blank else dummy, blank_v if has_blank else dummy, out, dout, lse,
+        dq, ds_buf if store_ds else dummy, p_buf if p_buf is not None else dummy, dk_acc, dv_acc,
+        dbk_part if has_blank else dummy, dbv_part if has_blank else dummy,
+    )
+    strides = (*q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *dout.stride())
+    flags = dict(HAS_BIAS=has_bias, HAS_VALID=valid8 is not None, HAS_BLANK=has_blank,
+                 ATOMIC=atomic, STORE_DS=store_ds, STORE_P=not atomic)
+    if nq and b * h:
+        with _device_guard(q):
+            if token_mode:
+                _att.na_bwd_token_kernel[(n_blocks, b * h)](
+                    *ptrs, nq, nk, h, scale, n_blocks, *strides,
+                    M=m, D=d, BLOCK_Q=tile.rows, BLOCK_M=tile.neighbours, num_warps=tile.num_warps, **flags,
+                )
+            else:
+                _att.na_bwd_cluster_kernel[(n_blocks, b * h)](
+                    *ptrs, nq, nk, groups, c, n_sub, h, scale, *strides,
+                    M=m, D=d, BLOCK_C=tile.rows, BLOCK_M=tile.neighbours, DOT_F32=_dot_f32(q.dtype),
+                    num_warps=tile.num_warps, **flags,
+                )
+            if not atomic and nk:
+                offsets, entries = _cached_reverse_index(idx, valid, nq, nk)
+                _att.dkdv_reverse_kernel[(nk, b * h)](
+                    q, dout, p_buf, ds_buf, offsets, entries, dk_acc, dv_acc,
+                    nq, nk, h, scale, *q.stride(), *dout.stride(),
+                    M=m, D=d, BLOCK_E=16, num_warps=2 if d <= 32 else 4,
+                )
+    elif not atomic:  # nothing attends: gradients are zero
+        dk_acc.zero_()
+        dv_acc.zero_()
+        if has_blank:
+            dbk_part.zero_()
+            dbv_part.zero_()
+
+    dk = dk_acc.to(k.dtype)
+    dv = dv_acc.to(v.dtype)
+    dbias = ds_buf.to(bias.dtype) if need_dbias else None
+    dbk = dbk_part.sum(dim=(0, 2)).to(blank_k.dtype) if has_blank else None
+    dbv = dbv_part.sum(dim=(0, 2)).to(blank_v.dtype) if has_blank else None
+    return dq, dk, dv, dbias, dbk, dbv
 
 
 def neighborhood_attention(
@@ -400,15 +415,12 @@ def neighborhood_attention(
     in q's dtype. Gradients flow to q, k, v, bias, blank_k and blank_v.
     """
     _check_attention(q, k, v, idx, bias, valid, blank_k, blank_v)
-    debug = _debug_enabled(debug)
-    mode = _dkdv_mode(dkdv)
-    if debug:
+    settings = current_settings().replace(dkdv=_resolve_dkdv(dkdv), debug=_resolve_debug(debug))
+    if settings.debug:
         reference.check_index_range(idx, k.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if blank_k is not None:
-        blank_k, blank_v = blank_k.contiguous(), blank_v.contiguous()
-    return _NeighborhoodAttention.apply(q, k, v, _as_index(idx), bias, _as_mask(valid),
-                                        blank_k, blank_v, scale, mode, debug, idx, valid)
+    return ops.neighborhood_attention(q, k, v, idx, bias, valid, blank_k, blank_v, scale,
+                                      backend="triton", settings=settings)
 
 
 # ----------------------------------------------------------------------------------------
@@ -421,45 +433,53 @@ def _merge_blocks(m: int, g: int, c: int) -> tuple[int, int, int]:
     return block_m, block_g, block_c
 
 
-class _WeightedMerge(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weights, feat, idx32, poison):
-        b, n_out, m, g = weights.shape
-        c = feat.shape[-1]
-        out = _alloc((b, n_out, g, c), feat.dtype, feat.device, poison)
-        block_m, block_g, block_c = _merge_blocks(m, g, c)
-        if out.numel():
-            with _device_guard(feat):
-                _merge.merge_fwd_kernel[(n_out, triton.cdiv(c, block_c), b)](
-                    weights, feat, idx32, out, n_out, c, *weights.stride(), *feat.stride(),
-                    M=m, G=g, BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_C=block_c,
-                )
-        ctx.save_for_backward(weights, feat, idx32)
-        ctx.poison = poison
-        return out
+def merge_forward(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor, *,
+                  debug: bool = False) -> torch.Tensor:
+    """Launch the merge kernel: weights ``[B, N', M, G]``, feat ``[B, N, C]`` -> ``[B, N', G, C]``."""
+    idx32 = _as_index(idx)
+    b, n_out, m, g = weights.shape
+    c = feat.shape[-1]
+    out = _alloc((b, n_out, g, c), feat.dtype, feat.device, debug)
+    block_m, block_g, block_c = _merge_blocks(m, g, c)
+    if out.numel():
+        with _device_guard(feat):
+            _merge.merge_fwd_kernel[(n_out, triton.cdiv(c, block_c), b)](
+                weights, feat, idx32, out, n_out, c, *weights.stride(), *feat.stride(),
+                M=m, G=g, BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_C=block_c,
+            )
+    return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        weights, feat, idx32 = ctx.saved_tensors
-        b, n_out, m, g = weights.shape
-        n, c = feat.shape[1], feat.shape[2]
-        need_dw, need_df = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dw = _alloc((b, n_out, m, g), torch.float32, feat.device, ctx.poison) if need_dw else None
-        dfeat = torch.zeros((b, n, c), dtype=torch.float32, device=feat.device) if need_df else None
-        block_m, block_g, block_c = _merge_blocks(m, g, c)
-        if (need_dw or need_df) and n_out and b:
-            with _device_guard(feat):
-                _merge.merge_bwd_kernel[(n_out, b)](
-                    weights, feat, idx32, dout, dw if need_dw else feat, dfeat if need_df else feat,
-                    n_out, n, c, *weights.stride(), *feat.stride(), *dout.stride(),
-                    M=m, G=g, BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_C=block_c,
-                    NEED_DW=need_dw, NEED_DFEAT=need_df,
-                )
-        elif need_dw:
-            dw.zero_()
-        return (dw.to(weights.dtype) if need_dw else None,
-                dfeat.to(feat.dtype) if need_df else None, None, None)
+
+def merge_backward(dout: torch.Tensor, weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor,
+                   need_weights: bool, need_feat: bool, *, debug: bool = False):
+    """Launch the merge backward: -> (dweights, dfeat) in the input dtypes, None where not needed.
+
+    dfeat is scattered with atomics; under deterministic algorithms it comes from the reference
+    backward in float32 instead (the kernel then computes dweights only).
+    """
+    idx32 = _as_index(idx)
+    b, n_out, m, g = weights.shape
+    n, c = feat.shape[1], feat.shape[2]
+    kernel_df = need_feat and not _deterministic()
+    dw = _alloc((b, n_out, m, g), torch.float32, feat.device, debug) if need_weights else None
+    dfeat = torch.zeros((b, n, c), dtype=torch.float32, device=feat.device) if kernel_df else None
+    block_m, block_g, block_c = _merge_blocks(m, g, c)
+    if (need_weights or kernel_df) and n_out and b:
+        with _device_guard(feat):
+            _merge.merge_bwd_kernel[(n_out, b)](
+                weights, feat, idx32, dout, dw if need_weights else feat, dfeat if kernel_df else feat,
+                n_out, n, c, *weights.stride(), *feat.stride(), *dout.stride(),
+                M=m, G=g, BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_C=block_c,
+                NEED_DW=need_weights, NEED_DFEAT=kernel_df,
+            )
+    elif need_weights:
+        dw.zero_()
+    if need_feat and not kernel_df:
+        log_once(logging.INFO, "merge", "deterministic algorithms are enabled: the weighted-merge backward "
+                 "computes dfeat with the reference (no atomics)")
+        _, dfeat = reference.merge_backward(dout.float(), weights.float(), feat.float(), idx, False, True)
+    return (dw.to(weights.dtype) if need_weights else None,
+            dfeat.to(feat.dtype) if need_feat else None)
 
 
 def weighted_merge(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor, *,
@@ -469,6 +489,20 @@ def weighted_merge(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor,
     weights ``[B, N', M, G]``, feat ``[B, N, C]``, idx ``[B, N', M]`` -> ``[B, N', G, C]`` in
     feat's dtype; gradients for weights and feat.
     """
+    check_merge_inputs(weights, feat, idx)
+    _check_runnable(feat)
+    _check_float("weights", weights)
+    _check_float("feat", feat)
+    _check_device("weights", weights, feat.device)
+    _check_device("idx", idx, feat.device)
+    debug = _resolve_debug(debug)
+    if debug:
+        reference.check_index_range(idx, feat.shape[1])
+    return ops.weighted_merge(weights, feat, idx, backend="triton", debug=debug)
+
+
+def check_merge_inputs(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor) -> None:
+    """Shape and index-dtype checks of the weighted merge (both backends)."""
     if weights.dim() != 4 or feat.dim() != 3 or idx.dim() != 3:
         raise ValueError(f"weighted_merge expects weights [B,N',M,G], feat [B,N,C], idx [B,N',M]; got "
                          f"{tuple(weights.shape)}, {tuple(feat.shape)}, {tuple(idx.shape)}")
@@ -478,22 +512,43 @@ def weighted_merge(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor,
                          f"{tuple(idx.shape)}, {tuple(feat.shape)}")
     if idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"idx must be int32 or int64; got {idx.dtype}")
-    _check_runnable(feat)
-    _check_float("weights", weights)
-    _check_float("feat", feat)
-    _check_device("weights", weights, feat.device)
-    _check_device("idx", idx, feat.device)
-    if _debug_enabled(debug):
-        reference.check_index_range(idx, feat.shape[1])
-        poison = True
-    else:
-        poison = False
-    return _WeightedMerge.apply(weights, feat, _as_index(idx), poison)
+
+
+def merge_refusal(weights: torch.Tensor, feat: torch.Tensor) -> str | None:
+    """Why the merge kernels cannot take these (shape-checked) inputs, or None."""
+    return runnable_refusal(feat) or _float_refusal("weights", weights) or _float_refusal("feat", feat)
 
 
 # ----------------------------------------------------------------------------------------
 # k nearest centroids
 # ----------------------------------------------------------------------------------------
+def knn_refusal(query_pos: torch.Tensor, k: int) -> str | None:
+    """Why the knn kernel cannot serve this call, or None."""
+    if k > MAX_KNN_K:
+        return f"the Triton knn kernel handles k <= {MAX_KNN_K}; got k={k} (use the reference backend)"
+    return runnable_refusal(query_pos)
+
+
+def knn_forward(query_pos: torch.Tensor, centroid_pos: torch.Tensor, k: int,
+                centroid_valid: torch.Tensor | None, *, debug: bool = False) -> torch.Tensor:
+    """Launch the knn kernel: -> int64 ``[B, Nq, k]`` (inputs already checked)."""
+    b, nq, pdim = query_pos.shape
+    nc = centroid_pos.shape[1]
+    qp = query_pos.float().contiguous()
+    cp = centroid_pos.float().contiguous()
+    cv = _as_mask(centroid_valid)
+    out = _alloc((b, nq, k), torch.int64, query_pos.device, debug)
+    block_q, block_n = 32, 64
+    if b and nq:
+        with _device_guard(qp):
+            _knn.knn_kernel[(triton.cdiv(nq, block_q), b)](
+                qp, cp, cv if cv is not None else qp, out, nq, nc,
+                P=pdim, K=k, BLOCK_K=max(2, _next_pow2(k)), BLOCK_Q=block_q, BLOCK_N=block_n,
+                HAS_VALID=cv is not None,
+            )
+    return out
+
+
 def knn_centroids(query_pos: torch.Tensor, centroid_pos: torch.Tensor, k: int,
                   centroid_valid: torch.Tensor | None = None, *, debug: bool | None = None) -> torch.Tensor:
     """Triton k-nearest-centroid search (k <= 16), nearest first, ties to the lower index.
@@ -519,16 +574,5 @@ def knn_centroids(query_pos: torch.Tensor, centroid_pos: torch.Tensor, k: int,
     _check_runnable(query_pos)
     _check_device("centroid_pos", centroid_pos, query_pos.device)
     _check_device("centroid_valid", centroid_valid, query_pos.device)
-    qp = query_pos.float().contiguous()
-    cp = centroid_pos.float().contiguous()
-    cv = _as_mask(centroid_valid)
-    out = _alloc((b, nq, k), torch.int64, query_pos.device, _debug_enabled(debug))
-    block_q, block_n = 32, 64
-    if b and nq:
-        with _device_guard(qp):
-            _knn.knn_kernel[(triton.cdiv(nq, block_q), b)](
-                qp, cp, cv if cv is not None else qp, out, nq, nc,
-                P=pdim, K=k, BLOCK_K=max(2, _next_pow2(k)), BLOCK_Q=block_q, BLOCK_N=block_n,
-                HAS_VALID=cv is not None,
-            )
-    return out
+    return ops.knn_centroids(query_pos, centroid_pos, k, centroid_valid, backend="triton",
+                             debug=_resolve_debug(debug))

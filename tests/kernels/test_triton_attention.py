@@ -10,7 +10,7 @@ import pytest
 import torch
 from kernel_checks import assert_close_to_reference, check_against_reference, make_problem
 
-from affmae_kernels import reference
+from affmae_kernels import KernelSettings, Tile, kernel_settings, reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -165,15 +165,15 @@ def test_dkdv_mode_switch(tops, device, monkeypatch):
         tops.neighborhood_attention(leaves["q"], leaves["k"], leaves["v"], problem.idx.clone(),
                                     valid=problem.valid, debug=True).sum().backward()
 
-    monkeypatch.delenv("AFFMAE_KERNELS_DKDV", raising=False)
-    backward_once()
-    assert calls == [], "the default dk/dv path is atomics"
-    monkeypatch.setenv("AFFMAE_KERNELS_DKDV", "reverse")
-    backward_once()
-    assert calls == [1]
-    monkeypatch.setenv("AFFMAE_KERNELS_DKDV", "sorted")
-    with pytest.raises(ValueError, match="dk/dv mode"):
+    with kernel_settings(KernelSettings()):
         backward_once()
+    assert calls == [], "the default dk/dv path is atomics"
+    with kernel_settings(dkdv="reverse"):
+        backward_once()
+    assert calls == [1]
+    with pytest.raises(ValueError, match="dk/dv mode"):
+        with kernel_settings(dkdv="sorted"):
+            backward_once()
 
 
 def test_reverse_index_lists_every_valid_slot(tops):
@@ -196,21 +196,28 @@ def test_reverse_index_cache_follows_in_place_edits(tops, device):
     check_against_reference(_attention(tops, dkdv="reverse"), problem, torch.float32)
 
 
-@pytest.mark.parametrize(("variable", "tile", "cluster"), [
-    ("AFFMAE_KERNELS_TOKEN_TILE", "8,16,4", 1),
-    ("AFFMAE_KERNELS_CLUSTER_TILE", "32,32,2", 4),
+@pytest.mark.parametrize(("field", "tile", "cluster"), [
+    ("token_tile", "8,16,4", 1),
+    ("cluster_tile", "32,32,2", 4),
 ])
-def test_tile_overrides_keep_results(tops, device, monkeypatch, variable, tile, cluster):
-    monkeypatch.setenv(variable, tile)
+def test_tile_overrides_keep_results(tops, device, field, tile, cluster):
     problem = make_problem(cluster=cluster, device=device, seed=16)
-    check_against_reference(_attention(tops, dkdv="reverse"), problem, torch.float32)
+    with kernel_settings(**{field: Tile.parse(tile)}):
+        check_against_reference(_attention(tops, dkdv="reverse"), problem, torch.float32)
 
 
-def test_bad_tile_overrides_are_rejected(tops, device, monkeypatch):
+def test_tile_overrides_from_the_environment():
+    settings = KernelSettings.from_env({"AFFMAE_KERNELS_TOKEN_TILE": "8,16,4",
+                                        "AFFMAE_KERNELS_CLUSTER_TILE": "32,32,2"})
+    assert settings.token_tile == Tile(8, 16, 4) and settings.cluster_tile == Tile(32, 32, 2)
+
+
+def test_bad_tile_overrides_are_rejected(tops, device):
     problem = make_problem(device=device, seed=17)
-    monkeypatch.setenv("AFFMAE_KERNELS_TOKEN_TILE", "16,12,4")
     with pytest.raises(ValueError, match="power of two"):
-        check_against_reference(_attention(tops), problem, torch.float32)
-    monkeypatch.setenv("AFFMAE_KERNELS_TOKEN_TILE", "16,32,4")  # 32 does not divide M = 16
-    with pytest.raises(ValueError, match="must divide M=16"):
-        check_against_reference(_attention(tops), problem, torch.float32)
+        KernelSettings.from_env({"AFFMAE_KERNELS_TOKEN_TILE": "16,12,4"})
+    with pytest.raises(ValueError, match="at least 16 rows"):
+        KernelSettings(cluster_tile=Tile(8, 16, 4))
+    with kernel_settings(token_tile=Tile(16, 32, 4)):  # 32 does not divide M = 16
+        with pytest.raises(ValueError, match="must divide M=16"):
+            check_against_reference(_attention(tops), problem, torch.float32)

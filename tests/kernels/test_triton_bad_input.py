@@ -5,6 +5,8 @@ import pytest
 import torch
 from kernel_checks import make_problem
 
+from affmae_kernels import KernelSettings, kernel_settings
+
 
 def _call(tops, problem, **overrides):
     t = dict(problem.tensors)
@@ -63,13 +65,14 @@ def test_attention_index_out_of_range_in_debug_mode(tops, device, bad_value):
         _call(tops, problem)
 
 
-def test_debug_mode_follows_environment(tops, device, monkeypatch):
+def test_debug_mode_follows_settings(tops, device):
     problem = make_problem(nk=20, device=device)
     problem.idx[0, 0, 0] = 99
     t = problem.tensors
-    monkeypatch.setenv("AFFMAE_KERNELS_DEBUG", "1")
-    with pytest.raises(ValueError, match="outside"):
-        tops.neighborhood_attention(t["q"], t["k"], t["v"], problem.idx)
+    with kernel_settings(debug=True):
+        with pytest.raises(ValueError, match="outside"):
+            tops.neighborhood_attention(t["q"], t["k"], t["v"], problem.idx)
+    assert KernelSettings.from_env({"AFFMAE_KERNELS_DEBUG": "1"}).debug
 
 
 def test_weighted_merge_shape_errors(tops, device):

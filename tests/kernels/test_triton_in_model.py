@@ -1,12 +1,13 @@
 """End to end: the AFFMAE model on the Triton kernels equals the model on the reference ops.
 
 Every attention, merge and KNN call of the model goes through the dispatching ops, so forcing
-``AFFMAE_KERNELS=triton`` runs the whole tiny model on the kernels (interpreted on CPU).
+``kernel_settings(backend="triton")`` runs the whole tiny model on the kernels (interpreted on CPU).
 """
 from __future__ import annotations
 
 import torch
 
+from affmae_kernels import kernel_settings
 from napari_affmae.models.registry import create_model
 
 
@@ -23,14 +24,13 @@ def test_tiny_affmae_matches_reference_backend(tops, device, monkeypatch):
     torch.manual_seed(0)
     model = create_model("affmae_tiny", task="mae").to(device)
     image = torch.randn(1, 1, 32, 64, device=device)
-    monkeypatch.setenv("AFFMAE_KERNELS", "reference")
-    ref_loss, ref_grads = _loss_and_grads(model, image, seed=1)
-    monkeypatch.setenv("AFFMAE_KERNELS", "triton")
-    monkeypatch.setenv("AFFMAE_KERNELS_DEBUG", "1")
+    with kernel_settings(backend="reference"):
+        ref_loss, ref_grads = _loss_and_grads(model, image, seed=1)
     calls = []
-    original = tops.neighborhood_attention
-    monkeypatch.setattr(tops, "neighborhood_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
-    loss, grads = _loss_and_grads(model, image, seed=1)
+    original = tops.attention_forward
+    monkeypatch.setattr(tops, "attention_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with kernel_settings(backend="triton", debug=True):
+        loss, grads = _loss_and_grads(model, image, seed=1)
     assert calls, "the model did not reach the Triton attention"
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
     assert grads.keys() == ref_grads.keys()
