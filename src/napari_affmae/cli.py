@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .engine.settings import parse_int_list, parse_size
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 
 
@@ -123,42 +125,15 @@ def _progress_and_log(bar: TerminalProgress, run_log: RunLog) -> Callable[[Any],
 
 # --------------------------------------------------------------------------------------- argument parsing
 
-def _size(text: str) -> tuple[int, int]:
-    """'128' -> (128, 128); '96x160' or '96,160' -> (96, 160)."""
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected N or HxW, e.g. 128 or 96x160; got {text!r}") from err
-    if len(values) == 1:
-        values = (values[0], values[0])
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or HxW, e.g. 128 or 96x160; got {text!r}")
-    return values  # type: ignore[return-value]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,4,10; got {text!r}") from err
-
-
-def _name_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse that exits with code 2 and a one-line message (its default), plus the usage line."""
 
 
 def _add_common(parser: argparse.ArgumentParser, *, training: bool) -> None:
+    from .engine.settings import TRAINING_OPTIONS, DeviceSettings, TrainingSettings, add_options  # noqa: PLC0415
+
     group = parser.add_argument_group("execution")
-    group.add_argument("--device", default="auto",
-                       help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
-    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="auto = bf16 autocast on CUDA GPUs that support it, else fp16 with loss scaling; "
-                            "fp32 on CPU/MPS (default: auto)")
+    add_options(group, DeviceSettings, ["device", "precision"])
     group.add_argument("--log-file", type=Path, default=None,
                        help="JSON-lines log file (one event per line; default: a file in the output directory)")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -168,20 +143,11 @@ def _add_common(parser: argparse.ArgumentParser, *, training: bool) -> None:
     group.add_argument("--stop-file", type=Path, default=None,
                        help="cancel cleanly when this file appears (like Ctrl-C; training saves a checkpoint)")
     if training:
-        group.add_argument("--seed", type=int, default=0, help="random seed of crops, masks and init (default: 0)")
-        group.add_argument("--grad-accum", type=int, default=1,
-                           help="accumulate gradients over this many batches per step (default: 1)")
-        group.add_argument("--grad-clip", type=float, default=1.0,
-                           help="clip the gradient norm to this value; 0 disables (default: 1.0)")
-        group.add_argument("--checkpoint-every", type=int, default=100,
-                           help="write a checkpoint (and package) every N steps (default: 100)")
+        add_options(group, TrainingSettings, TRAINING_OPTIONS)
         group.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                            help="continue from the checkpoint in --output-dir (no value) or from the given "
                                 "checkpoint file/directory; restores weights, optimiser, schedule, step and RNG "
                                 "(the checkpoint's checksum is verified first)")
-        group.add_argument("--overwrite", action="store_true",
-                           help="replace an earlier run in --output-dir (without it, a folder that holds a run is "
-                                "refused unless --resume is given)")
 
 
 def _add_image_options(parser: argparse.ArgumentParser) -> None:
@@ -191,7 +157,18 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timepoint", type=int, default=None, help="time point index for time series")
 
 
+FINETUNE_OPTIONS = ["model", "class_names", "label_mode", "crop_size", "batch_size", "steps", "lr", "weight_decay",
+                    "layer_decay", "warmup_steps", "dice_weight", "augment", "val_slices", "val_fraction"]
+SEGMENT_OPTIONS = ["tile_size", "overlap", "batch_size", "normalization"]  # batch has them too
+BATCH_OPTIONS = ["overwrite", "channel", "timepoint"]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .engine.batch import BatchConfig  # noqa: PLC0415  (the configs are the source of the options)
+    from .engine.finetune import FinetuneConfig  # noqa: PLC0415
+    from .engine.segment import SegmentConfig  # noqa: PLC0415
+    from .engine.settings import add_options  # noqa: PLC0415
+
     parser = _Parser(prog="affmae", description=(
         "Self-supervised AFFMAE pretraining, fine-tuning on painted labels and tiled segmentation of EM "
         "images (2D or Z-stacks; TIFF, OME-Zarr, .npy). Run 'affmae demo' for an end-to-end example."),
@@ -208,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", "-o", type=Path, required=True, help="where the package, checkpoint and log go")
     p.add_argument("--model", default="affmae_tiny",
                    help="architecture: affmae_tiny (~3 M parameters, CPU friendly), affmae_small, affmae_base")
-    p.add_argument("--crop-size", type=_size, default=(128, 128),
+    p.add_argument("--crop-size", type=parse_size, default=(128, 128),
                    help="training crop HxW in pixels, multiples of 8 (default: 128)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="global batch size, split across torchrun processes (default: 8)")
@@ -237,25 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--pretrained", type=Path, help="pretraining package (pretrained.affmae) to start from")
     start.add_argument("--scratch", action="store_true", help="start from random weights (for comparison)")
-    p.add_argument("--model", default="affmae_tiny", help="architecture when training --scratch")
-    p.add_argument("--class-names", type=_name_list, default=None,
-                   help="comma-separated names of classes 1..K (sparse) or 0..K-1 (dense)")
-    p.add_argument("--label-mode", default="sparse", choices=("sparse", "dense"),
-                   help="sparse: 0 = unlabelled; dense: 0 = background (default: sparse)")
-    p.add_argument("--crop-size", type=_size, default=(128, 128), help="crop HxW, multiples of 8 (default: 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="global batch size (default: 8)")
-    p.add_argument("--steps", type=int, default=500, help="optimiser steps (default: 500)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
-    p.add_argument("--layer-decay", type=float, default=0.75,
-                   help="layer-wise lr decay: each encoder layer closer to the input gets this factor (default: 0.75)")
-    p.add_argument("--warmup-steps", type=int, default=20, help="warm-up steps (default: 20)")
-    p.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice term next to CE (default: 1)")
-    p.add_argument("--no-augment", action="store_true", help="disable flips/rot90/intensity augmentation")
-    p.add_argument("--val-slices", type=_int_list, default=None,
-                   help="comma-separated z indices held out for validation (IoU/Dice reported at the end)")
-    p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="hold out this fraction of the labelled slices (2D: a bottom band) for validation")
+    add_options(p, FinetuneConfig, FINETUNE_OPTIONS)
     _add_image_options(p)
     _add_common(p, training=True)
 
@@ -269,12 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file: .tif/.tiff, .npy (written incrementally) or .zarr (zarr array, chunked)")
     p.add_argument("--probabilities", action="store_true",
                    help="write per-class probabilities [K, (Z,) Y, X] float32 instead of labels")
-    p.add_argument("--tile-size", type=_size, default=(256, 256), help="tile HxW, multiples of 8 (default: 256)")
-    p.add_argument("--overlap", type=float, default=0.25, help="tile overlap as a fraction of the tile (default: 0.25)")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: 4)")
-    p.add_argument("--normalization", default="package", choices=("package", "image"),
-                   help="intensity statistics: the package's (training image) or this image's (default: package)")
-    p.add_argument("--slices", type=_int_list, default=None, help="only these z indices (others stay 0)")
+    add_options(p, SegmentConfig, SEGMENT_OPTIONS + ["slices"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_image_options(p)
     _add_common(p, training=False)
@@ -288,14 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("package", type=Path, help="segmentation package (segmentation.affmae)")
     p.add_argument("datasets", nargs="+", help="OME-Zarr images, folders of them, or glob patterns (quote them)")
     p.add_argument("--name", default="affmae", help="labels group name (default: affmae)")
-    p.add_argument("--overwrite", action="store_true", help="recompute labels that are already complete")
-    p.add_argument("--tile-size", type=_size, default=(256, 256), help="tile HxW, multiples of 8 (default: 256)")
-    p.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default: 0.25)")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: 4)")
-    p.add_argument("--normalization", default="package", choices=("package", "image"),
-                   help="intensity statistics: the package's or each image's own (default: package)")
-    p.add_argument("--channel", type=int, default=None, help="channel index for multi-channel images")
-    p.add_argument("--timepoint", type=int, default=None, help="time point for time series")
+    add_options(p, SegmentConfig, SEGMENT_OPTIONS)
+    add_options(p, BatchConfig, BATCH_OPTIONS)
     p.add_argument("--report", type=Path, default=None, help="write the per-dataset report as JSON here")
     _add_common(p, training=False)
 
@@ -312,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
     p.add_argument("--pretrain-steps", type=int, default=150, help="pretraining steps (default: 150)")
     p.add_argument("--finetune-steps", type=int, default=250, help="fine-tuning steps (default: 250)")
-    p.add_argument("--size", type=_int_list, default=None, metavar="Z,Y,X",
+    p.add_argument("--size", type=parse_int_list, default=None, metavar="Z,Y,X",
                    help="synthetic stack size (default: 8,192,192)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and training (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
@@ -388,21 +336,16 @@ def _cmd_pretrain(args, progress, cancel, run_log) -> int:
 
 def _cmd_finetune(args, progress, cancel, run_log) -> int:
     from .engine import FinetuneConfig, finetune  # noqa: PLC0415
+    from .engine.settings import values_from  # noqa: PLC0415
     from .engine.inputs import as_input_image  # noqa: PLC0415
 
     image = as_input_image(args.image, what=str(args.image), axes=args.axes, channel=args.channel,
                            timepoint=args.timepoint)
     labels = as_input_image(args.labels, what=str(args.labels), axes=args.axes, channel=args.channel,
                             timepoint=args.timepoint).array
-    config = FinetuneConfig(pretrained=None if args.scratch else args.pretrained, model=args.model,
-                            class_names=args.class_names, label_mode=args.label_mode, crop_size=args.crop_size,
-                            batch_size=args.batch_size, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-                            layer_decay=args.layer_decay, warmup_steps=args.warmup_steps,
-                            dice_weight=args.dice_weight, augment=not args.no_augment, val_slices=args.val_slices,
-                            val_fraction=args.val_fraction, seed=args.seed, device=args.device,
-                            precision=args.precision, grad_accum=args.grad_accum, grad_clip=args.grad_clip or None,
-                            output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
-                            resume=_resume_value(args.resume), overwrite=args.overwrite)
+    config = FinetuneConfig(pretrained=None if args.scratch else args.pretrained, output_dir=args.output_dir,
+                            resume=_resume_value(args.resume), **_training_values(args),
+                            **values_from(args, FinetuneConfig, FINETUNE_OPTIONS))
     run_log.write("config", config=config.to_dict())
     result = finetune(image, labels, config, progress=progress, cancel=cancel)
     run_log.write("result", package=result.package_path, step=result.step, final_loss=result.final_loss,
@@ -412,6 +355,13 @@ def _cmd_finetune(args, progress, cancel, run_log) -> int:
         if split in result.metrics:
             _say(f"{split} IoU: " + _format_scores(result.metrics[split]["iou"]))
     return EXIT_OK
+
+
+def _training_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The execution options every training command has (device, precision, seed, gradients, checkpoints)."""
+    from .engine.settings import TRAINING_OPTIONS, TrainingSettings, values_from  # noqa: PLC0415
+
+    return values_from(args, TrainingSettings, ["device", "precision", *TRAINING_OPTIONS])
 
 
 def _format_scores(scores: dict[str, float | None]) -> str:
@@ -474,6 +424,7 @@ def _cmd_segment(args, progress, cancel, run_log) -> int:
     import numpy as np  # noqa: PLC0415
 
     from .engine import SegmentConfig, load_package, segment  # noqa: PLC0415
+    from .engine.settings import values_from  # noqa: PLC0415
     from .engine.inputs import as_input_image  # noqa: PLC0415
     from .engine.segment import output_labels, resolve_package, slice_list  # noqa: PLC0415
     from .io.files import remove_path  # noqa: PLC0415
@@ -481,10 +432,8 @@ def _cmd_segment(args, progress, cancel, run_log) -> int:
     package = resolve_package(load_package(args.package, expect_task="segmentation"))
     image = as_input_image(args.image, what=str(args.image), axes=args.axes, channel=args.channel,
                            timepoint=args.timepoint)
-    config = SegmentConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-                           device=args.device, precision=args.precision,
-                           output="probabilities" if args.probabilities else "labels",
-                           normalization=args.normalization, slices=args.slices)
+    config = SegmentConfig(output="probabilities" if args.probabilities else "labels",
+                           **values_from(args, SegmentConfig, ["device", "precision", *SEGMENT_OPTIONS, "slices"]))
     slice_list(config.slices, image.shape[0] if image.ndim == 3 else 1, image.ndim)
     _check_output(args.output, args.overwrite)
     if args.probabilities:
@@ -525,11 +474,11 @@ def _check_report(path: Path) -> None:
 
 def _cmd_batch(args, progress, cancel, run_log) -> int:
     from .engine import BatchConfig, SegmentConfig, batch_segment, load_package  # noqa: PLC0415
+    from .engine.settings import values_from  # noqa: PLC0415
 
     package = load_package(args.package, expect_task="segmentation")
-    tiling = SegmentConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-                           device=args.device, precision=args.precision, normalization=args.normalization)
-    config = BatchConfig(tiling, overwrite=args.overwrite, channel=args.channel, timepoint=args.timepoint)
+    tiling = SegmentConfig(**values_from(args, SegmentConfig, ["device", "precision", *SEGMENT_OPTIONS]))
+    config = BatchConfig(tiling, **values_from(args, BatchConfig, BATCH_OPTIONS))
     if args.report is not None and _is_main_rank():
         _check_report(args.report)
     report = batch_segment(args.datasets, package, config, label_name=args.name, progress=progress, cancel=cancel)

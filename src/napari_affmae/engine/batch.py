@@ -38,6 +38,7 @@ from .package import ModelPackage, package_bytes
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
 from .segment import SegmentConfig, TiledPredictor, intensity_warning, model_predictor, output_labels, \
     predicted_labels_to_names, resolve_package
+from .settings import setting
 from .training import emit
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,9 @@ class BatchConfig:
     only a batch run has."""
 
     segment: SegmentConfig = field(default_factory=SegmentConfig)
-    overwrite: bool = False  # recompute labels that are already complete
-    channel: int | None = None  # for multi-channel images
-    timepoint: int | None = None
+    overwrite: bool = setting(False, "recompute labels that are already complete")
+    channel: int | None = setting(None, "channel index for multi-channel images", parse=int)
+    timepoint: int | None = setting(None, "time point for time series", parse=int)
     chunks: Sequence[int] | None = None  # label chunk shape (default: one plane, <= 512 x 512)
 
     def __post_init__(self) -> None:

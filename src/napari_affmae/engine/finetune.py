@@ -45,6 +45,7 @@ from .inputs import InputImage, as_input_image, as_label_array, check_crop_fits,
 from .package import LABEL_MODES, ModelPackage, load_package
 from .progress import CancelToken, ProgressCallback, ProgressEvent
 from .segment import TiledPredictor, model_predictor
+from .settings import TrainingSettings, parse_int_list, parse_name_list, parse_size, setting
 from .training import TrainingLoop, TrainingTask, run_training
 
 log = logging.getLogger(__name__)
@@ -53,39 +54,34 @@ IGNORE = -1
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainingSettings):
     """Options of a fine-tuning run. Sizes in pixels; ``crop_size`` is (height, width), multiples of 8."""
 
     pretrained: str | Path | ModelPackage | None = None  # MAE package; None = train from scratch
-    model: str = "affmae_tiny"  # architecture when training from scratch
+    model: str = setting("affmae_tiny", "architecture when training --scratch")
     model_options: dict[str, Any] = field(default_factory=dict)  # model config fields (e.g. refine=False);
     # from scratch they configure ``model``, with a package they override its config
-    class_names: list[str] | None = None  # names of classes 1..K (sparse) or 0..K-1 (dense)
-    label_mode: str = "sparse"
-    crop_size: tuple[int, int] = (128, 128)
-    batch_size: int = 8
-    steps: int = 500
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75
-    warmup_steps: int = 20
+    class_names: list[str] | None = setting(None, "comma-separated names of classes 1..K (sparse) or 0..K-1 "
+                                            "(dense)", parse=parse_name_list)
+    label_mode: str = setting("sparse", "sparse: 0 = unlabelled; dense: 0 = background", choices=LABEL_MODES)
+    crop_size: tuple[int, int] = setting((128, 128), "crop HxW, multiples of 8", parse=parse_size)
+    batch_size: int = setting(8, "global batch size")
+    steps: int = setting(500, "optimiser steps")
+    lr: float = setting(1e-3, "peak learning rate")
+    weight_decay: float = setting(0.05, "AdamW weight decay")
+    layer_decay: float = setting(0.75, "layer-wise lr decay: each encoder layer closer to the input gets this "
+                                 "factor")
+    warmup_steps: int = setting(20, "warm-up steps")
     min_lr_ratio: float = 0.01
-    dice_weight: float = 1.0
+    dice_weight: float = setting(1.0, "weight of the Dice term next to CE")
     load_decoder: bool = True  # also start the decoder body from the pretrained package
     balance_classes: bool = True
-    augment: bool = True
-    val_slices: Sequence[int] | None = None
-    val_fraction: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    grad_accum: int = 1
-    grad_clip: float | None = 1.0
+    augment: bool = setting(True, "disable flips/rot90/intensity augmentation")
+    val_slices: Sequence[int] | None = setting(None, "comma-separated z indices held out for validation "
+                                               "(IoU/Dice reported at the end)", parse=parse_int_list)
+    val_fraction: float = setting(0.0, "hold out this fraction of the labelled slices (2D: a bottom band) for "
+                                  "validation")
     output_dir: str | Path = "runs/finetune"
-    checkpoint_every: int = 100
-    log_every: int = 1
-    resume: bool | str | Path = False  # True: continue from output_dir's checkpoint if there is one
-    overwrite: bool = False  # replace an earlier run in output_dir (otherwise it is refused)
     tile_size: tuple[int, int] = (256, 256)  # for validation inference
 
     def __post_init__(self) -> None:

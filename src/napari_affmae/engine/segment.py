@@ -32,6 +32,7 @@ import torch
 from ..data.normalize import NormalizationStats, compute_stats
 from ..data.sampling import as_crop_shape, read_crop
 from .device import autocast, resolve_device, resolve_precision
+from .settings import DeviceSettings, parse_int_list, parse_size, setting
 from .inputs import InputImage, as_input_image, intensity_mismatch
 from .package import ModelPackage, load_package
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
@@ -44,17 +45,16 @@ PredictFn = Callable[[torch.Tensor], torch.Tensor]  # [B, 1, th, tw] -> logits [
 
 
 @dataclass
-class SegmentConfig:
+class SegmentConfig(DeviceSettings):
     """Options of tiled inference. Sizes in pixels; ``overlap`` is a fraction of the tile (0 .. 0.5)."""
 
-    tile_size: tuple[int, int] = (256, 256)
-    overlap: float = 0.25
-    batch_size: int = 4
-    device: str = "auto"
-    precision: str = "auto"
+    tile_size: tuple[int, int] = setting((256, 256), "tile HxW, multiples of 8", parse=parse_size)
+    overlap: float = setting(0.25, "tile overlap as a fraction of the tile")
+    batch_size: int = setting(4, "tiles per forward pass")
     output: str = "labels"
-    normalization: str = "package"  # "package": the model's stored statistics; "image": this image's own
-    slices: Sequence[int] | None = None  # z indices to segment (3D only); default every slice
+    normalization: str = setting("package", "intensity statistics: the package's (its training image) or this "
+                                 "image's own", choices=NORMALIZATIONS)
+    slices: Sequence[int] | None = setting(None, "only these z indices (others stay 0)", parse=parse_int_list)
 
     def __post_init__(self) -> None:
         self.tile_size = as_crop_shape(self.tile_size)

@@ -8,6 +8,7 @@ from typing import Any
 from qtpy.QtWidgets import QCheckBox, QFormLayout, QHBoxLayout, QLabel, QWidget
 
 from ..engine import ProgressEvent
+from ..engine.settings import TrainingSettings, default_of
 from ._base import JobWidget, checked_multiple_of_8, device_combo, int_spin, notify, run_directory, size_spin
 from ._jobs import JobOutcome
 from ._layers import LayerPicker, safe_name
@@ -20,16 +21,17 @@ class TrainingWidget(JobWidget):
     """Base of the Pretrain and Fine-tune widgets."""
 
     run_suffix = "run"  # default output folder: ~/affmae-runs/<image>-<run_suffix>
-    default_steps = 500
-    default_crop = 128
+    config_class: type = TrainingSettings  # the job's config: the start values of the form come from it
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
         self.image_picker = LayerPicker(napari_viewer, "image")
-        self.crop_h = size_spin(self.default_crop, maximum=2048, tooltip="crop height in pixels (multiple of 8)")
-        self.crop_w = size_spin(self.default_crop, maximum=2048, tooltip="crop width in pixels (multiple of 8)")
-        self.steps = int_spin(self.default_steps, 1, 1_000_000, "optimiser steps (one batch of crops per step)")
-        self.batch_size = int_spin(8, 1, 1024, "crops per step")
+        crop_h, crop_w = default_of(self.config_class, "crop_size")
+        self.crop_h = size_spin(crop_h, maximum=2048, tooltip="crop height in pixels (multiple of 8)")
+        self.crop_w = size_spin(crop_w, maximum=2048, tooltip="crop width in pixels (multiple of 8)")
+        self.steps = int_spin(default_of(self.config_class, "steps"), 1, 1_000_000,
+                              "optimiser steps (one batch of crops per step)")
+        self.batch_size = int_spin(default_of(self.config_class, "batch_size"), 1, 1024, "crops per step")
         self.device = device_combo()
         self.output = PathEdit("dir", placeholder="folder for the model package and checkpoint")
         self.resume = QCheckBox("Resume from the checkpoint in this folder")

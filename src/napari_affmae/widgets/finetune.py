@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..engine import FinetuneConfig, SegmentConfig, finetune
+from ..engine.settings import default_of
 from ..models import list_models
 from ._base import Job, notify
 from ._jobs import JobOutcome
@@ -91,7 +92,7 @@ class FinetuneWidget(TrainingWidget):
     job_title = "Fine-tuning"
     button_label = "Fine-tune on painted labels"
     run_suffix = "finetune"
-    default_steps = 300
+    config_class = FinetuneConfig
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
@@ -120,7 +121,7 @@ class FinetuneWidget(TrainingWidget):
         self.pretrained = PathEdit("package", placeholder="pretrained.affmae (from the Pretrain widget)")
         self.scratch_model = QComboBox()
         self.scratch_model.addItems(list_models(trainable=True))
-        self.scratch_model.setCurrentText("affmae_tiny")
+        self.scratch_model.setCurrentText(default_of(FinetuneConfig, "model"))
         self.live = LivePanel(napari_viewer, self.state, LiveSources(
             image_layer=self.image_picker.layer, labels_layer=self.labels_picker.layer, package=self.live_package,
             class_names=self.classes.names, output_folder=self.output.path))

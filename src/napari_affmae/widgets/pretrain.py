@@ -6,6 +6,7 @@ from typing import Any
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QLabel, QWidget
 
 from ..engine import PretrainConfig, pretrain
+from ..engine.settings import default_of
 from ..models import list_models
 from ._base import Job
 from ._jobs import JobOutcome
@@ -13,16 +14,13 @@ from ._layers import image_data
 from ._panels import form_label
 from ._training import TrainingWidget
 
-DEFAULT_MODEL = "affmae_tiny"
-
-
 class PretrainWidget(TrainingWidget):
     """Image layer -> masked-autoencoder pretraining -> ``pretrained.affmae`` (remembered for Fine-tune)."""
 
     job_title = "Pretraining"
     button_label = "Pretrain on this image"
     run_suffix = "pretrain"
-    default_steps = 1000
+    config_class = PretrainConfig
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
@@ -32,13 +30,13 @@ class PretrainWidget(TrainingWidget):
         self.main_layout.addWidget(intro)
         self.model = QComboBox()
         self.model.addItems(list_models(task="mae"))
-        self.model.setCurrentText(DEFAULT_MODEL)
+        self.model.setCurrentText(default_of(PretrainConfig, "model"))
         self.model.setToolTip("affmae_tiny suits a CPU; affmae_small / affmae_base want a GPU. The other "
                               "names are baselines (ViT-MAE, UM-MAE, GreenMIM)")
         self.mask_ratio = QDoubleSpinBox()
         self.mask_ratio.setRange(0.05, 0.95)
         self.mask_ratio.setSingleStep(0.05)
-        self.mask_ratio.setValue(0.5)
+        self.mask_ratio.setValue(default_of(PretrainConfig, "mask_ratio"))
         self.mask_ratio.setToolTip("fraction of 8 x 8 patches hidden from the encoder (0.5 suits EM)")
         form = self.form()
         form.addRow(form_label("Image"), self.image_picker)
