@@ -359,7 +359,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
 
 # ----------------------------------------------------------------------------------------------- the loop
 
-class TrainingSettings(Protocol):
+class TrainingJobConfig(Protocol):
     """The fields of a job's config dataclass that the loop reads (`PretrainConfig`, `FinetuneConfig`)."""
 
     batch_size: int  # global batch, split across torchrun processes
@@ -455,7 +455,7 @@ class TrainingTask:
         raise NotImplementedError
 
 
-def run_training(task: TrainingTask, config: TrainingSettings, progress: ProgressCallback | None,
+def run_training(task: TrainingTask, config: TrainingJobConfig, progress: ProgressCallback | None,
                  cancel: CancelToken | None, *, sources: Sequence[Any], started: float) -> Any:
     """Resolve the device, join torchrun's process group, lock the output folder (main process; it must
     not be one of ``sources``) and run ``task`` through a `TrainingLoop`. Returns ``task.result``."""
@@ -482,7 +482,7 @@ class TrainingLoop:
     ``checkpoint`` (resumed from, or None), ``step``, ``total``, ``losses`` (one per step, from step 1),
     ``checkpoint_path``, ``package_path``, ``started`` (``time.perf_counter()`` at the job's start)."""
 
-    def __init__(self, task: TrainingTask, config: TrainingSettings, device: torch.device, dtype: torch.dtype,
+    def __init__(self, task: TrainingTask, config: TrainingJobConfig, device: torch.device, dtype: torch.dtype,
                  context: DistContext, progress: ProgressCallback | None, cancel: CancelToken | None,
                  started: float) -> None:
         self.task, self.config = task, config
