@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import weakref
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -256,15 +257,49 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (interpreted() and dtype == torch.bfloat16)
 
 
+def _kernel_inputs(idx, valid, blank_k, blank_v):
+    """idx as int32, valid as uint8 and contiguous blank tensors, as the attention kernels read them."""
+    if blank_k is not None:
+        blank_k, blank_v = blank_k.contiguous(), blank_v.contiguous()
+    return _as_index(idx), _as_mask(valid), blank_k, blank_v
+
+
+@dataclass(frozen=True)
+class _AttentionGrid:
+    """Kernel family, tile and grid of one attention launch: per-token mode when ``cluster`` is 0,
+    else cluster-tile mode with ``cluster`` queries per cluster in ``n_sub`` programs each."""
+
+    tile: Tile
+    n_blocks: int  # programs along the query axis
+    cluster: int = 0
+    n_sub: int = 1
+
+    def constants(self, m: int, d: int, dtype: torch.dtype) -> dict:
+        """The kernel's compile-time arguments and warps."""
+        if not self.cluster:
+            return dict(M=m, D=d, BLOCK_Q=self.tile.rows, BLOCK_M=self.tile.neighbours, num_warps=self.tile.num_warps)
+        return dict(M=m, D=d, BLOCK_C=self.tile.rows, BLOCK_M=self.tile.neighbours, DOT_F32=_dot_f32(dtype),
+                    num_warps=self.tile.num_warps)
+
+
+def _attention_grid(nq: int, groups: int, m: int, d: int, token: Tile | None, cluster: Tile | None,
+                    backward: bool = False) -> _AttentionGrid:
+    if groups == nq:
+        tile = token_tile(m, d, backward=backward, override=token)
+        return _AttentionGrid(tile, triton.cdiv(nq, tile.rows))
+    c = nq // groups
+    tile = cluster_tile(c, m, d, override=cluster)
+    n_sub = triton.cdiv(c, tile.rows)
+    return _AttentionGrid(tile, groups * n_sub, c, n_sub)
+
+
 def attention_forward(q, k, v, idx, bias, valid, blank_k, blank_v, scale: float, *, debug: bool = False,
                       token: Tile | None = None, cluster: Tile | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: -> out ``[B, H, Nq, D]`` (q's dtype), lse ``[B, H, Nq]`` float32.
 
     Inputs as `neighborhood_attention` (already checked); ``debug`` NaN-poisons the outputs first.
     """
-    idx32, valid8 = _as_index(idx), _as_mask(valid)
-    if blank_k is not None:
-        blank_k, blank_v = blank_k.contiguous(), blank_v.contiguous()
+    idx32, valid8, blank_k, blank_v = _kernel_inputs(idx, valid, blank_k, blank_v)
     b, h, nq, d = q.shape
     groups, m = idx32.shape[1], idx32.shape[2]
     out = _alloc((b, h, nq, d), q.dtype, q.device, debug)
@@ -276,21 +311,14 @@ def attention_forward(q, k, v, idx, bias, valid, blank_k, blank_v, scale: float,
     strides = (*q.stride(), *k.stride(), *v.stride(), *_strides4(bias))
     flags = dict(HAS_BIAS=bias is not None, HAS_VALID=valid8 is not None, HAS_BLANK=has_blank)
     if nq and b * h:
+        grid = _attention_grid(nq, groups, m, d, token, cluster)
+        constants = grid.constants(m, d, q.dtype)
         with _device_guard(q):
-            if groups == nq:
-                tile = token_tile(m, d, override=token)
-                _att.na_fwd_token_kernel[(triton.cdiv(nq, tile.rows), b * h)](
-                    *ptrs, nq, h, scale, *strides,
-                    M=m, D=d, BLOCK_Q=tile.rows, BLOCK_M=tile.neighbours, num_warps=tile.num_warps, **flags,
-                )
+            if not grid.cluster:
+                _att.na_fwd_token_kernel[(grid.n_blocks, b * h)](*ptrs, nq, h, scale, *strides, **constants, **flags)
             else:
-                c = nq // groups
-                tile = cluster_tile(c, m, d, override=cluster)
-                n_sub = triton.cdiv(c, tile.rows)
-                _att.na_fwd_cluster_kernel[(groups * n_sub, b * h)](
-                    *ptrs, nq, groups, c, n_sub, h, scale, *strides,
-                    M=m, D=d, BLOCK_C=tile.rows, BLOCK_M=tile.neighbours, DOT_F32=_dot_f32(q.dtype),
-                    num_warps=tile.num_warps, **flags,
+                _att.na_fwd_cluster_kernel[(grid.n_blocks, b * h)](
+                    *ptrs, nq, groups, grid.cluster, grid.n_sub, h, scale, *strides, **constants, **flags,
                 )
     return out, lse
 
@@ -304,29 +332,16 @@ def _backward_dkdv(dkdv: str) -> str:
     return dkdv
 
 
-def attention_backward(dout, q, k, v, idx, bias, valid, blank_k, blank_v, out, lse, scale: float,
-                       need: tuple[bool, ...], *, dkdv: str = DEFAULT_DKDV, debug: bool = False,
-                       token: Tile | None = None, cluster: Tile | None = None) -> tuple[torch.Tensor | None, ...]:
-    """Launch the backward kernels: -> (dq, dk, dv, dbias, dblank_k, dblank_v) in the input dtypes.
+def _backward_buffers(q, k, v, m: int, n_blocks: int, *, atomic: bool, store_ds: bool, has_blank: bool,
+                      poison: bool):
+    """(dq, ds, p, dk, dv, dblank_k partials, dblank_v partials) written by the backward kernels.
 
-    ``need`` flags the same six gradients (the kernels compute dq, dk, dv and the blank gradients
-    regardless; dbias only when needed). ``dkdv``: see the module docstring.
+    ds/p are fp32 ``[B, H, Nq, M]`` (None when not stored), dk/dv are zeroed fp32 atomic
+    accumulators or the reverse pass's outputs in k/v's dtypes, the blank partials fp32
+    ``[B, H, n_blocks, D]`` (None without blank tokens).
     """
-    idx32, valid8 = _as_index(idx), _as_mask(valid)
-    if blank_k is not None:
-        blank_k, blank_v = blank_k.contiguous(), blank_v.contiguous()
-    atomic = _backward_dkdv(dkdv) == "atomic"
-    poison = debug
     b, h, nq, d = q.shape
-    nk = k.shape[2]
-    groups, m = idx32.shape[1], idx32.shape[2]
-    dev = q.device
-    has_bias, has_blank = bias is not None, blank_k is not None
-    need_dbias = has_bias and need[3]
-    store_ds = need_dbias or not atomic
-    if dout.dtype != q.dtype:
-        dout = dout.to(q.dtype)
-
+    nk, dev = k.shape[2], q.device
     dq = _alloc((b, h, nq, d), q.dtype, dev, poison)
     ds_buf = _alloc((b, h, nq, m), torch.float32, dev, poison) if store_ds else None
     p_buf = None if atomic else _alloc((b, h, nq, m), torch.float32, dev, poison)
@@ -336,18 +351,44 @@ def attention_backward(dout, q, k, v, idx, bias, valid, blank_k, blank_v, out, l
     else:
         dk_acc = _alloc((b, h, nk, d), k.dtype, dev, poison)
         dv_acc = _alloc((b, h, nk, d), v.dtype, dev, poison)
-
-    token_mode = groups == nq
-    if token_mode:
-        tile = token_tile(m, d, backward=True, override=token)
-        n_blocks = triton.cdiv(nq, tile.rows)
-    else:
-        c = nq // groups
-        tile = cluster_tile(c, m, d, override=cluster)
-        n_sub = triton.cdiv(c, tile.rows)
-        n_blocks = groups * n_sub
     dbk_part = _alloc((b, h, n_blocks, d), torch.float32, dev, poison) if has_blank else None
     dbv_part = _alloc((b, h, n_blocks, d), torch.float32, dev, poison) if has_blank else None
+    return dq, ds_buf, p_buf, dk_acc, dv_acc, dbk_part, dbv_part
+
+
+def _reverse_dkdv(q, dout, p_buf, ds_buf, idx, valid, dk, dv, scale: float) -> None:
+    """Atomic-free dk/dv: sum the stored p/ds of every key's (query, slot) pairs into dk/dv."""
+    b, h, nq, d = q.shape
+    nk, m = dk.shape[2], idx.shape[2]
+    offsets, entries = _cached_reverse_index(idx, valid, nq, nk)
+    _att.dkdv_reverse_kernel[(nk, b * h)](
+        q, dout, p_buf, ds_buf, offsets, entries, dk, dv,
+        nq, nk, h, scale, *q.stride(), *dout.stride(),
+        M=m, D=d, BLOCK_E=16, num_warps=2 if d <= 32 else 4,
+    )
+
+
+def attention_backward(dout, q, k, v, idx, bias, valid, blank_k, blank_v, out, lse, scale: float,
+                       need: tuple[bool, ...], *, dkdv: str = DEFAULT_DKDV, debug: bool = False,
+                       token: Tile | None = None, cluster: Tile | None = None) -> tuple[torch.Tensor | None, ...]:
+    """Launch the backward kernels: -> (dq, dk, dv, dbias, dblank_k, dblank_v) in the input dtypes.
+
+    ``need`` flags the same six gradients (the kernels compute dq, dk, dv and the blank gradients
+    regardless; dbias only when needed). ``dkdv``: see the module docstring.
+    """
+    idx32, valid8, blank_k, blank_v = _kernel_inputs(idx, valid, blank_k, blank_v)
+    atomic = _backward_dkdv(dkdv) == "atomic"
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    groups, m = idx32.shape[1], idx32.shape[2]
+    has_bias, has_blank = bias is not None, blank_k is not None
+    need_dbias = has_bias and need[3]
+    store_ds = need_dbias or not atomic
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    grid = _attention_grid(nq, groups, m, d, token, cluster, backward=True)
+    dq, ds_buf, p_buf, dk_acc, dv_acc, dbk_part, dbv_part = _backward_buffers(
+        q, k, v, m, grid.n_blocks, atomic=atomic, store_ds=store_ds, has_blank=has_blank, poison=debug)
 
     dummy = dq
     ptrs = (
@@ -359,39 +400,26 @@ def attention_backward(dout, q, k, v, idx, bias, valid, blank_k, blank_v, out, l
     strides = (*q.stride(), *k.stride(), *v.stride(), *_strides4(bias), *dout.stride())
     flags = dict(HAS_BIAS=has_bias, HAS_VALID=valid8 is not None, HAS_BLANK=has_blank,
                  ATOMIC=atomic, STORE_DS=store_ds, STORE_P=not atomic)
+    constants = grid.constants(m, d, q.dtype)
     if nq and b * h:
         with _device_guard(q):
-            if token_mode:
-                _att.na_bwd_token_kernel[(n_blocks, b * h)](
-                    *ptrs, nq, nk, h, scale, n_blocks, *strides,
-                    M=m, D=d, BLOCK_Q=tile.rows, BLOCK_M=tile.neighbours, num_warps=tile.num_warps, **flags,
-                )
+            if not grid.cluster:
+                _att.na_bwd_token_kernel[(grid.n_blocks, b * h)](
+                    *ptrs, nq, nk, h, scale, grid.n_blocks, *strides, **constants, **flags)
             else:
-                _att.na_bwd_cluster_kernel[(n_blocks, b * h)](
-                    *ptrs, nq, nk, groups, c, n_sub, h, scale, *strides,
-                    M=m, D=d, BLOCK_C=tile.rows, BLOCK_M=tile.neighbours, DOT_F32=_dot_f32(q.dtype),
-                    num_warps=tile.num_warps, **flags,
-                )
+                _att.na_bwd_cluster_kernel[(grid.n_blocks, b * h)](
+                    *ptrs, nq, nk, groups, grid.cluster, grid.n_sub, h, scale, *strides, **constants, **flags)
             if not atomic and nk:
-                offsets, entries = _cached_reverse_index(idx, valid, nq, nk)
-                _att.dkdv_reverse_kernel[(nk, b * h)](
-                    q, dout, p_buf, ds_buf, offsets, entries, dk_acc, dv_acc,
-                    nq, nk, h, scale, *q.stride(), *dout.stride(),
-                    M=m, D=d, BLOCK_E=16, num_warps=2 if d <= 32 else 4,
-                )
+                _reverse_dkdv(q, dout, p_buf, ds_buf, idx, valid, dk_acc, dv_acc, scale)
     elif not atomic:  # nothing attends: gradients are zero
-        dk_acc.zero_()
-        dv_acc.zero_()
-        if has_blank:
-            dbk_part.zero_()
-            dbv_part.zero_()
+        for buf in (dk_acc, dv_acc, dbk_part, dbv_part):
+            if buf is not None:
+                buf.zero_()
 
-    dk = dk_acc.to(k.dtype)
-    dv = dv_acc.to(v.dtype)
     dbias = ds_buf.to(bias.dtype) if need_dbias else None
     dbk = dbk_part.sum(dim=(0, 2)).to(blank_k.dtype) if has_blank else None
     dbv = dbv_part.sum(dim=(0, 2)).to(blank_v.dtype) if has_blank else None
-    return dq, dk, dv, dbias, dbk, dbv
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), dbias, dbk, dbv
 
 
 def neighborhood_attention(
