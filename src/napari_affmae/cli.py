@@ -163,20 +163,7 @@ SEGMENT_OPTIONS = ["tile_size", "overlap", "batch_size", "normalization"]  # bat
 BATCH_OPTIONS = ["overwrite", "channel", "timepoint"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .engine.batch import BatchConfig  # noqa: PLC0415  (the configs are the source of the options)
-    from .engine.finetune import FinetuneConfig  # noqa: PLC0415
-    from .engine.segment import SegmentConfig  # noqa: PLC0415
-    from .engine.settings import add_options  # noqa: PLC0415
-
-    parser = _Parser(prog="affmae", description=(
-        "Self-supervised AFFMAE pretraining, fine-tuning on painted labels and tiled segmentation of EM "
-        "images (2D or Z-stacks; TIFF, OME-Zarr, .npy). Run 'affmae demo' for an end-to-end example."),
-        epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad input, 130 cancelled. Multi-GPU/multi-node: run "
-               "pretrain/finetune/batch under 'torchrun --nproc-per-node N -m napari_affmae.cli ...'.")
-    parser.add_argument("--verbose", "-v", action="count", default=0, help="more log output (-v info, -vv debug)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-
+def _add_pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="self-supervised MAE pretraining on one or more images",
                        description="Pretrain an AFFMAE masked autoencoder on EM images (no labels needed). "
                                    "Writes pretrained.affmae (model package) and checkpoint.safetensors into "
@@ -203,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_options(p)
     _add_common(p, training=True)
 
+
+def _add_finetune_parser(sub) -> None:
+    from .engine.finetune import FinetuneConfig  # noqa: PLC0415  (the configs are the source of the options)
+    from .engine.settings import add_options  # noqa: PLC0415
+
     p = sub.add_parser("finetune", help="train a segmentation model on painted labels",
                        description="Fine-tune a segmentation model on an image and its labels (same shape). "
                                    "Sparse mode: 0 = unlabelled (ignored), classes 1..K, at least two classes "
@@ -217,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, FinetuneConfig, FINETUNE_OPTIONS)
     _add_image_options(p)
     _add_common(p, training=True)
+
+
+def _add_segment_parser(sub) -> None:
+    from .engine.segment import SegmentConfig  # noqa: PLC0415
+    from .engine.settings import add_options  # noqa: PLC0415
 
     p = sub.add_parser("segment", help="tiled segmentation of one image or stack",
                        description="Segment an image or stack (slice by slice) with a fine-tuned package. "
@@ -233,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_options(p)
     _add_common(p, training=False)
 
+
+def _add_batch_parser(sub) -> None:
+    from .engine.batch import BatchConfig  # noqa: PLC0415
+    from .engine.segment import SegmentConfig  # noqa: PLC0415
+    from .engine.settings import add_options  # noqa: PLC0415
+
     p = sub.add_parser("batch", help="segment many OME-Zarr datasets into labels/<name>",
                        description="Segment a list, folder or glob of OME-Zarr images; each gets an NGFF "
                                    "labels/<name> group (multiscale, image-label metadata) next to its image. "
@@ -247,12 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None, help="write the per-dataset report as JSON here")
     _add_common(p, training=False)
 
+
+def _add_info_parser(sub) -> None:
     p = sub.add_parser("info", help="show what a model package contains",
                        description="Print a model package's manifest: model, task, classes, normalisation, "
                                    "provenance. The package is verified (checksum, format, architecture).")
     p.add_argument("package", type=Path, help="package file (.affmae) or directory")
     p.add_argument("--json", action="store_true", help="print the full manifest as JSON")
 
+
+def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end demo on synthetic EM (a few minutes on a laptop CPU)",
                        description="Pretrain AFFMAE-tiny on a synthetic EM stack, fine-tune on sparse strokes "
                                    "drawn from the ground truth on two slices, segment the rest, print per-class "
@@ -268,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: this job's share of the free cores)")
 
+
+def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks to run on this machine and your data (affmae bench efficiency "
                        "--help)",
                        description="Run a benchmark of napari_affmae.bench; everything after its name is passed "
@@ -280,6 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "vs the ilastik-style rf_filters: update times and IoU over correction rounds)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
                    help="options of the benchmark (e.g. --device cuda --json)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``affmae`` parser: global options and one sub-parser per command."""
+    parser = _Parser(prog="affmae", description=(
+        "Self-supervised AFFMAE pretraining, fine-tuning on painted labels and tiled segmentation of EM "
+        "images (2D or Z-stacks; TIFF, OME-Zarr, .npy). Run 'affmae demo' for an end-to-end example."),
+        epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad input, 130 cancelled. Multi-GPU/multi-node: run "
+               "pretrain/finetune/batch under 'torchrun --nproc-per-node N -m napari_affmae.cli ...'.")
+    parser.add_argument("--verbose", "-v", action="count", default=0, help="more log output (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    _add_pretrain_parser(sub)
+    _add_finetune_parser(sub)
+    _add_segment_parser(sub)
+    _add_batch_parser(sub)
+    _add_info_parser(sub)
+    _add_demo_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
