@@ -308,6 +308,15 @@ class PathEdit(QWidget):
         self.edit.setText(str(text))
         self.user_edited = self.user_edited or by_user
 
+    def follow(self, signal: Any, current: Path | None) -> None:
+        """Show ``current`` and every path ``signal`` emits later, until the user edits the field."""
+        signal.connect(self._follow)
+        self._follow(current)
+
+    def _follow(self, path: Path | None) -> None:
+        if path is not None and not self.user_edited:
+            self.set_text(path)
+
     def browse(self) -> None:
         start = self.text() or str(Path.home())
         if self.mode == "dir":

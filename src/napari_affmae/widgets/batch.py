@@ -14,7 +14,6 @@ from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QFileDialog,
-    QFormLayout,
     QHBoxLayout,
     QHeaderView,
     QLineEdit,
@@ -25,25 +24,23 @@ from qtpy.QtWidgets import (
 )
 
 from ..engine import BatchConfig, BatchReport, ProgressEvent, batch_segment, find_datasets
-from ._base import Job, JobWidget, notify
+from ._base import Job, notify
 from ._jobs import JobOutcome
 from ._layers import class_features, label_colormap
-from ._panels import PathEdit, form_label
-from .segment import TilingControls
+from ._panels import form_label
+from .segment import SegmentationJobWidget
 
 STATUS_COLORS = {"done": "#4caf50", "already complete": "#4caf50", "failed": "#f44336", "cancelled": "#ff9800"}
 
 
-class BatchWidget(JobWidget):
+class BatchWidget(SegmentationJobWidget):
     """A list of OME-Zarr datasets + a model package -> ``labels/<name>`` in each dataset."""
 
     job_title = "Batch segmentation"
     button_label = "Segment all datasets"
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
-        super().__init__(napari_viewer, parent)
-        from superqt import QCollapsible
-
+        super().__init__(napari_viewer, parent, normalization=False)
         self.datasets: list[str] = []
         self.table = QTableWidget(0, 3)
         self.table.setHorizontalHeaderLabels(["Dataset", "Status", "Labels"])
@@ -64,7 +61,6 @@ class BatchWidget(JobWidget):
             button = QPushButton(text)
             button.clicked.connect(slot)
             row.addWidget(button)
-        self.package = PathEdit("package", placeholder="segmentation.affmae (from the Fine-tune widget)")
         self.label_name = QLineEdit("affmae")
         self.label_name.setToolTip("labels are written to <dataset>/labels/<name>")
         self.main_layout.addWidget(self.table)
@@ -73,31 +69,11 @@ class BatchWidget(JobWidget):
         form.addRow(form_label("Model package"), self.package)
         form.addRow(form_label("Label name"), self.label_name)
 
-        self.tiling = TilingControls(normalization=False)
-        self.tile_h, self.tile_w, self.overlap = self.tiling.tile_h, self.tiling.tile_w, self.tiling.overlap
-        self.batch_size, self.device = self.tiling.batch_size, self.tiling.device
         self.overwrite = QCheckBox("Recompute labels that are already complete")
-        self.advanced = QCollapsible("Advanced")
-        inner = QWidget()
-        advanced_form = QFormLayout(inner)
-        self.tiling.add_rows(advanced_form)
-        advanced_form.addRow(self.overwrite)
-        self.advanced.addWidget(inner)
-        self.main_layout.addWidget(self.advanced)
-        self.main_layout.addWidget(self.button)
-        self.main_layout.addWidget(self.progress)
-        self.main_layout.addWidget(self.result_label)
-        self.main_layout.addStretch(1)
+        self.add_advanced_and_run(self.overwrite)
         self._running_label = "affmae"
-        self.state.segmentation_changed.connect(self._package_changed)
-        if self.state.segmentation_package is not None:
-            self._package_changed(self.state.segmentation_package)
 
     # ------------------------------------------------------------------ dataset list
-    def _package_changed(self, path: Path | None) -> None:
-        if path is not None and not self.package.user_edited:
-            self.package.set_text(path)
-
     def _browse_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Folder with OME-Zarr datasets", str(Path.home()))
         if folder:
@@ -174,11 +150,7 @@ class BatchWidget(JobWidget):
     def prepare(self) -> Job:
         if not self.datasets:
             raise ValueError("add OME-Zarr datasets first ('Add folder…' or 'Add .zarr…')")
-        package = self.package.path()
-        if package is None:
-            raise ValueError("choose a model package (a segmentation.affmae made by the Fine-tune widget)")
-        if not package.exists():
-            raise ValueError(f"the model package {package} does not exist")
+        package = self.package_path()
         label_name = self.label_name.text().strip()
         if not label_name or "/" in label_name or "\\" in label_name or label_name.startswith("."):
             raise ValueError(f"the label name must be a plain name like 'affmae' (no '/', not starting with '.'); "

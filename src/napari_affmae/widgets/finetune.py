@@ -144,9 +144,7 @@ class FinetuneWidget(TrainingWidget):
         self.labels_picker.currentTextChanged.connect(self.live.watch)
         self.image_picker.currentTextChanged.connect(self.live.schedule)
         self.start_from.currentTextChanged.connect(self.live.schedule)
-        self.state.pretrained_changed.connect(self._pretrained_changed)
-        if self.state.pretrained_package is not None:
-            self._pretrained_changed(self.state.pretrained_package)
+        self.pretrained.follow(self.state.pretrained_changed, self.state.pretrained_package)
         self._start_from_changed(self.start_from.currentText())
         self._labels_changed()
         self._finish = self._finetune_done
@@ -156,10 +154,6 @@ class FinetuneWidget(TrainingWidget):
     def _start_from_changed(self, text: str) -> None:
         self.pretrained.setEnabled(text == FROM_PRETRAINED)
         self.scratch_model.setEnabled(text == FROM_SCRATCH)
-
-    def _pretrained_changed(self, path: Path | None) -> None:
-        if path is not None and not self.pretrained.user_edited:
-            self.pretrained.set_text(path)
 
     def _labels_changed(self, *_: Any) -> None:
         layer = self.labels_picker.layer()

@@ -56,17 +56,52 @@ class TilingControls:
                              device=self.device.currentText(), **extra)
 
 
-class SegmentWidget(JobWidget):
+class SegmentationJobWidget(JobWidget):
+    """Base of the Segment and Batch widgets: the segmentation package field (it follows the package the
+    Fine-tune widget makes until the user edits it) and the tiling controls in an Advanced section."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None, *, normalization: bool) -> None:
+        super().__init__(napari_viewer, parent)
+        self.package = PathEdit("package", placeholder="segmentation.affmae (from the Fine-tune widget)")
+        self.tiling = TilingControls(normalization=normalization)
+        self.tile_h, self.tile_w, self.overlap = self.tiling.tile_h, self.tiling.tile_w, self.tiling.overlap
+        self.batch_size, self.device = self.tiling.batch_size, self.tiling.device
+
+    def add_advanced_and_run(self, *extra_rows: QWidget) -> None:
+        """The Advanced section (tiling rows, then ``extra_rows``), run button, progress and result; then
+        start following the shared segmentation package."""
+        from superqt import QCollapsible
+
+        self.advanced = QCollapsible("Advanced")
+        inner = QWidget()
+        advanced_form = QFormLayout(inner)
+        self.tiling.add_rows(advanced_form)
+        for row in extra_rows:
+            advanced_form.addRow(row)
+        self.advanced.addWidget(inner)
+        for widget in (self.advanced, self.button, self.progress, self.result_label):
+            self.main_layout.addWidget(widget)
+        self.main_layout.addStretch(1)
+        self.package.follow(self.state.segmentation_changed, self.state.segmentation_package)
+
+    def package_path(self) -> Path:
+        """The chosen segmentation package; ValueError when none is chosen or it does not exist."""
+        package = self.package.path()
+        if package is None:
+            raise ValueError("choose a model package (a segmentation.affmae made by the Fine-tune widget)")
+        if not package.exists():
+            raise ValueError(f"the model package {package} does not exist")
+        return package
+
+
+class SegmentWidget(SegmentationJobWidget):
     """Tiled inference over the whole stack, the current slice or the visible part of it."""
 
     job_title = "Segmentation"
     button_label = "Segment"
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
-        super().__init__(napari_viewer, parent)
-        from superqt import QCollapsible
-
-        self.package = PathEdit("package", placeholder="segmentation.affmae (from the Fine-tune widget)")
+        super().__init__(napari_viewer, parent, normalization=True)
         self.image_picker = LayerPicker(napari_viewer, "image")
         self.scope = QComboBox()
         self.scope.addItems(list(SCOPE_LABELS))
@@ -78,37 +113,15 @@ class SegmentWidget(JobWidget):
         form.addRow(form_label("Segment"), self.scope)
         form.addRow(self.probabilities)
 
-        self.tiling = TilingControls(normalization=True)
-        self.tile_h, self.tile_w, self.overlap = self.tiling.tile_h, self.tiling.tile_w, self.tiling.overlap
-        self.batch_size, self.device, self.normalization = (self.tiling.batch_size, self.tiling.device,
-                                                            self.tiling.normalization)
-        self.advanced = QCollapsible("Advanced")
-        inner = QWidget()
-        self.tiling.add_rows(QFormLayout(inner))
-        self.advanced.addWidget(inner)
-        self.main_layout.addWidget(self.advanced)
-        self.main_layout.addWidget(self.button)
-        self.main_layout.addWidget(self.progress)
-        self.main_layout.addWidget(self.result_label)
-        self.main_layout.addStretch(1)
+        self.normalization = self.tiling.normalization
+        self.add_advanced_and_run()
         self._image_layer: Any = None
-        self.state.segmentation_changed.connect(self._package_changed)
-        if self.state.segmentation_package is not None:
-            self._package_changed(self.state.segmentation_package)
-
-    def _package_changed(self, path: Path | None) -> None:
-        if path is not None and not self.package.user_edited:
-            self.package.set_text(path)
 
     def config(self) -> SegmentConfig:
         return self.tiling.config()
 
     def prepare(self) -> Job:
-        package = self.package.path()
-        if package is None:
-            raise ValueError("choose a model package (a segmentation.affmae made by the Fine-tune widget)")
-        if not package.exists():
-            raise ValueError(f"the model package {package} does not exist")
+        package = self.package_path()
         layer = self.image_picker.layer()
         data = image_data(layer)
         scope = SCOPE_LABELS[self.scope.currentText()]
