@@ -530,14 +530,8 @@ def weighted_merge(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor,
 
 
 def check_merge_inputs(weights: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor) -> None:
-    """Shape and index-dtype checks of the weighted merge (both backends)."""
-    if weights.dim() != 4 or feat.dim() != 3 or idx.dim() != 3:
-        raise ValueError(f"weighted_merge expects weights [B,N',M,G], feat [B,N,C], idx [B,N',M]; got "
-                         f"{tuple(weights.shape)}, {tuple(feat.shape)}, {tuple(idx.shape)}")
-    b, n_out, m, _ = weights.shape
-    if tuple(idx.shape) != (b, n_out, m) or feat.shape[0] != b:
-        raise ValueError(f"idx must be [B, N', M] = {(b, n_out, m)} and feat [B={b}, N, C]; got "
-                         f"{tuple(idx.shape)}, {tuple(feat.shape)}")
+    """The reference's shape checks of the weighted merge plus the index dtype the kernels read."""
+    reference.check_merge_inputs(weights, feat, idx)
     if idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"idx must be int32 or int64; got {idx.dtype}")
 

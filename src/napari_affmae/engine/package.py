@@ -35,7 +35,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .. import __version__
 from ..data.normalize import NormalizationStats
-from ..io.files import replace_path
+from ..io.files import probe_writable_dir, replace_path
 
 FORMAT_NAME = "napari-affmae-model"
 FORMAT_VERSION = 1
@@ -244,10 +244,7 @@ def check_writable_dir(directory: str | os.PathLike) -> None:
 def _make_writable_dir(directory: Path) -> None:
     """Create ``directory`` and check by writing a probe file there (clear PermissionError if it fails)."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".affmae-write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable_dir(directory)
     except OSError as err:
         raise PermissionError(f"cannot write to {directory}: {err.strerror or err}; choose a writable output "
                               "location") from err

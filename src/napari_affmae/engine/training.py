@@ -27,6 +27,7 @@ from typing import Any, Protocol, Sequence
 import torch
 import torch.nn as nn
 
+from ..io.files import probe_writable_dir
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, RngStates, load_checkpoint, restore_checkpoint, save_checkpoint
 from .device import autocast, make_grad_scaler, resolve_device, resolve_precision
 from .distributed import DistContext, setup_distributed, teardown_distributed, wrap_model
@@ -83,10 +84,7 @@ def prepare_output_dir(path: str | Path) -> Path:
     try:
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(f"output location {path} exists and is a file; choose a directory")
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".affmae-write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable_dir(path)
     except PermissionError as err:
         raise PermissionError(f"output location {path} is not writable ({err.strerror}); choose another "
                               "--output-dir") from err

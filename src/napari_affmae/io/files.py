@@ -1,4 +1,5 @@
-"""Replacing files and folders so that a crash never leaves neither the old nor the new one."""
+"""Replacing files and folders so that a crash never leaves neither the old nor the new one; checking that a
+folder can be written."""
 from __future__ import annotations
 
 import os
@@ -27,3 +28,13 @@ def remove_path(path: str | os.PathLike) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def probe_writable_dir(directory: str | os.PathLike) -> None:
+    """Create ``directory`` (and its parents) and write and remove a probe file there: OSError if it
+    cannot be written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".affmae-write-test-{uuid.uuid4().hex[:8]}"
+    probe.write_bytes(b"")
+    probe.unlink()
