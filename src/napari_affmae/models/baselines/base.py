@@ -7,13 +7,15 @@ Shapes: ``B`` batch, ``h x w`` patch lattice (8-px patches), ``N`` tokens, ``C``
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..common import PATCH_SIZE, lattice_positions, masked_mse, patch_targets, sincos_position_code, unpatchify
+from ..common import (PATCH_SIZE, lattice_positions, masked_mse, patch_targets, sincos_position_code, unpatchify,
+                      validate_image)
 from ..layers import Mlp
 from ..registry import register_model
 
@@ -139,6 +141,52 @@ class SegHead(nn.Module):
     def forward(self, feats: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         h, w = grid
         return unpatchify(self.mlp(self.norm(feats)), h, w, PATCH_SIZE)  # [B, K, H, W]
+
+
+@dataclass(frozen=True)
+class DecoderHeadConfig:
+    """The config fields every baseline family shares: its light MAE decoder (`LatticeDecoder`), the
+    MAE targets (per-patch normalised pixels or not) and the hidden width of the segmentation head."""
+
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    decoder_mlp_ratio: float = 4.0
+    norm_pix_loss: bool = True
+    seg_hidden: int = 256
+
+    def __post_init__(self) -> None:
+        check_heads(self.decoder_dim, self.decoder_heads, "decoder")
+
+    def make_decoder(self, in_dim: int, out_dim: int = PATCH_PIXELS) -> LatticeDecoder:
+        """The MAE decoder: ``in_dim`` encoder features -> ``out_dim`` values per lattice cell."""
+        return LatticeDecoder(in_dim, self.decoder_dim, self.decoder_depth, self.decoder_heads,
+                              self.decoder_mlp_ratio, out_dim)
+
+    def make_seg_head(self, in_dim: int, num_classes: int) -> SegHead:
+        return SegHead(in_dim, self.seg_hidden, num_classes)
+
+
+class PatchSegmenter(nn.Module):
+    """Base of the baselines' segmentation models on 8-px patches: ``forward(x [B, 1, H, W]) ->
+    [B, K, H, W]`` validates x and returns `logits` of its ``h x w`` patch lattice."""
+
+    patch_size = PATCH_SIZE
+    size_multiple = PATCH_SIZE
+
+    def __init__(self, config: Any, num_classes: int) -> None:
+        super().__init__()
+        if num_classes is None or num_classes < 2:
+            raise ValueError(f"segmentation needs num_classes >= 2; got {num_classes}")
+        self.config = config
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        validate_image(x)
+        return self.logits(x, (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE))
+
+    def logits(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 def reconstruction_loss(x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..common import PATCH_SIZE, patchify, validate_image
 from ..masking import random_mask as random_lattice_mask
 from ..masking import visible_count
-from .base import PATCH_PIXELS, LatticeDecoder, init_weights, reconstruction_loss, register_family
+from .base import PATCH_PIXELS, init_weights, reconstruction_loss, register_family
 from .hierarchical import PatchEmbed, PyramidConfig, PyramidSegmenter, build_pyramid
 from .swin import TokenSet
 
@@ -83,8 +83,7 @@ class GreenMIM(nn.Module):
         self.embed = PatchEmbed(config.dims[0])
         self.pyramid = build_pyramid(config)
         unit = config.unit
-        self.decoder = LatticeDecoder(config.dims[-1], config.decoder_dim, config.decoder_depth,
-                                      config.decoder_heads, config.decoder_mlp_ratio, unit * unit * PATCH_PIXELS)
+        self.decoder = config.make_decoder(config.dims[-1], unit * unit * PATCH_PIXELS)
         init_weights(self)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
 

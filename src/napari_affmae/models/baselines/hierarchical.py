@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..common import PATCH_SIZE, lattice_positions, patchify, validate_image
-from .base import PATCH_PIXELS, SegHead, check_encoder_source, check_heads, init_weights
+from ..common import lattice_positions, patchify
+from .base import PATCH_PIXELS, DecoderHeadConfig, PatchSegmenter, check_encoder_source, check_heads, init_weights
 from .swin import FusionNeck, SwinPyramid, TokenSet
 
 #: Config fields that define the encoder (must match between a MAE model and its segmenter).
@@ -16,9 +16,9 @@ ENCODER_FIELDS = ("dims", "depths", "heads", "mlp_ratio", "window", "neck_dim")
 
 
 @dataclass(frozen=True)
-class PyramidConfig:
-    """Swin pyramid (per-stage ``dims``/``depths``/``heads``, window side in tokens), fusion neck
-    width, light MAE decoder, segmentation head width, MAE targets (per-patch normalised)."""
+class PyramidConfig(DecoderHeadConfig):
+    """Swin pyramid (per-stage ``dims``/``depths``/``heads``, window side in tokens) and fusion neck
+    width; light MAE decoder, MAE targets and segmentation head width as in `DecoderHeadConfig`."""
 
     dims: tuple[int, ...] = (96, 192, 384, 512)
     depths: tuple[int, ...] = (2, 2, 6, 2)
@@ -26,12 +26,6 @@ class PyramidConfig:
     mlp_ratio: float = 4.0
     window: int = 8
     neck_dim: int = 128
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    decoder_mlp_ratio: float = 4.0
-    norm_pix_loss: bool = True
-    seg_hidden: int = 256
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dims", tuple(self.dims))
@@ -47,7 +41,7 @@ class PyramidConfig:
             raise ValueError(f"every stage needs at least one block; got depths {self.depths}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1 token; got {self.window}")
-        check_heads(self.decoder_dim, self.decoder_heads, "decoder")
+        super().__post_init__()
 
     @property
     def unit(self) -> int:
@@ -82,32 +76,24 @@ def dense_tokens(h: int, w: int, device: torch.device) -> TokenSet:
     return TokenSet(cells, (h, w), cells[None].float())
 
 
-class PyramidSegmenter(nn.Module):
+class PyramidSegmenter(PatchSegmenter):
     """Segmentation with a hierarchical baseline's encoder: all patches -> Swin pyramid -> fusion
     neck -> ``p*p*K`` logits per patch. ``forward(x [B, 1, H, W]) -> [B, K, H, W]``, H and W
     multiples of 8. Subclasses name the MAE class whose encoder they can load."""
 
     mae_class: type = nn.Module
-    patch_size = PATCH_SIZE
-    size_multiple = PATCH_SIZE
 
     def __init__(self, config: PyramidConfig, num_classes: int) -> None:
-        super().__init__()
-        if num_classes is None or num_classes < 2:
-            raise ValueError(f"segmentation needs num_classes >= 2; got {num_classes}")
-        self.config = config
-        self.num_classes = num_classes
+        super().__init__(config, num_classes)
         self.embed = PatchEmbed(config.dims[0])
         self.pyramid = build_pyramid(config)
         self.neck = FusionNeck(config.dims, config.neck_dim)
-        self.head = SegHead(config.neck_dim, config.seg_hidden, num_classes)
+        self.head = config.make_seg_head(config.neck_dim, num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        validate_image(x)
-        h, w = x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE
-        stages = self.pyramid(self.embed(patchify(x)), dense_tokens(h, w, x.device))
-        return self.head(self.neck(stages), (h, w))  # [B, K, H, W]
+    def logits(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        stages = self.pyramid(self.embed(patchify(x)), dense_tokens(*grid, x.device))
+        return self.head(self.neck(stages), grid)  # [B, K, H, W]
 
     def load_encoder_from(self, mae_model: nn.Module) -> None:
         """Copy patch embedding and pyramid (and the fusion neck where the MAE model has one)."""

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..common import PATCH_SIZE, lattice_positions, patchify, validate_image
-from .base import PATCH_PIXELS, LatticeDecoder, check_image_multiple, init_weights, reconstruction_loss, register_family
+from .base import PATCH_PIXELS, check_image_multiple, init_weights, reconstruction_loss, register_family
 from .hierarchical import PatchEmbed, PyramidConfig, PyramidSegmenter, build_pyramid
 from .swin import FusionNeck, TokenSet
 
@@ -105,8 +105,7 @@ class UMMAE(nn.Module):
         self.secondary_token = nn.Parameter(torch.zeros(config.dims[0]))
         self.pyramid = build_pyramid(config)
         self.neck = FusionNeck(config.dims, config.neck_dim)
-        self.decoder = LatticeDecoder(config.neck_dim, config.decoder_dim, config.decoder_depth,
-                                      config.decoder_heads, config.decoder_mlp_ratio, PATCH_PIXELS)
+        self.decoder = config.make_decoder(config.neck_dim)
         init_weights(self)
         nn.init.normal_(self.secondary_token, std=0.02)
         nn.init.normal_(self.decoder.mask_token, std=0.02)

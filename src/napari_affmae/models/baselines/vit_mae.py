@@ -15,31 +15,26 @@ from ..common import (PATCH_SIZE, lattice_positions, patchify, sincos_position_c
                       validate_mask)
 from ..masking import random_mask as random_lattice_mask
 from ..masking import visible_count
-from .base import (PATCH_PIXELS, Block, LatticeDecoder, SegHead, check_encoder_source, check_heads, init_weights,
-                   reconstruction_loss, register_family)
+from .base import (PATCH_PIXELS, Block, DecoderHeadConfig, PatchSegmenter, check_encoder_source, check_heads,
+                   init_weights, reconstruction_loss, register_family)
 
 ENCODER_FIELDS = ("embed_dim", "depth", "heads", "mlp_ratio")
 
 
 @dataclass(frozen=True)
-class ViTMAEConfig:
-    """Encoder width/depth/heads, light decoder, masking ratio, targets, segmentation head width."""
+class ViTMAEConfig(DecoderHeadConfig):
+    """Encoder width/depth/heads and masking ratio; light decoder, targets and segmentation head width
+    as in `DecoderHeadConfig`."""
 
     embed_dim: int = 384
     depth: int = 12
     heads: int = 6
     mlp_ratio: float = 4.0
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    decoder_mlp_ratio: float = 4.0
     mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    seg_hidden: int = 256
 
     def __post_init__(self) -> None:
         check_heads(self.embed_dim, self.heads, "encoder")
-        check_heads(self.decoder_dim, self.decoder_heads, "decoder")
+        super().__post_init__()
         if self.embed_dim % 4:
             raise ValueError(f"embed_dim must be divisible by 4 (sine-cosine code); got {self.embed_dim}")
         visible_count(1, 1, self.mask_ratio)  # range check
@@ -87,8 +82,7 @@ class ViTMAE(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = ViTEncoder(config)
-        self.decoder = LatticeDecoder(config.embed_dim, config.decoder_dim, config.decoder_depth,
-                                      config.decoder_heads, config.decoder_mlp_ratio, PATCH_PIXELS)
+        self.decoder = config.make_decoder(config.embed_dim)
         init_weights(self)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
 
@@ -117,26 +111,17 @@ class ViTMAE(nn.Module):
         return {"loss": loss, "pred": pred, "mask": mask}
 
 
-class ViTSegmenter(nn.Module):
+class ViTSegmenter(PatchSegmenter):
     """ViT encoder on all patches + per-patch head: ``forward(x [B, 1, H, W]) -> [B, K, H, W]``."""
 
-    patch_size = PATCH_SIZE
-    size_multiple = PATCH_SIZE
-
     def __init__(self, config: ViTMAEConfig, num_classes: int) -> None:
-        super().__init__()
-        if num_classes is None or num_classes < 2:
-            raise ValueError(f"segmentation needs num_classes >= 2; got {num_classes}")
-        self.config = config
-        self.num_classes = num_classes
+        super().__init__(config, num_classes)
         self.encoder = ViTEncoder(config)
-        self.head = SegHead(config.embed_dim, config.seg_hidden, num_classes)
+        self.head = config.make_seg_head(config.embed_dim, num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        validate_image(x)
-        h, w = x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE
-        return self.head(self.encoder(x), (h, w))
+    def logits(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return self.head(self.encoder(x), grid)
 
     def load_encoder_from(self, mae_model: nn.Module) -> None:
         """Copy the pretrained encoder of a `ViTMAE` of the same size."""
