@@ -41,7 +41,7 @@ import torch.nn as nn
 from ..models.registry import create_model
 from .flops import FlopCount, count_flops, shape_only_neighborhood_ops
 from .memory import cpu_method, measure_peak
-from .tables import text_table
+from .tables import refuse_markdown_out, text_table
 
 log = logging.getLogger(__name__)
 
@@ -616,9 +616,7 @@ def print_result(result: BenchResult, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """``affmae bench efficiency``: run the benchmark, print the table (or JSON), keep the results."""
     args = build_parser(prog).parse_args(argv)
-    if args.out is not None and args.out.suffix.lower() == ".md":
-        sys.stderr.write(f"error: --out writes the results as JSON, not a Markdown page ({args.out}); name a "
-                         ".json file\n")
+    if refuse_markdown_out(args.out):
         return 2
     try:
         result = result_from_args(args, argv, prog)

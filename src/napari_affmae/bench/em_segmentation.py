@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import em_protocol as P
-from .tables import stat_text, text_table
+from .tables import refuse_markdown_out, stat_text, text_table
 
 log = logging.getLogger(__name__)
 
@@ -524,9 +524,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     if not args.quiet and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.out is not None and args.out.suffix.lower() == ".md":
-        sys.stderr.write(f"error: --out writes the results as JSON, not a Markdown page ({args.out}); name a "
-                         ".json file\n")
+    if refuse_markdown_out(args.out):
         return 2
     try:
         config = config_from_args(args)

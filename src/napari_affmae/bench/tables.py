@@ -1,6 +1,8 @@
-"""Plain-text tables for the terminal output of the ``affmae bench`` commands."""
+"""Plain-text tables for the terminal output of the ``affmae bench`` commands, and their ``--out`` check."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -19,3 +21,12 @@ def stat_text(stat: dict[str, Any], digits: int = 3) -> str:
     if stat["mean"] is None:
         return "–"
     return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
+
+
+def refuse_markdown_out(out: Path | None) -> bool:
+    """True, after an ``error:`` line on stderr, when ``--out`` names a Markdown page: the benchmarks
+    write their results as JSON."""
+    if out is not None and out.suffix.lower() == ".md":
+        sys.stderr.write(f"error: --out writes the results as JSON, not a Markdown page ({out}); name a .json file\n")
+        return True
+    return False
