@@ -27,7 +27,7 @@ import torch
 
 from . import em_protocol as P
 from . import em_segmentation as S
-from .tables import text_table
+from .tables import refuse_markdown_out, text_table
 
 log = logging.getLogger(__name__)
 
@@ -332,9 +332,7 @@ def exit_code(results: dict[str, Any]) -> int:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """``affmae bench ablation``: run the variants, print the table, write the results as JSON."""
     args = build_parser(prog).parse_args(argv)
-    if args.out is not None and args.out.suffix.lower() == ".md":
-        sys.stderr.write(f"error: --out writes the results as JSON, not a Markdown page ({args.out}); name a "
-                         ".json file\n")
+    if refuse_markdown_out(args.out):
         return 2
     path = args.out if args.out is not None else args.work_dir / "ablations.json"
     try:
