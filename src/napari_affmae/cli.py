@@ -20,7 +20,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .engine.settings import parse_int_list, parse_size
+from .engine import BatchConfig, FinetuneConfig, SegmentConfig
+from .engine.settings import (TRAINING_OPTIONS, DeviceSettings, TrainingSettings, add_options, parse_int_list,
+                              parse_size)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -130,8 +132,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_common(parser: argparse.ArgumentParser, *, training: bool) -> None:
-    from .engine.settings import TRAINING_OPTIONS, DeviceSettings, TrainingSettings, add_options  # noqa: PLC0415
-
     group = parser.add_argument_group("execution")
     add_options(group, DeviceSettings, ["device", "precision"])
     group.add_argument("--log-file", type=Path, default=None,
@@ -192,9 +192,6 @@ def _add_pretrain_parser(sub) -> None:
 
 
 def _add_finetune_parser(sub) -> None:
-    from .engine.finetune import FinetuneConfig  # noqa: PLC0415  (the configs are the source of the options)
-    from .engine.settings import add_options  # noqa: PLC0415
-
     p = sub.add_parser("finetune", help="train a segmentation model on painted labels",
                        description="Fine-tune a segmentation model on an image and its labels (same shape). "
                                    "Sparse mode: 0 = unlabelled (ignored), classes 1..K, at least two classes "
@@ -212,9 +209,6 @@ def _add_finetune_parser(sub) -> None:
 
 
 def _add_segment_parser(sub) -> None:
-    from .engine.segment import SegmentConfig  # noqa: PLC0415
-    from .engine.settings import add_options  # noqa: PLC0415
-
     p = sub.add_parser("segment", help="tiled segmentation of one image or stack",
                        description="Segment an image or stack (slice by slice) with a fine-tuned package. "
                                    "Memory stays bounded: tiles are blended strip by strip and written into "
@@ -232,10 +226,6 @@ def _add_segment_parser(sub) -> None:
 
 
 def _add_batch_parser(sub) -> None:
-    from .engine.batch import BatchConfig  # noqa: PLC0415
-    from .engine.segment import SegmentConfig  # noqa: PLC0415
-    from .engine.settings import add_options  # noqa: PLC0415
-
     p = sub.add_parser("batch", help="segment many OME-Zarr datasets into labels/<name>",
                        description="Segment a list, folder or glob of OME-Zarr images; each gets an NGFF "
                                    "labels/<name> group (multiscale, image-label metadata) next to its image. "
