@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from affmae_kernels import reference
 from napari_affmae.bench import flops as fl
 from napari_affmae.bench import memory
-from napari_affmae.bench.efficiency import FAMILIES, BenchConfig, format_table, main, run_benchmark
+from napari_affmae.bench.efficiency import FAMILIES, BenchConfig, format_table, main, notes, run_benchmark
 from napari_affmae.models.registry import create_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -283,6 +283,23 @@ def test_flops_only_times_nothing():
         assert cell.ms_train is None and cell.mem_infer is None and not cell.notes
     assert result.ratio("um_mae", 128, "flops_train") == pytest.approx(
         result.cell("vit_mae", 128).flops_train / result.cell("um_mae", 128).flops_train)
+
+
+def test_unet_rows_are_a_supervised_step_and_its_forward():
+    """The U-Net has no pretraining: its training FLOPs are one forward + backward of the segmentation model,
+    which a hand count on the same model must match (backward = 2 x forward for its convolutions)."""
+    result = run_benchmark(BenchConfig(families=("unet", "vit_mae"), resolutions=(128,), repeats=1, threads=1,
+                                       max_step_seconds=60))
+    cell = result.cell("unet", 128)
+    model = create_model("unet_tiny", task="segmentation", num_classes=2)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 1, 128, 128))
+    assert cell.flops_seg == counter.get_total_flops()
+    assert cell.flops_train == pytest.approx(3 * cell.flops_seg, rel=0.05)
+    assert cell.ms_train > 0 and cell.ms_infer > 0 and cell.mem_train > 0
+    assert any("U-Net: a segmentation model only" in line for line in notes(result))
+    with pytest.raises(ValueError, match="unet has no 'base' size"):
+        BenchConfig(families=("unet",), size="base")
 
 
 def test_bad_input_is_reported():

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..models.registry import create_model
+from ..models.registry import create_model, list_models
 from .flops import FlopCount, count_flops, shape_only_neighborhood_ops
 from .memory import cpu_method, measure_peak
 from .tables import refuse_markdown_out, text_table
@@ -63,6 +63,8 @@ class Family:
     #: False: on CPU only FLOPs are counted (the PyTorch reference runs both AFFMAE neighbourhood
     #: modes through the same gather, so CPU time says nothing about their difference).
     timed_on_cpu: bool = True
+    #: True: a segmentation-only model (no pretraining); its training row is a supervised step.
+    supervised: bool = False
 
 
 FAMILIES = {
@@ -72,6 +74,7 @@ FAMILIES = {
     "vit_mae": Family("vit_mae", "vit_mae", "ViT-MAE"),
     "um_mae": Family("um_mae", "um_mae", "UM-MAE"),
     "greenmim": Family("greenmim", "greenmim", "GreenMIM"),
+    "unet": Family("unet", "unet", "U-Net", supervised=True),
 }
 DEFAULT_FAMILIES = ("affmae", "affmae_cluster", "vit_mae", "um_mae", "greenmim")
 
@@ -105,6 +108,9 @@ class BenchConfig:
             raise ValueError("give at least one family")
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {SIZES}; got {self.size!r}")
+        missing = [f for f in self.families if f"{FAMILIES[f].prefix}_{self.size}" not in list_models()]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} has no {self.size!r} size; leave it out or choose another --size")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}; got {self.precision!r}")
         bad = [r for r in self.resolutions if r < 64 or r % 64]
@@ -261,16 +267,38 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _SupervisedStep(nn.Module):
+    """A segmentation-only model (the U-Net) in the pretraining slot: its training step is a fine-tuning
+    step, cross-entropy against all-background labels ``[B, H, W]`` (the cost does not depend on them)."""
+
+    def __init__(self, seg: nn.Module) -> None:
+        super().__init__()
+        self.seg = seg
+
+    def random_mask(self, batch: int, h: int, w: int, device=None, generator=None) -> torch.Tensor:
+        return torch.zeros(batch, h, w, dtype=torch.bool, device=device)  # nothing is masked
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.seg(x)  # [B, K, H, W]
+        target = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long, device=x.device)
+        return {"loss": nn.functional.cross_entropy(logits.float(), target)}
+
+
 def _build(family: Family, config: BenchConfig, device: torch.device) -> tuple[nn.Module, nn.Module, FamilyInfo]:
     name = f"{family.prefix}_{config.size}"
     overrides = dict(family.overrides)
+    timed = family.timed_on_cpu or device.type != "cpu"
+    if family.supervised:
+        seg = create_model(name, task="segmentation", num_classes=config.num_classes, **overrides)
+        step = _SupervisedStep(create_model(name, task="segmentation", num_classes=config.num_classes, **overrides))
+        info = FamilyInfo(family.key, family.label, name, _count(step), _count(seg), None, timed)
+        return step.to(device), seg.to(device), info
     mae = create_model(name, task="mae", **overrides)
     if config.mask_ratio is not None and hasattr(mae.config, "mask_ratio"):
         overrides["mask_ratio"] = config.mask_ratio
         mae = create_model(name, task="mae", **overrides)
     seg_overrides = {k: v for k, v in overrides.items() if k != "mask_ratio"}
     seg = create_model(name, task="segmentation", num_classes=config.num_classes, **seg_overrides)
-    timed = family.timed_on_cpu or device.type != "cpu"
     ratio = getattr(mae.config, "mask_ratio", 0.75 if family.prefix == "um_mae" else None)
     info = FamilyInfo(family.key, family.label, name, _count(mae), _count(seg), ratio, timed)
     return mae.to(device), seg.to(device), info
@@ -503,7 +531,8 @@ def params_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
     rows = []
     for f in result.families:
         rel = f" ({f.params_mae / ref.params_mae:.2f}x ViT)" if ref and f.key != REFERENCE else ""
-        rows.append([f.label, f.model, f"{f.params_mae / 1e6:.2f}{rel}", f"{f.params_seg / 1e6:.2f}",
+        pretrain = "- (not pretrained)" if FAMILIES[f.key].supervised else f"{f.params_mae / 1e6:.2f}{rel}"
+        rows.append([f.label, f.model, pretrain, f"{f.params_seg / 1e6:.2f}",
                      "-" if f.mask_ratio is None else f"{f.mask_ratio:g}"])
     return header, rows
 
@@ -523,6 +552,9 @@ def notes(result: BenchResult) -> list[str]:
             seen.add(key)
             line = key
         unique.append(line)
+    unique += [f"{FAMILIES[f.key].label}: a segmentation model only; its training rows are one supervised "
+               "fine-tuning step (cross-entropy), not a pretraining step" for f in result.families
+               if FAMILIES[f.key].supervised]
     return unique
 
 
