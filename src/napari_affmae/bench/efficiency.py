@@ -76,7 +76,7 @@ FAMILIES = {
     "greenmim": Family("greenmim", "greenmim", "GreenMIM"),
     "unet": Family("unet", "unet", "U-Net", supervised=True),
 }
-DEFAULT_FAMILIES = ("affmae", "affmae_cluster", "vit_mae", "um_mae", "greenmim")
+DEFAULT_FAMILIES = ("affmae", "affmae_cluster", "vit_mae", "um_mae", "greenmim", "unet")
 
 
 @dataclass
@@ -109,7 +109,9 @@ class BenchConfig:
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {SIZES}; got {self.size!r}")
         missing = [f for f in self.families if f"{FAMILIES[f].prefix}_{self.size}" not in list_models()]
-        if missing:
+        if missing and self.families == DEFAULT_FAMILIES:  # the defaults: those that come in this size
+            self.families = tuple(f for f in self.families if f not in missing)
+        elif missing:
             raise ValueError(f"{', '.join(missing)} has no {self.size!r} size; leave it out or choose another --size")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}; got {self.precision!r}")
