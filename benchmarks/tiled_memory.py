@@ -53,12 +53,14 @@ def child(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = create_model("affmae_tiny", task="segmentation", num_classes=3)
+    model = create_model(args.model, task="segmentation", num_classes=3)
     package = ModelPackage.from_model(model, normalization=NormalizationStats(low=0, high=255, mean=128, std=40))
     image = zarr.open_array(args.image, mode="r")  # lazy: chunks are read on demand
     shape = image.shape if image.shape[0] > 1 else image.shape[1:]  # a single slice is a 2D image
     out = zarr.open_array(args.out, mode="w", shape=shape, dtype="uint8",
                           chunks=(1, 512, 512)[-len(shape):], fill_value=0)
+    with torch.inference_mode():  # one-time costs (first custom-op call, allocator) before the clock starts
+        model(torch.zeros(1, 1, 64, 64))
     before = _rss_mib()
     start = time.perf_counter()
     segment(package, image, SegmentConfig(tile_size=(args.tile, args.tile), batch_size=4, device="cpu"), out=out)
@@ -91,6 +93,9 @@ def main() -> None:
     parser.add_argument("--sizes", default=None, help="comma-separated ZxYxX sizes, e.g. 1x1024x1024,8x1024x1024")
     parser.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the child (default 2)")
+    parser.add_argument("--models", default="affmae_tiny,unet_tiny",
+                        help="comma-separated segmentation models (default: affmae_tiny,unet_tiny)")
+    parser.add_argument("--model", default="affmae_tiny", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks-tiled.md", help="markdown report")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
@@ -110,24 +115,31 @@ def main() -> None:
         for shape in sizes:
             image_path = Path(tmp) / f"img_{'x'.join(map(str, shape))}.zarr"
             make_image(image_path, shape)
-            labels_path = Path(tmp) / f"labels_{'x'.join(map(str, shape))}.zarr"
-            result = subprocess.run([sys.executable, __file__, "--child", "--image", str(image_path), "--labels",
-                                     str(labels_path), "--tile", str(args.tile), "--threads", str(args.threads)],
-                                    env=env, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise SystemExit(f"child failed for {shape}:\n{result.stderr[-3000:]}")
-            data = json.loads(result.stdout.strip().splitlines()[-1])
-            pixels = shape[0] * shape[1] * shape[2]
-            data.update(shape=shape, megapixels=pixels / 1e6,
-                        in_memory_mib=pixels * (1 + 3 * 4) / 2**20)  # uint8 image + float32 logits for K = 3
-            rows.append(data)
-            print(f"{'x'.join(map(str, shape)):>16}  {data['megapixels']:7.1f} MPx  RSS before {data['rss_before_mib']:7.0f}"
-                  f" MiB  peak {data['peak_mib']:7.0f} MiB  (+{data['peak_mib'] - data['rss_before_mib']:5.0f})"
-                  f"  whole-image arrays would need {data['in_memory_mib']:7.0f} MiB  {data['seconds']:6.1f} s",
-                  flush=True)
-            for path in (image_path, labels_path):
-                subprocess.run(["rm", "-rf", str(path)], check=True)
+            for model in args.models.split(","):
+                rows.append(measure(image_path, Path(tmp) / f"labels_{'x'.join(map(str, shape))}.zarr", shape,
+                                    model, args, env))
+            subprocess.run(["rm", "-rf", str(image_path)], check=True)
     write_report(args.out, rows, args)
+
+
+def measure(image_path: Path, labels_path: Path, shape: tuple[int, int, int], model: str,
+            args: argparse.Namespace, env: dict[str, str]) -> dict:
+    """Segment one image with ``model`` in a fresh child process; its memory and time, and megapixels/s."""
+    result = subprocess.run([sys.executable, __file__, "--child", "--image", str(image_path), "--labels",
+                             str(labels_path), "--tile", str(args.tile), "--threads", str(args.threads),
+                             "--model", model], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"child failed for {model} {shape}:\n{result.stderr[-3000:]}")
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    pixels = shape[0] * shape[1] * shape[2]
+    data.update(shape=shape, model=model, megapixels=pixels / 1e6, mp_per_s=pixels / 1e6 / data["seconds"],
+                in_memory_mib=pixels * (1 + 3 * 4) / 2**20)  # uint8 image + float32 logits for K = 3
+    print(f"{model:12s} {'x'.join(map(str, shape)):>16}  {data['megapixels']:7.1f} MPx  RSS before "
+          f"{data['rss_before_mib']:7.0f} MiB  peak {data['peak_mib']:7.0f} MiB  "
+          f"(+{data['peak_mib'] - data['rss_before_mib']:5.0f})  whole-image arrays would need "
+          f"{data['in_memory_mib']:7.0f} MiB  {data['seconds']:6.1f} s  {data['mp_per_s']:.2f} MP/s", flush=True)
+    subprocess.run(["rm", "-rf", str(labels_path)], check=True)
+    return data
 
 
 def write_report(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
@@ -136,21 +148,25 @@ def write_report(path: Path, rows: list[dict], args: argparse.Namespace) -> None
         "",
         "Generated by `benchmarks/tiled_memory.py`"
         + (" --quick" if args.quick else "")
-        + f" on {platform.machine()} with {os.cpu_count()} CPU cores, {args.threads} torch threads, "
-        f"tile {args.tile} x {args.tile}, AFFMAE-tiny (3 classes), CPU.",
+        + f" --models {args.models} on {platform.machine()} with {os.cpu_count()} CPU cores, {args.threads} torch "
+        f"threads, tile {args.tile} x {args.tile}, batches of 4 tiles, 3 classes, random weights, CPU; load "
+        f"average {os.getloadavg()[0]:.2f} at the end of the run.",
         "",
         "Each row is a fresh process that segments an on-disk zarr image (read lazily, chunk by chunk) "
         "into an on-disk zarr labels array. *Peak RSS* is the process's maximum resident memory "
-        "(`getrusage`), *RSS before* its memory after importing torch and building the model. The last "
-        "column is what holding the image plus float32 logits for the whole image would take.",
+        "(`getrusage`), *RSS before* its memory after importing torch, building the model and one warm-up "
+        "forward of a 64 x 64 input. *Whole-image arrays* is what holding the image plus float32 logits for "
+        "the whole image would take; *throughput* is megapixels segmented per second of wall time (reading, "
+        "tiling, blending and writing included).",
         "",
-        "| image (Z x Y x X) | megapixels | RSS before (MiB) | peak RSS (MiB) | growth (MiB) | whole-image arrays (MiB) | time (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | image (Z x Y x X) | megapixels | RSS before (MiB) | peak RSS (MiB) | growth (MiB) | "
+        "whole-image arrays (MiB) | time (s) | throughput (MP/s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
-        lines.append(f"| {' x '.join(map(str, row['shape']))} | {row['megapixels']:.1f} | {row['rss_before_mib']:.0f} | "
-                     f"{row['peak_mib']:.0f} | {row['peak_mib'] - row['rss_before_mib']:.0f} | "
-                     f"{row['in_memory_mib']:.0f} | {row['seconds']:.1f} |")
+        lines.append(f"| {row['model']} | {' x '.join(map(str, row['shape']))} | {row['megapixels']:.1f} | "
+                     f"{row['rss_before_mib']:.0f} | {row['peak_mib']:.0f} | {row['peak_mib'] - row['rss_before_mib']:.0f} | "
+                     f"{row['in_memory_mib']:.0f} | {row['seconds']:.1f} | {row['mp_per_s']:.2f} |")
     lines += [
         "",
         "Reading: the segmentation keeps one strip of tiles in memory (K x tile height x image width "
