@@ -139,14 +139,19 @@ def reference_from(path: Path, config: AblationConfig) -> dict[str, Any]:
 
 
 def probe_pretraining(package_path: Path, images: Sequence[np.ndarray], crop: int, batches: int = 16,
-                      batch_size: int = 8, seed: int = 1234) -> dict[str, float]:
+                      batch_size: int = 8, seed: int = 1234, mask_type: str = "blob") -> dict[str, float]:
     """Reconstruction loss of a pretrained AFFMAE package and of the trivial predictor (every masked patch
     flat at the visible mean, `AFFMAEPretrain.trivial_loss`) on the same fixed crops and masks of ``images``
-    (2D/3D arrays), normalised as in pretraining. ``ratio`` < 1: the model predicts more than flat patches."""
+    (2D/3D arrays), normalised as in pretraining. ``ratio`` < 1: the model predicts more than flat patches.
+
+    The masks are the same for every model whatever it was pretrained with: ``mask_type`` masks (blob: of
+    the default scales `models.masking.BLOB_CELLS`) at the model's mask ratio, drawn from ``seed``. Loss and trivial loss use
+    the model's own target (pooling, blur, normalisation), so the ratio compares like with like."""
     from ..data.sampling import PatchSampler  # noqa: PLC0415
     from ..engine import load_package  # noqa: PLC0415
     from ..engine.inputs import as_input_image, combined_stats  # noqa: PLC0415
     from ..engine.pretrain import normalised_batch  # noqa: PLC0415
+    from ..models.masking import make_mask  # noqa: PLC0415
 
     model = load_package(package_path, expect_task="mae").build_model("cpu").eval()
     inputs = [as_input_image(image) for image in images]
@@ -157,7 +162,8 @@ def probe_pretraining(package_path: Path, images: Sequence[np.ndarray], crop: in
     with torch.no_grad():
         for _ in range(batches):
             x = torch.from_numpy(normalised_batch(sampler, stats, batch_size))[:, None]  # [B, 1, crop, crop]
-            out = model(x, mask=model.random_mask(batch_size, crop // 8, crop // 8, generator=generator))
+            mask = make_mask(mask_type, batch_size, crop // 8, crop // 8, model.config.mask_ratio, generator)
+            out = model(x, mask=mask)
             losses.append(float(out["loss"]))
             trivial.append(float(out["reference_loss"]))
     loss, floor = float(np.mean(losses)), float(np.mean(trivial))

@@ -59,7 +59,8 @@ UNET_SIZE = {"tiny": "tiny", "small": "small", "base": "small"}
 # masking per family, as each was published for EM / natural images (DESIGN.md sections 3 and 5)
 MASKING = {"affmae": {"mask_ratio": 0.5, "mask_type": "blob"}, "vit_mae": {"mask_ratio": 0.75, "mask_type": "random"}}
 PRETRAIN_FIELDS = ("mask_ratio", "mask_type", "keep_rate")  # set through PretrainConfig, not model_options
-PRETRAINING_ONLY = ("mask_ratio", "mask_type", "norm_pix_loss", "loss_weights")  # no effect on segmentation
+PRETRAINING_ONLY = ("mask_ratio", "mask_type", "norm_pix_loss", "loss_weights", "blob_cells", "target_pool",
+                    "target_blur", "target_norm_floor")  # no effect on segmentation
 
 
 def masking_for(family: str, affmae_options: dict[str, Any]) -> dict[str, Any]:

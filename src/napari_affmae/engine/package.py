@@ -329,8 +329,13 @@ def load_package(path: str | os.PathLike, *, expect_task: str | None = None,
         raise PackageError(f"{path} holds a {manifest['model_name']} model, but {expect_model} was requested")
     if manifest.get("label_mode", "sparse") not in LABEL_MODES:
         raise PackageError(f"{path}: unknown label_mode {manifest.get('label_mode')!r}")
+    config = manifest["config"]
+    if manifest["model_name"].startswith("affmae_"):  # packages written before newer AFFMAE options existed
+        from ..models.affmae import with_package_defaults  # noqa: PLC0415 (models import is heavy)
+
+        config = with_package_defaults(config)
     package = ModelPackage(
-        model_name=manifest["model_name"], task=task, config=manifest["config"], state_dict=state_dict,
+        model_name=manifest["model_name"], task=task, config=config, state_dict=state_dict,
         num_classes=manifest.get("num_classes"), class_names=list(manifest.get("class_names") or []),
         label_mode=manifest.get("label_mode", "sparse"), label_values=manifest.get("label_values"),
         normalization=manifest.get("normalization"),

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from .affmae_decoder import AFFMAEDecoder
 from .affmae_encoder import AFFMAEEncoder, StageOutput
 from .clustering import NEIGHBORHOOD_MODES, gather_tokens
-from .common import PATCH_SIZE, lattice_positions, masked_mse, patch_targets, patchify, split_by_mask, \
-    unpatchify, validate_image, validate_mask
-from .masking import MASK_TYPES, make_mask
+from .common import PATCH_SIZE, check_target_pool, lattice_positions, masked_mse, patch_targets, patchify, \
+    split_by_mask, target_values, unpatchify, validate_image, validate_mask
+from .masking import BLOB_CELLS, MASK_TYPES, make_mask
 from .registry import register_model
 
 
@@ -35,9 +35,24 @@ class AFFMAEConfig:
     cluster_size: int = 8
     nearest_clusters: int = 8  # neighbourhood = members of this many nearest clusters (M = 64)
     neighborhood: str = "token"  # "token" | "cluster" (queries of a cluster share neighbours)
+    #: Add a learnable ALiBi-style distance penalty (per head, slopes 2 ... 1/8) to every attention's
+    #: relative-position bias, so attention starts local. Without it attention over the 64 neighbours
+    #: starts uniform and short runs on EM never learn to read the nearest visible patches.
+    locality_prior: bool = False
     mask_ratio: float = 0.5
     mask_type: str = "blob"  # "blob" | "random"
+    blob_cells: tuple[int, ...] = BLOB_CELLS  # blob scales in lattice cells, one per sample in turn
     norm_pix_loss: bool = True
+    #: Side in pixels of the squares averaged into one reconstruction target value. 1: every pixel of the
+    #: 8 x 8 patch is a target (MAE); 2: the patch is predicted as 4 x 4 means, 4: as 2 x 2 means. At
+    #: 4-5 nm/px most of a per-patch-normalised pixel's variance is shot noise that no model can predict
+    #: from the neighbouring patches, so pooled targets ask for the patch's structure instead.
+    target_pool: int = 1
+    #: Gaussian sigma (pixels) applied to the image before the targets are taken (0: none).
+    target_blur: float = 0.0
+    #: With norm_pix_loss: this fraction of the crop's variance is added to every patch's variance before
+    #: dividing (0: plain MAE normalisation), so flat, noise-only patches keep small targets.
+    target_norm_floor: float = 0.0
     loss_weights: dict[str, float] = field(default_factory=lambda: {"res2": 1.0, "res4": 0.12, "res5": 0.05})
     refine: bool = True  # segmentation: full-resolution refinement from the stem
 
@@ -51,16 +66,42 @@ class AFFMAEConfig:
             raise ValueError(f"keep_rate must be in (0, 1]; got {self.keep_rate}")
         if len(self.dims) != 4:
             raise ValueError("AFFMAE has 4 stages (res2..res5): give 4 dims, depths and heads")
+        self.blob_cells = tuple(int(c) for c in self.blob_cells)
+        if not self.blob_cells or min(self.blob_cells) < 1:
+            raise ValueError(f"blob_cells must be positive lattice-cell counts; got {self.blob_cells}")
+        check_target_pool(self.target_pool, PATCH_SIZE)
+        self.target_pool = int(self.target_pool)
+        if self.norm_pix_loss and target_values(PATCH_SIZE, self.target_pool) < 2:
+            raise ValueError(f"target_pool={self.target_pool} leaves one value per patch: per-patch "
+                             "normalisation (norm_pix_loss) needs at least two; use a smaller target_pool")
+        if self.target_blur < 0:
+            raise ValueError(f"target_blur must be >= 0; got {self.target_blur}")
+        if self.target_norm_floor < 0:
+            raise ValueError(f"target_norm_floor must be >= 0; got {self.target_norm_floor}")
         unknown = set(self.loss_weights) - {"res2", "res3", "res4", "res5"}
         if unknown:
             raise ValueError(f"loss_weights keys must be res2..res5; got {sorted(unknown)}")
 
 
+#: Config fields added after the first packages were written, with the behaviour those packages were
+#: trained with. A package whose stored config lacks one is rebuilt with this value, not today's default
+#: (see `with_package_defaults`).
+PACKAGE_LEGACY_CONFIG: dict[str, object] = {
+    "blob_cells": BLOB_CELLS, "target_pool": 1, "target_blur": 0.0, "target_norm_floor": 0.0,
+    "locality_prior": False,
+}
+
+
+def with_package_defaults(config: dict) -> dict:
+    """A stored AFFMAE config with the fields it predates filled in as they behaved then."""
+    return {**PACKAGE_LEGACY_CONFIG, **config}
+
+
 def _build_parts(cfg: AFFMAEConfig) -> tuple[AFFMAEEncoder, AFFMAEDecoder]:
     encoder = AFFMAEEncoder(cfg.dims, cfg.depths, cfg.heads, cfg.mlp_ratio, cfg.keep_rate, cfg.cluster_size,
-                            cfg.nearest_clusters, cfg.neighborhood)
+                            cfg.nearest_clusters, cfg.neighborhood, locality=cfg.locality_prior)
     decoder = AFFMAEDecoder(cfg.dims, cfg.decoder_dim, cfg.decoder_heads, cfg.decoder_mlp_ratio, cfg.cluster_size,
-                            cfg.nearest_clusters, cfg.neighborhood)
+                            cfg.nearest_clusters, cfg.neighborhood, locality=cfg.locality_prior)
     return encoder, decoder
 
 
@@ -81,7 +122,8 @@ class AFFMAEPretrain(nn.Module):
         self.config = config
         self.patch_size = PATCH_SIZE
         self.encoder, self.decoder = _build_parts(config)
-        self.heads = nn.ModuleDict({name: _Head(config.decoder_dim, PATCH_SIZE**2) for name in config.loss_weights})
+        self.target_size = target_values(PATCH_SIZE, config.target_pool)  # values predicted per masked patch
+        self.heads = nn.ModuleDict({name: _Head(config.decoder_dim, self.target_size) for name in config.loss_weights})
 
     def forward_encoder(self, x: torch.Tensor, mask: torch.Tensor) -> list[StageOutput]:
         """Per-stage tokens ``[B, N_i, C_i]`` with integer lattice positions ``[B, N_i, 2]`` (res2..res5)."""
@@ -91,10 +133,18 @@ class AFFMAEPretrain(nn.Module):
         return self.encoder(x, mask)
 
     def random_mask(self, batch: int, h: int, w: int, device=None, generator: torch.Generator | None = None):
-        return make_mask(self.config.mask_type, batch, h, w, self.config.mask_ratio, generator, device)
+        return make_mask(self.config.mask_type, batch, h, w, self.config.mask_ratio, generator, device,
+                         cells=self.config.blob_cells)
+
+    def targets(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction targets of every patch ``[B, h*w, target_size]`` (see `AFFMAEConfig.target_pool`)."""
+        cfg = self.config
+        return patch_targets(x, self.patch_size, cfg.norm_pix_loss, pool=cfg.target_pool, blur=cfg.target_blur,
+                             norm_floor=cfg.target_norm_floor)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """x ``[B, 1, H, W]`` -> dict(loss, pred ``[B, h*w, 64]`` (masked cells filled, rest 0), mask, losses)."""
+        """x ``[B, 1, H, W]`` -> dict(loss, pred ``[B, h*w, target_size]`` (masked cells filled, rest 0), mask,
+        losses, reference_loss (`trivial_loss`))."""
         validate_image(x, self.patch_size)
         b, _, hh, ww = x.shape
         h, w = hh // self.patch_size, ww // self.patch_size
@@ -109,31 +159,35 @@ class AFFMAEPretrain(nn.Module):
         _, masked = split_by_mask(mask)  # [B, Nm] row-major masked cells
         query_pos = lattice_positions(h, w, device=x.device)[masked]  # [B, Nm, 2]
         layers = self.decoder(query_pos, stages, (h, w))
-        target = gather_tokens(patch_targets(x, self.patch_size, self.config.norm_pix_loss), masked)  # [B, Nm, 64]
+        all_targets = self.targets(x)  # [B, h*w, T]
+        target = gather_tokens(all_targets, masked)  # [B, Nm, T]
         losses, preds = {}, {}
         for name, weight in self.config.loss_weights.items():
-            preds[name] = self.heads[name](layers[_LAYER_OF[name]])  # [B, Nm, 64]
+            preds[name] = self.heads[name](layers[_LAYER_OF[name]])  # [B, Nm, T]
             losses[name] = masked_mse(preds[name], target)
         loss = sum(self.config.loss_weights[n] * losses[n] for n in losses)
-        reference = self.trivial_loss(x, mask, target)
-        pred = torch.zeros(b, h * w, self.patch_size**2, device=x.device, dtype=preds["res2"].dtype)
+        reference = self.trivial_loss(x, mask, target, all_targets)
+        pred = torch.zeros(b, h * w, self.target_size, device=x.device, dtype=preds["res2"].dtype)
         pred = pred.scatter(1, masked[..., None].expand(-1, -1, pred.shape[-1]), preds["res2"])
         return {"loss": loss, "pred": pred, "mask": mask, "losses": {k: v.detach() for k, v in losses.items()},
                 "reference_loss": reference}
 
     @torch.no_grad()
-    def trivial_loss(self, x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The loss a model without any image understanding gets: every masked patch predicted flat, at the
-        mean of the sample's visible pixels (0 with per-patch normalised targets). Same weighting as ``loss``.
+    def trivial_loss(self, x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
+                     all_targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss a model without any image understanding gets: every masked patch predicted flat. With
+        per-patch normalised targets that is 0 (the best constant for a zero-mean patch); otherwise the mean
+        of the sample's visible target values. Same target (pooling, blur) and weighting as ``loss``.
 
-        x ``[B, 1, H, W]``, mask ``[B, h, w]`` (True = masked), target ``[B, Nm, p*p]``. A pretrained model
-        has learned something about the images only where its loss is below this."""
+        x ``[B, 1, H, W]``, mask ``[B, h, w]`` (True = masked), target ``[B, Nm, T]`` (the masked cells'
+        targets), all_targets ``[B, h*w, T]`` (every cell's, computed from x when not given). A pretrained
+        model has learned something about the images only where its loss is below this."""
         if self.config.norm_pix_loss:
             flat = torch.zeros_like(target)
         else:
-            patches = patchify(x, self.patch_size).float()  # [B, h*w, p*p]
+            values = (self.targets(x) if all_targets is None else all_targets).float()  # [B, h*w, T]
             visible = (~mask.reshape(mask.shape[0], -1, 1)).float()  # [B, h*w, 1]
-            mean = (patches * visible).sum((1, 2)) / (visible.sum((1, 2)) * patches.shape[-1])  # [B]
+            mean = (values * visible).sum((1, 2)) / (visible.sum((1, 2)) * values.shape[-1])  # [B]
             flat = mean[:, None, None].expand_as(target)
         return masked_mse(flat, target) * sum(self.config.loss_weights.values())
 
@@ -143,6 +197,11 @@ class AFFMAEPretrain(nn.Module):
         h, w = hh // self.patch_size, ww // self.patch_size
         patches = patchify(x, self.patch_size)
         pred = out["pred"].to(patches.dtype)
+        pool = self.config.target_pool
+        if pool > 1:  # coarse targets: each value fills its pool x pool square
+            side = self.patch_size // pool
+            pred = pred.reshape(b, h * w, side, 1, side, 1).expand(-1, -1, -1, pool, -1, pool)
+            pred = pred.reshape(b, h * w, self.patch_size**2)
         if self.config.norm_pix_loss:
             mean = patches.mean(-1, keepdim=True)
             std = (patches.var(-1, keepdim=True) + 1.0e-6).sqrt()

@@ -45,7 +45,7 @@ class AFFMAEDecoder(nn.Module):
     """
 
     def __init__(self, encoder_dims: tuple[int, ...], dim: int, heads: int, mlp_ratio: float,
-                 cluster_size: int, nearest_clusters: int, neighborhood: str) -> None:
+                 cluster_size: int, nearest_clusters: int, neighborhood: str, locality: bool = False) -> None:
         super().__init__()
         self.dim = dim
         self.cluster_size = cluster_size
@@ -57,8 +57,8 @@ class AFFMAEDecoder(nn.Module):
         self.key_proj = nn.ModuleList(nn.Linear(d, dim) for d in reversed(encoder_dims))
         self.layers = nn.ModuleList(DecoderLayer(dim, heads, mlp_ratio) for _ in encoder_dims)
         # the queries' own neighbourhood is the same for every layer: one shared bias MLP
-        self.self_bias = RelativePositionBias(heads, len(encoder_dims))
-        self.cross_bias = nn.ModuleList(RelativePositionBias(heads) for _ in encoder_dims)
+        self.self_bias = RelativePositionBias(heads, len(encoder_dims), locality=locality)
+        self.cross_bias = nn.ModuleList(RelativePositionBias(heads, locality=locality) for _ in encoder_dims)
 
     def forward(self, query_pos: torch.Tensor, stages: list[StageOutput], canvas: tuple[int, int],
                 query_init: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -115,7 +115,7 @@ class AFFMAEEncoder(nn.Module):
 
     def __init__(self, dims: tuple[int, ...], depths: tuple[int, ...], heads: tuple[int, ...],
                  mlp_ratio: float, keep_rate: float, cluster_size: int, nearest_clusters: int,
-                 neighborhood: str) -> None:
+                 neighborhood: str, locality: bool = False) -> None:
         super().__init__()
         if not (len(dims) == len(depths) == len(heads)):
             raise ValueError("dims, depths and heads need one entry per stage")
@@ -128,7 +128,8 @@ class AFFMAEEncoder(nn.Module):
         self.stages = nn.ModuleList(
             nn.ModuleList(Block(dims[i], heads[i], mlp_ratio) for _ in range(depths[i])) for i in range(len(dims))
         )
-        self.stage_bias = nn.ModuleList(RelativePositionBias(heads[i], depths[i]) for i in range(len(dims)))
+        self.stage_bias = nn.ModuleList(RelativePositionBias(heads[i], depths[i], locality=locality)
+                                        for i in range(len(dims)))
         self.merges = nn.ModuleList(
             AdaptiveMerge(dims[i], dims[i + 1], keep_rate) for i in range(len(dims) - 1)
         )

@@ -69,12 +69,54 @@ def unpatchify(patches: torch.Tensor, h: int, w: int, patch: int = PATCH_SIZE) -
     return x.reshape(b, c, h * patch, w * patch)
 
 
-def patch_targets(x: torch.Tensor, patch: int = PATCH_SIZE, norm_pix: bool = True) -> torch.Tensor:
-    """Reconstruction targets ``[B, h*w, p*p]``; with ``norm_pix`` each patch is standardised (MAE)."""
-    target = patchify(x, patch)
+def smooth_image(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` (reflect padding, kernel radius ``ceil(3 sigma)``);
+    ``sigma <= 0`` returns ``x`` unchanged."""
+    if sigma <= 0:
+        return x
+    radius = max(1, math.ceil(3.0 * sigma))
+    radius = min(radius, x.shape[-2] - 1, x.shape[-1] - 1)
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    c = x.shape[1]
+    x = torch.nn.functional.pad(x, (radius, radius, radius, radius), mode="reflect")
+    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def target_values(patch: int = PATCH_SIZE, pool: int = 1) -> int:
+    """Number of target values per patch: ``(patch / pool) ** 2``."""
+    check_target_pool(pool, patch)
+    return (patch // pool) ** 2
+
+
+def check_target_pool(pool: int, patch: int = PATCH_SIZE) -> None:
+    if int(pool) != pool or pool < 1 or patch % int(pool):
+        raise ValueError(f"target_pool must be a positive divisor of the patch size {patch} (1, 2, 4 or 8); got {pool}")
+
+
+def patch_targets(x: torch.Tensor, patch: int = PATCH_SIZE, norm_pix: bool = True, pool: int = 1,
+                  blur: float = 0.0, norm_floor: float = 0.0) -> torch.Tensor:
+    """Reconstruction targets ``[B, h*w, (p/pool)**2]`` of ``x`` ``[B, 1, H, W]``.
+
+    ``blur`` > 0: the image is first smoothed with a Gaussian of that sigma (pixels). ``pool`` > 1: each
+    ``pool x pool`` square of a patch is averaged, so a patch is described by ``(p/pool)**2`` means (its
+    coarse structure) instead of ``p*p`` single pixels. With ``norm_pix`` each patch's values are then
+    standardised (MAE): zero mean, unit (unbiased) variance; ``norm_floor`` > 0 adds that fraction of the
+    sample's variance (of the target values over all its patches) to each patch's variance before dividing,
+    so a flat patch (noise only) keeps small targets instead of noise blown up to unit variance.
+    """
+    check_target_pool(pool, patch)
+    x = smooth_image(x, blur)
+    if pool > 1:
+        x = torch.nn.functional.avg_pool2d(x, pool)
+    target = patchify(x, patch // pool)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
+        if norm_floor > 0:
+            var = var + norm_floor * target.flatten(1).var(dim=1)[:, None, None]
         target = (target - mean) / (var + 1.0e-6).sqrt()
     return target
 

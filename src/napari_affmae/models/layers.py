@@ -56,16 +56,28 @@ class RelativePositionBias(nn.Module):
     (one value per query, neighbour and hidden unit) would be the memory hot spot, so they are
     computed in chunks and recomputed in the backward (`chunked_pointwise_mlp`):
     rel_feat ``[B, Nq, M, 5]`` -> one bias ``[B, H, Nq, M]`` per layer.
+
+    With ``locality`` a learnable per-head distance penalty ``-slope_h * |d|`` is added (ALiBi-style:
+    slopes from 2 down to 1/8 across the heads, so some heads start sharply local and others nearly
+    global). Without it every neighbour starts with the same weight, and a short run never learns to
+    look at the nearest tokens (see docs/pretraining.md).
     """
 
-    def __init__(self, heads: int, layers: int = 1, hidden: int = 32) -> None:
+    def __init__(self, heads: int, layers: int = 1, hidden: int = 32, locality: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.layers = layers
         self.mlp = Mlp(5, hidden, heads * layers)
+        if locality:
+            slopes = torch.logspace(1.0, -3.0, heads, base=2.0) if heads > 1 else torch.ones(1)
+            self.slope = nn.Parameter(slopes.repeat(layers))  # [layers * H]
+        else:
+            self.slope = None
 
     def forward(self, rel_feat: torch.Tensor) -> list[torch.Tensor]:
         out = chunked_pointwise_mlp(self.mlp, rel_feat.to(self.mlp.fc1.weight.dtype))  # [B, Nq, M, H * layers]
+        if self.slope is not None:
+            out = out - rel_feat[..., 2:3].to(out.dtype) * self.slope.to(out.dtype)  # |d| is feature 2
         return [b.permute(0, 3, 1, 2) for b in out.split(self.heads, dim=-1)]
 
 

@@ -57,10 +57,11 @@ def blob_mask(batch: int, h: int, w: int, ratio: float = 0.5, generator: torch.G
 
 
 def make_mask(kind: str, batch: int, h: int, w: int, ratio: float = 0.5,
-              generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """Dispatch on ``kind`` in `MASK_TYPES`."""
+              generator: torch.Generator | None = None, device=None,
+              cells: tuple[int, ...] = BLOB_CELLS) -> torch.Tensor:
+    """Dispatch on ``kind`` in `MASK_TYPES`; ``cells``: the blob scales (see `blob_mask`)."""
     if kind == "blob":
-        return blob_mask(batch, h, w, ratio, generator, device)
+        return blob_mask(batch, h, w, ratio, generator, device, cells=tuple(cells))
     if kind == "random":
         return random_mask(batch, h, w, ratio, generator, device)
     raise ValueError(f"unknown mask type {kind!r}; use one of {MASK_TYPES}")
