@@ -13,7 +13,8 @@ predictor of the variant's own target. Appends one JSON row to ``<out>/results.j
 
 ``--locality`` instead prints, for a package, how much of each masked patch's prediction depends on the
 pixels of its own neighbourhood (gradient mass within 1.5 lattice cells) and where that dependence is
-centred; a decoder that reads its neighbours shows most mass near the query.
+centred; a decoder that reads its neighbours shows most mass near the query. ``--yardstick`` prints the
+probe ratio of a predictor without learning (each masked patch = mean of its visible 4-neighbours).
 
 Data: ../shared/data (or $AFFMAE_DATA); VNC: Gerhard et al., figshare doi:10.6084/m9.figshare.856713
 (CC BY-NC-SA 3.0); ISBI 2012: Cardona et al. 2010, Arganda-Carreras et al. 2015.
@@ -90,6 +91,41 @@ def locality(package: str) -> None:
               f"share within 1.5 cells {float(cells[near].sum() / cells.sum()):.3f}")
 
 
+def yardstick() -> None:
+    """Neighbour-mean interpolation on the raw 4 x 4-mean target: each masked patch predicted flat at the mean of
+    its visible 4-neighbour patches (the crop's visible mean where it has none), on the probe's crops and masks."""
+    import torch.nn.functional as F
+
+    from napari_affmae.data.sampling import PatchSampler
+    from napari_affmae.engine.inputs import as_input_image, combined_stats
+    from napari_affmae.engine.pretrain import normalised_batch
+    from napari_affmae.models.common import patch_targets
+    from napari_affmae.models.masking import make_mask
+
+    d = data_dir()
+    inputs = [as_input_image(tifffile.imread(d / "vnc/stack1_raw.tif")[10:20]),
+              as_input_image(tifffile.imread(d / "isbi2012/train_raw.tif")[:10])]
+    _, stats = combined_stats(inputs, seed=0)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+    for kind in ("blob", "random"):
+        sampler = PatchSampler([i.array for i in inputs], (128, 128), seed=1234, pad=True)
+        gen = torch.Generator().manual_seed(1234)
+        interp, flat = [], []
+        for _ in range(16):  # as probe_pretraining: 16 batches of 8, masks drawn after each batch
+            x = torch.from_numpy(normalised_batch(sampler, stats, 8))[:, None]
+            mask = make_mask(kind, 8, 16, 16, 0.5, gen)
+            t = patch_targets(x, 8, False, pool=2).reshape(8, 16, 16, 16)  # [B, h, w, T]
+            vis = (~mask).float()[:, None]  # [B, 1, h, w]
+            means = t.mean(-1)[:, None]
+            total = F.conv2d(means * vis, kernel, padding=1)
+            count = F.conv2d(vis, kernel, padding=1)
+            crop_mean = (means * vis).sum((1, 2, 3)) / vis.sum((1, 2, 3))  # [B]
+            pred = torch.where(count > 0, total / count.clamp_min(1), crop_mean[:, None, None, None])[:, 0]
+            interp.append(float(((pred[..., None] - t) ** 2)[mask].mean()))
+            flat.append(float(((crop_mean[:, None, None, None] - t) ** 2)[mask].mean()))
+        print(f"{kind} masks: neighbour-mean interpolation / flat = {np.mean(interp) / np.mean(flat):.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("name", help="variant name (output folder), or a package path with --locality")
@@ -104,10 +140,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/pretext")
     p.add_argument("--locality", action="store_true", help="probe where a package's predictions look")
+    p.add_argument("--yardstick", action="store_true",
+                   help="no training: the neighbour-mean interpolation baseline on raw 4 x 4-mean targets (NAME unused)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.locality:
         locality(args.name)
+        return
+    if args.yardstick:
+        yardstick()
         return
     Path(args.out).mkdir(parents=True, exist_ok=True)
     print(json.dumps(run_variant(args)))

@@ -165,3 +165,31 @@ def test_default_pretext_leaves_the_flat_floor_on_a_fixed_synthetic_em_batch():
         ratios.append(float(out["loss"].detach() / out["reference_loss"]))
     assert ratios[0] > 1.0, ratios[0]  # an untrained decoder is worse than flat
     assert min(ratios[-5:]) < 0.9, ratios[-10:]
+
+
+def test_decoder_can_read_fewer_nearer_clusters_than_the_encoder():
+    from napari_affmae.models import clustering
+
+    seen = []
+    original = clustering.build_neighborhood
+
+    def spy(queries, keys, k, mode="token"):
+        nb = original(queries, keys, k, mode)
+        seen.append((k, nb.idx.shape[-1]))
+        return nb
+
+    model = create_model("affmae_tiny", decoder_nearest_clusters=2)
+    assert model.decoder.cross_clusters == 2 and model.config.nearest_clusters == 8
+    import napari_affmae.models.affmae_decoder as dec
+
+    dec.build_neighborhood, saved = spy, dec.build_neighborhood
+    try:
+        out = model(torch.rand(2, 1, 64, 64))
+    finally:
+        dec.build_neighborhood = saved
+    assert torch.isfinite(out["loss"])
+    # one query self-attention neighbourhood with the encoder's k = 8, four cross-attention ones with k = 2
+    # (16 tokens where the stage has enough of them)
+    assert [k for k, _ in seen] == [8, 2, 2, 2, 2] and (2, 16) in seen, seen
+    with pytest.raises(ValueError, match="decoder_nearest_clusters"):
+        AFFMAEConfig(decoder_nearest_clusters=0)

@@ -45,11 +45,13 @@ class AFFMAEDecoder(nn.Module):
     """
 
     def __init__(self, encoder_dims: tuple[int, ...], dim: int, heads: int, mlp_ratio: float,
-                 cluster_size: int, nearest_clusters: int, neighborhood: str, locality: bool = False) -> None:
+                 cluster_size: int, nearest_clusters: int, neighborhood: str, locality: bool = False,
+                 cross_clusters: int | None = None) -> None:
         super().__init__()
         self.dim = dim
         self.cluster_size = cluster_size
         self.nearest_clusters = nearest_clusters
+        self.cross_clusters = nearest_clusters if cross_clusters is None else int(cross_clusters)
         self.neighborhood = neighborhood
         self.query_token = nn.Parameter(torch.zeros(dim))
         nn.init.trunc_normal_(self.query_token, std=0.02)
@@ -75,7 +77,7 @@ class AFFMAEDecoder(nn.Module):
         outputs = []
         for layer, proj, cross_bias, self_bias, stage in zip(self.layers, self.key_proj, self.cross_bias, self_biases,
                                                              reversed(stages)):
-            cross_nb = build_neighborhood(queries, stage.clusters, self.nearest_clusters, self.neighborhood)
+            cross_nb = build_neighborhood(queries, stage.clusters, self.cross_clusters, self.neighborhood)
             (bias,) = cross_bias(relative_features(cross_nb.rel, stage.scale))
             q = layer(q, proj(stage.tokens), cross_nb, bias, self_nb, self_bias)
             outputs.append(gather_tokens(q, inverse))
