@@ -5,14 +5,13 @@ import dataclasses
 
 import pytest
 
-from napari_affmae.cli import BATCH_OPTIONS, FINETUNE_OPTIONS, SEGMENT_OPTIONS, build_parser
+from napari_affmae.cli import BATCH_OPTIONS, FINETUNE_OPTIONS, PRETRAIN_OPTIONS, SEGMENT_OPTIONS, build_parser
 from napari_affmae.engine import BatchConfig, FinetuneConfig, PretrainConfig, SegmentConfig
 from napari_affmae.engine.settings import TRAINING_OPTIONS, add_options, default_of, flag_of, setting, values_from
 
 COMMANDS = {  # command line with only what is required -> (config class, settings the command offers)
     "pretrain": (["pretrain", "img.tif", "-o", "out"], PretrainConfig,
-                 ["model", "crop_size", "batch_size", "steps", "epochs", "lr", "weight_decay", "warmup_steps",
-                  "mask_ratio", "mask_type", "keep_rate", "device", "precision", *TRAINING_OPTIONS]),
+                 [*PRETRAIN_OPTIONS, "device", "precision", *TRAINING_OPTIONS]),
     "finetune": (["finetune", "img.tif", "labels.tif", "-o", "out", "--scratch"], FinetuneConfig,
                  [*FINETUNE_OPTIONS, "device", "precision", *TRAINING_OPTIONS]),
     "segment": (["segment", "pkg.affmae", "img.tif", "-o", "out.tif"], SegmentConfig,
@@ -35,11 +34,11 @@ def test_cli_defaults_are_the_engine_defaults(command: str) -> None:
         assert values_from(args, BatchConfig, BATCH_OPTIONS) == {n: default_of(BatchConfig, n) for n in BATCH_OPTIONS}
 
 
-def test_a_config_built_from_the_cli_defaults_equals_the_default_config() -> None:
-    args = build_parser().parse_args(COMMANDS["finetune"][0])
-    built = FinetuneConfig(**values_from(args, FinetuneConfig, [*FINETUNE_OPTIONS, "device", "precision",
-                                                                *TRAINING_OPTIONS]))
-    assert dataclasses.asdict(built) == dataclasses.asdict(FinetuneConfig())
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_a_config_built_from_the_cli_defaults_equals_the_default_config(command: str) -> None:
+    argv, config_class, names = COMMANDS[command]
+    built = config_class(**values_from(build_parser().parse_args(argv), config_class, names))
+    assert dataclasses.asdict(built) == dataclasses.asdict(config_class())
 
 
 def test_help_shows_the_default_from_the_config() -> None:

@@ -20,9 +20,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .engine import BatchConfig, FinetuneConfig, SegmentConfig
+from .engine import BatchConfig, FinetuneConfig, PretrainConfig, SegmentConfig
 from .engine.settings import (TRAINING_OPTIONS, DeviceSettings, TrainingSettings, add_options, parse_int_list,
-                              parse_size)
+                              parse_size, values_from)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -157,6 +157,8 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timepoint", type=int, default=None, help="time point index for time series")
 
 
+PRETRAIN_OPTIONS = ["model", "crop_size", "batch_size", "steps", "epochs", "lr", "weight_decay", "warmup_steps",
+                    "mask_ratio", "mask_type", "keep_rate"]
 FINETUNE_OPTIONS = ["model", "class_names", "label_mode", "crop_size", "batch_size", "steps", "lr", "weight_decay",
                     "layer_decay", "warmup_steps", "dice_weight", "augment", "val_slices", "val_fraction"]
 SEGMENT_OPTIONS = ["tile_size", "overlap", "batch_size", "normalization"]  # batch has them too
@@ -170,23 +172,7 @@ def _add_pretrain_parser(sub) -> None:
                                    "--output-dir.")
     p.add_argument("images", nargs="+", type=Path, help="TIFF / OME-Zarr / .npy images or stacks (Z, Y, X)")
     p.add_argument("--output-dir", "-o", type=Path, required=True, help="where the package, checkpoint and log go")
-    p.add_argument("--model", default="affmae_tiny",
-                   help="architecture: affmae_tiny (~3 M parameters, CPU friendly), affmae_small, affmae_base")
-    p.add_argument("--crop-size", type=parse_size, default=(128, 128),
-                   help="training crop HxW in pixels, multiples of 8 (default: 128)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="global batch size, split across torchrun processes (default: 8)")
-    p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default: 1000)")
-    p.add_argument("--epochs", type=float, default=None,
-                   help="instead of --steps: passes over the data (one epoch ~ every pixel seen once)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of AdamW (default: 5e-4)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
-    p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps before cosine decay (default: 50)")
-    p.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of 8x8 patches hidden (default: 0.5)")
-    p.add_argument("--mask-type", default="blob", choices=("blob", "random"),
-                   help="blob-shaped (Perlin-style) or i.i.d. random masks (default: blob)")
-    p.add_argument("--keep-rate", type=float, default=0.4,
-                   help="fraction of tokens kept by each adaptive merge (default: 0.4)")
+    add_options(p, PretrainConfig, PRETRAIN_OPTIONS)
     _add_image_options(p)
     _add_common(p, training=True)
 
@@ -331,18 +317,13 @@ def _resume_value(value: str | None) -> bool | str:
 
 
 def _cmd_pretrain(args, progress, cancel, run_log) -> int:
-    from .engine import PretrainConfig, pretrain  # noqa: PLC0415
+    from .engine import pretrain  # noqa: PLC0415
     from .engine.inputs import as_input_image  # noqa: PLC0415
 
     images = [as_input_image(p, what=str(p), axes=args.axes, channel=args.channel, timepoint=args.timepoint)
               for p in args.images]
-    config = PretrainConfig(model=args.model, crop_size=args.crop_size, batch_size=args.batch_size, steps=args.steps,
-                            epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                            warmup_steps=args.warmup_steps, mask_ratio=args.mask_ratio, mask_type=args.mask_type,
-                            keep_rate=args.keep_rate, seed=args.seed, device=args.device, precision=args.precision,
-                            grad_accum=args.grad_accum, grad_clip=args.grad_clip or None,
-                            output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
-                            resume=_resume_value(args.resume), overwrite=args.overwrite)
+    config = PretrainConfig(output_dir=args.output_dir, resume=_resume_value(args.resume), **_training_values(args),
+                            **values_from(args, PretrainConfig, PRETRAIN_OPTIONS))
     run_log.write("config", config=config.to_dict())
     result = pretrain(images, config, progress=progress, cancel=cancel)
     run_log.write("result", package=result.package_path, checkpoint=result.checkpoint_path, step=result.step,
@@ -353,7 +334,6 @@ def _cmd_pretrain(args, progress, cancel, run_log) -> int:
 
 def _cmd_finetune(args, progress, cancel, run_log) -> int:
     from .engine import FinetuneConfig, finetune  # noqa: PLC0415
-    from .engine.settings import values_from  # noqa: PLC0415
     from .engine.inputs import as_input_image  # noqa: PLC0415
 
     image = as_input_image(args.image, what=str(args.image), axes=args.axes, channel=args.channel,
@@ -441,7 +421,6 @@ def _cmd_segment(args, progress, cancel, run_log) -> int:
     import numpy as np  # noqa: PLC0415
 
     from .engine import SegmentConfig, load_package, segment  # noqa: PLC0415
-    from .engine.settings import values_from  # noqa: PLC0415
     from .engine.inputs import as_input_image  # noqa: PLC0415
     from .engine.segment import output_labels, resolve_package, slice_list  # noqa: PLC0415
     from .io.files import remove_path  # noqa: PLC0415
@@ -491,7 +470,6 @@ def _check_report(path: Path) -> None:
 
 def _cmd_batch(args, progress, cancel, run_log) -> int:
     from .engine import BatchConfig, SegmentConfig, batch_segment, load_package  # noqa: PLC0415
-    from .engine.settings import values_from  # noqa: PLC0415
 
     package = load_package(args.package, expect_task="segmentation")
     tiling = SegmentConfig(**values_from(args, SegmentConfig, ["device", "precision", *SEGMENT_OPTIONS]))

@@ -45,7 +45,7 @@ from .inputs import InputImage, as_input_image, as_label_array, check_crop_fits,
 from .package import LABEL_MODES, ModelPackage, load_package
 from .progress import CancelToken, ProgressCallback, ProgressEvent
 from .segment import TiledPredictor, model_predictor
-from .settings import TrainingSettings, parse_int_list, parse_name_list, parse_size, setting
+from .settings import TrainingSettings, check_training_settings, parse_int_list, parse_name_list, parse_size, setting
 from .training import TrainingLoop, TrainingTask, run_training
 
 log = logging.getLogger(__name__)
@@ -93,16 +93,9 @@ class FinetuneConfig(TrainingSettings):
         if self.pretrained is None and self.model in list_models(trainable=False):
             raise ValueError(f"{self.model} is not trained by fine-tuning (the Live preview fits it on the strokes); "
                              f"choose one of {', '.join(list_models(task='segmentation', trainable=True))}")
-        h, w = self.crop_size
-        if h % 8 or w % 8 or h < 32 or w < 32:
-            raise ValueError(f"crop_size must be multiples of 8 and at least 32 x 32; got {h} x {w}")
+        check_training_settings(self)
         if self.label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}; got {self.label_mode!r}")
-        positive = {"batch_size": self.batch_size, "steps": self.steps, "grad_accum": self.grad_accum,
-                    "checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
-        bad = {k: v for k, v in positive.items() if int(v) < 1}
-        if bad:
-            raise ValueError(f"these options must be >= 1: {bad}")
         if not self.lr > 0 or not 0 < self.layer_decay <= 1 or self.dice_weight < 0:
             raise ValueError(f"need lr > 0, 0 < layer_decay <= 1, dice_weight >= 0; got {self.lr}, "
                              f"{self.layer_decay}, {self.dice_weight}")

@@ -35,6 +35,7 @@ from .inputs import InputImage, as_input_image, check_crop_fits, check_has_contr
     image_pixel_size, source_name
 from .package import ModelPackage
 from .progress import CancelToken, ProgressCallback, ProgressEvent
+from .settings import TrainingSettings, check_training_settings, parse_size, setting
 from .training import TrainingLoop, TrainingTask, run_training
 
 log = logging.getLogger(__name__)
@@ -44,47 +45,33 @@ _GEOMETRY_ONLY = AugmentConfig(gamma=(1.0, 1.0), contrast=(1.0, 1.0), brightness
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainingSettings):
     """Options of a pretraining run. Sizes in pixels; ``crop_size`` is (height, width), multiples of 8."""
 
-    model: str = "affmae_tiny"
-    crop_size: tuple[int, int] = (128, 128)
-    batch_size: int = 8  # global batch (split across torchrun processes)
-    steps: int = 1000
-    epochs: float | None = None  # if set, overrides steps: one epoch ~ every pixel seen once
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
+    model: str = setting("affmae_tiny", "architecture: affmae_tiny (~3 M parameters, CPU friendly), affmae_small, "
+                         "affmae_base")
+    crop_size: tuple[int, int] = setting((128, 128), "training crop HxW in pixels, multiples of 8", parse=parse_size)
+    batch_size: int = setting(8, "global batch size, split across torchrun processes")
+    steps: int = setting(1000, "optimiser steps")
+    epochs: float | None = setting(None, "instead of --steps: passes over the data (one epoch ~ every pixel seen "
+                                   "once)", parse=float)
+    lr: float = setting(5e-4, "peak learning rate of AdamW")
+    weight_decay: float = setting(0.05, "AdamW weight decay")
+    warmup_steps: int = setting(50, "linear warm-up steps before cosine decay")
     min_lr_ratio: float = 0.01
-    mask_ratio: float = 0.5
-    mask_type: str = "blob"
-    keep_rate: float = 0.4
+    mask_ratio: float = setting(0.5, "fraction of 8x8 patches hidden")
+    mask_type: str = setting("blob", "blob-shaped (Perlin-style) or i.i.d. random masks", choices=MASK_TYPES)
+    keep_rate: float = setting(0.4, "fraction of tokens kept by each adaptive merge")
     model_options: dict[str, Any] = field(default_factory=dict)  # other AFFMAE config fields
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    grad_accum: int = 1
-    grad_clip: float | None = 1.0
     augment: bool = True  # flips / rot90 of the crops
     output_dir: str | Path = "runs/pretrain"
-    checkpoint_every: int = 100
-    log_every: int = 1  # progress events every N steps (the first and last step always report)
-    resume: bool | str | Path = False  # True: continue from output_dir's checkpoint if there is one
-    overwrite: bool = False  # replace an earlier run in output_dir (otherwise it is refused)
 
     def __post_init__(self) -> None:
         self.crop_size = as_crop_shape(self.crop_size)
         self.validate()
 
     def validate(self) -> None:
-        h, w = self.crop_size
-        if h % 8 or w % 8 or h < 32 or w < 32:
-            raise ValueError(f"crop_size must be multiples of 8 and at least 32 x 32; got {h} x {w}")
-        positive = {"batch_size": self.batch_size, "steps": self.steps, "grad_accum": self.grad_accum,
-                    "checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
-        bad = {k: v for k, v in positive.items() if int(v) < 1}
-        if bad:
-            raise ValueError(f"these options must be >= 1: {bad}")
+        check_training_settings(self)
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be positive; got {self.epochs}")
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:

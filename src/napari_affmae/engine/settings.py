@@ -145,8 +145,21 @@ class TrainingSettings(DeviceSettings):
                               "run is refused unless --resume is given)")
 
 
+def check_training_settings(config: Any) -> None:
+    """Checks every training config shares: crop size (``crop_size`` multiples of 8, at least 32 x 32) and the
+    counts that must be >= 1. Raises ValueError naming what is wrong."""
+    h, w = config.crop_size
+    if h % 8 or w % 8 or h < 32 or w < 32:
+        raise ValueError(f"crop_size must be multiples of 8 and at least 32 x 32; got {h} x {w}")
+    positive = {"batch_size": config.batch_size, "steps": config.steps, "grad_accum": config.grad_accum,
+                "checkpoint_every": config.checkpoint_every, "log_every": config.log_every}
+    bad = {k: v for k, v in positive.items() if int(v) < 1}
+    if bad:
+        raise ValueError(f"these options must be >= 1: {bad}")
+
+
 TRAINING_OPTIONS = ["seed", "grad_accum", "grad_clip", "checkpoint_every", "overwrite"]  # resume: see the CLI
 
 
-__all__ = ["DeviceSettings", "TrainingSettings", "add_options", "default_of", "flag_of", "parse_int_list", "parse_name_list", "parse_size", "setting",
+__all__ = ["DeviceSettings", "TrainingSettings", "add_options", "check_training_settings", "default_of", "flag_of", "parse_int_list", "parse_name_list", "parse_size", "setting",
            "values_from"]
