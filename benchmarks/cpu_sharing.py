@@ -82,12 +82,13 @@ def measure(steps: int, crop: int) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict], steps: int, crop: int, load: float, seconds: float) -> str:
+def render(rows: list[dict], steps: int, crop: int, load: float, seconds: float, load_end: float) -> str:
     from napari_affmae.engine.cpu_share import available_cores  # noqa: PLC0415
 
     lines = ["# Two CPU jobs side by side", "",
              f"- Machine: {platform.machine()}, {available_cores()} cores, no GPU; load average {load:.2f} when the "
-             f"run started; {seconds / 60:.1f} min in all.",
+             f"run started and {load_end:.2f} when it ended (other programs add to it); {seconds / 60:.1f} min in "
+             "all.",
              f"- Command: `python benchmarks/cpu_sharing.py --steps {steps} --crop {crop}`",
              f"- Each job: `affmae pretrain` on a synthetic 4 x 256 x 256 stack, {steps} steps of 8 crops of "
              f"{crop} x {crop} px, AFFMAE-tiny, CPU.", "",
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     started = time.perf_counter()
     rows = measure(args.steps, args.crop)
-    args.out.write_text(render(rows, args.steps, args.crop, load, time.perf_counter() - started))
+    args.out.write_text(render(rows, args.steps, args.crop, load, time.perf_counter() - started, os.getloadavg()[0]))
     print(f"wrote {args.out}")
     return 0
 
