@@ -143,6 +143,8 @@ def _bad_inputs(root: Path, packages: dict[str, Path]) -> dict[str, tuple[list, 
             "segmentation package, but a pretraining"),
         "crop size": (["pretrain", root / "img.tif", *out, "--crop-size", "60", "--steps", "1"], "multiples of 8"),
         "threads": (["segment", seg, root / "img.tif", "-o", root / "o4.tif", "--threads", "0"], "--threads must be >= 1"),
+        "model option": (["pretrain", root / "img.tif", *out, *train, "--model-option", "no_such_field=1"],
+                         "unknown AFFMAE option"),
     }
 
 
@@ -207,6 +209,18 @@ def test_demo_runs_end_to_end_at_tiny_scale(tmp_path, capsys):
     labels = zarr.open_group(str(out / "synthetic_em.ome.zarr" / "labels"), mode="r")
     assert set(labels.attrs["ome"]["labels"]) == {"affmae", "ground_truth", "strokes"}
     assert labels["affmae"]["s0"].shape == (4, 64, 64)
+
+
+def test_model_options_reach_the_package(files, tmp_path):
+    """--model-option KEY=VALUE (JSON values) sets fields of the model's config; the package records them."""
+    from napari_affmae.engine import load_package
+
+    out = tmp_path / "pre"
+    assert main(["pretrain", str(files["image"]), "-o", str(out), "--steps", "1", "--crop-size", "64",
+                 "--batch-size", "2", "--device", "cpu", "--quiet", "--model-option", "target_pool=2",
+                 "--model-option", "norm_pix_loss=false", "--model-option", 'loss_weights={"res2": 1.0}']) == 0
+    config = load_package(out / "pretrained.affmae").config
+    assert config["target_pool"] == 2 and config["norm_pix_loss"] is False and config["loss_weights"] == {"res2": 1.0}
 
 
 def test_pretraining_progress_shows_the_flat_patch_baseline(files, tmp_path):

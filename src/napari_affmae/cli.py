@@ -150,6 +150,26 @@ def _add_common(parser: argparse.ArgumentParser, *, training: bool) -> None:
                                 "(the checkpoint's checksum is verified first)")
 
 
+def parse_model_option(text: str) -> tuple[str, Any]:
+    """'target_pool=2' -> ('target_pool', 2): the value is read as JSON (numbers, true/false, lists, objects),
+    else kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. target_pool=2; got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-option", dest="model_options", action="append", type=parse_model_option,
+                        default=[], metavar="KEY=VALUE",
+                        help="a field of the model's config, repeatable; the value is JSON, e.g. "
+                             "--model-option target_pool=2 --model-option 'loss_weights={\"res2\": 1.0}' "
+                             "(unknown fields are refused with the list of known ones)")
+
+
 def _add_image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axes", default=None,
                         help="axes of TIFF/.npy input when the file does not say, e.g. zyx, czyx (with --channel)")
@@ -173,6 +193,7 @@ def _add_pretrain_parser(sub) -> None:
     p.add_argument("images", nargs="+", type=Path, help="TIFF / OME-Zarr / .npy images or stacks (Z, Y, X)")
     p.add_argument("--output-dir", "-o", type=Path, required=True, help="where the package, checkpoint and log go")
     add_options(p, PretrainConfig, PRETRAIN_OPTIONS)
+    _add_model_option(p)
     _add_image_options(p)
     _add_common(p, training=True)
 
@@ -190,6 +211,7 @@ def _add_finetune_parser(sub) -> None:
     start.add_argument("--pretrained", type=Path, help="pretraining package (pretrained.affmae) to start from")
     start.add_argument("--scratch", action="store_true", help="start from random weights (for comparison)")
     add_options(p, FinetuneConfig, FINETUNE_OPTIONS)
+    _add_model_option(p)
     _add_image_options(p)
     _add_common(p, training=True)
 
@@ -323,6 +345,7 @@ def _cmd_pretrain(args, progress, cancel, run_log) -> int:
     images = [as_input_image(p, what=str(p), axes=args.axes, channel=args.channel, timepoint=args.timepoint)
               for p in args.images]
     config = PretrainConfig(output_dir=args.output_dir, resume=_resume_value(args.resume), **_training_values(args),
+                            model_options=dict(args.model_options),
                             **values_from(args, PretrainConfig, PRETRAIN_OPTIONS))
     run_log.write("config", config=config.to_dict())
     result = pretrain(images, config, progress=progress, cancel=cancel)
@@ -341,6 +364,7 @@ def _cmd_finetune(args, progress, cancel, run_log) -> int:
     labels = as_input_image(args.labels, what=str(args.labels), axes=args.axes, channel=args.channel,
                             timepoint=args.timepoint).array
     config = FinetuneConfig(pretrained=None if args.scratch else args.pretrained, output_dir=args.output_dir,
+                            model_options=dict(args.model_options),
                             resume=_resume_value(args.resume), **_training_values(args),
                             **values_from(args, FinetuneConfig, FINETUNE_OPTIONS))
     run_log.write("config", config=config.to_dict())
