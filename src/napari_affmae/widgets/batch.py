@@ -168,6 +168,8 @@ class BatchWidget(SegmentationJobWidget):
         return f"Batch segmentation of {len(datasets)} dataset(s)", work
 
     def on_progress(self, event: ProgressEvent) -> None:
+        if not self.is_running:  # a progress event that arrives after the job ended: the report has the last word
+            return
         message = event.message or ""
         if message.startswith("segmenting "):
             self.set_status(event.step, "running")
