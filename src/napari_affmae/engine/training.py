@@ -10,6 +10,8 @@ micro-batch, autocast, cancellation (checked before every step: outputs are writ
 """
 from __future__ import annotations
 
+import abc
+
 import json
 import logging
 import math
@@ -379,14 +381,15 @@ class TrainingJobConfig(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
-class TrainingTask:
+class TrainingTask(abc.ABC):
     """What one training job supplies to `TrainingLoop`; the loop calls the hooks in the order below.
 
     Set up: `total_steps`, `build_model`, `check_resume` (a checkpoint is being resumed), `prepare`
     (statistics and samplers, drawing from the run's generators), `restore` (the checkpoint's
     ``extra``), `provenance`, `start_message`. Every micro-batch: `batch`, `forward` (under
     autocast), `loss`, `observe`. Every logged step: `step_extra`. Outputs: `checkpoint_extra` and
-    `package` (main process only), `on_cancel`, `finish` (after the last step), `result`."""
+    `package` (main process only), `on_cancel`, `finish` (after the last step), `result`. The abstract
+    hooks must be given by every job; the others default to doing nothing."""
 
     job: str = ""  # ProgressEvent.job and provenance, e.g. "pretrain"
     verb: str = ""  # in messages, e.g. "pretraining"
@@ -395,10 +398,12 @@ class TrainingTask:
     layer_decay: float = 1.0  # layer-wise lr decay of `param_groups`
     save_last_step: bool = True  # write checkpoint + package when the last step ends (else `finish` does)
 
+    @abc.abstractmethod
     def total_steps(self) -> int:
         """Steps of a fresh run (a resumed run keeps its checkpoint's total)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
@@ -411,19 +416,24 @@ class TrainingTask:
     def restore(self, extra: dict[str, Any]) -> None:
         """Job state saved by `checkpoint_extra`."""
 
+    @abc.abstractmethod
     def provenance(self, run: TrainingLoop) -> dict[str, Any]:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def start_message(self, run: TrainingLoop) -> str:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def batch(self, shard: slice, device: torch.device) -> Any:
         """This process's part (``shard`` of the global batch) of the next micro-batch, on ``device``."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def forward(self, model: nn.Module, batch: Any) -> Any:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, out: Any, batch: Any) -> torch.Tensor:
         """Scalar float32 loss of one micro-batch (the loop divides it by ``grad_accum``)."""
         raise NotImplementedError
@@ -440,6 +450,7 @@ class TrainingTask:
         """JSON-able job state for the checkpoint (the loop adds ``losses``)."""
         return {}
 
+    @abc.abstractmethod
     def package(self, run: TrainingLoop, done: int) -> ModelPackage:
         raise NotImplementedError
 
@@ -449,6 +460,7 @@ class TrainingTask:
     def finish(self, run: TrainingLoop) -> None:
         """After the last step (every process); with ``save_last_step`` False it writes the outputs."""
 
+    @abc.abstractmethod
     def result(self, run: TrainingLoop, cancelled: bool) -> Any:
         raise NotImplementedError
 
