@@ -356,7 +356,7 @@ def _cmd_pretrain(args, progress, cancel, run_log) -> int:
 
 
 def _cmd_finetune(args, progress, cancel, run_log) -> int:
-    from .engine import FinetuneConfig, finetune  # noqa: PLC0415
+    from .engine import finetune  # noqa: PLC0415
     from .engine.inputs import as_input_image  # noqa: PLC0415
 
     image = as_input_image(args.image, what=str(args.image), axes=args.axes, channel=args.channel,
@@ -380,8 +380,6 @@ def _cmd_finetune(args, progress, cancel, run_log) -> int:
 
 def _training_values(args: argparse.Namespace) -> dict[str, Any]:
     """The execution options every training command has (device, precision, seed, gradients, checkpoints)."""
-    from .engine.settings import TRAINING_OPTIONS, TrainingSettings, values_from  # noqa: PLC0415
-
     return values_from(args, TrainingSettings, ["device", "precision", *TRAINING_OPTIONS])
 
 
@@ -444,7 +442,7 @@ def _finish_output(result: Any, tmp: Path, output: Path, probabilities: bool) ->
 def _cmd_segment(args, progress, cancel, run_log) -> int:
     import numpy as np  # noqa: PLC0415
 
-    from .engine import SegmentConfig, load_package, segment  # noqa: PLC0415
+    from .engine import load_package, segment  # noqa: PLC0415
     from .engine.inputs import as_input_image  # noqa: PLC0415
     from .engine.segment import output_labels, resolve_package, slice_list  # noqa: PLC0415
     from .io.files import remove_path  # noqa: PLC0415
@@ -493,7 +491,7 @@ def _check_report(path: Path) -> None:
 
 
 def _cmd_batch(args, progress, cancel, run_log) -> int:
-    from .engine import BatchConfig, SegmentConfig, batch_segment, load_package  # noqa: PLC0415
+    from .engine import batch_segment, load_package  # noqa: PLC0415
 
     package = load_package(args.package, expect_task="segmentation")
     tiling = SegmentConfig(**values_from(args, SegmentConfig, ["device", "precision", *SEGMENT_OPTIONS]))
