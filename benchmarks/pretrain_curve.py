@@ -90,7 +90,7 @@ def plot_token_flow(model, tile: np.ndarray, path: Path, seed: int = 0) -> list[
     x = torch.from_numpy(tile[None, None].astype(np.float32))
     h, w = tile.shape[0] // 8, tile.shape[1] // 8
     # 32-pixel blobs (one of the training scales) read best in a picture
-    mask = blob_mask(1, h, w, model.config.mask_ratio, generator=torch.Generator().manual_seed(seed), cells=(4,))
+    mask = blob_mask(1, h, w, model.default_mask.ratio, generator=torch.Generator().manual_seed(seed), cells=(4,))
     stages = model.forward_encoder(x, mask)
     counts = [s.tokens.shape[1] for s in stages]
     fig, axes = plt.subplots(1, 5, figsize=(17, 3.8), dpi=100)

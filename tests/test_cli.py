@@ -145,6 +145,12 @@ def _bad_inputs(root: Path, packages: dict[str, Path]) -> dict[str, tuple[list, 
         "threads": (["segment", seg, root / "img.tif", "-o", root / "o4.tif", "--threads", "0"], "--threads must be >= 1"),
         "model option": (["pretrain", root / "img.tif", *out, *train, "--model-option", "no_such_field=1"],
                          "unknown AFFMAE option"),
+        "masking as a model option": (["pretrain", root / "img.tif", *out, *train, "--model-option", "mask_ratio=0.3"],
+                                      "mask_ratio is a pretraining setting, not a model option: give it as --mask-ratio"),
+        "mask ratio": (["pretrain", root / "img.tif", *out, *train, "--mask-ratio", "1.5"],
+                       "mask_ratio must be between 0 and 1"),
+        "mask type of the family": (["pretrain", root / "img.tif", *out, *train, "--model", "greenmim_tiny",
+                                     "--mask-type", "blob"], "greenmim_tiny: GreenMIM draws unit masks"),
     }
 
 
@@ -237,3 +243,41 @@ def test_pretraining_progress_shows_the_flat_patch_baseline(files, tmp_path):
     last = [line for line in lines if "2/2" in line][-1]
     baseline = float(last.split("(flat patches ")[1].split(")")[0])
     assert baseline == pytest.approx(63 / 64 * 1.17, rel=0.05)  # (p*p - 1)/(p*p) x the summed loss weights
+
+
+def _neighbour_agreement(mask) -> float:
+    """Share of 4-neighbour lattice pairs that are both masked or both visible: ~0.6 for i.i.d. random masks at
+    0.75, above 0.85 for blobs of 2+ cells."""
+    import torch
+
+    return float(torch.cat([(mask[:, 1:] == mask[:, :-1]).flatten(1),
+                            (mask[:, :, 1:] == mask[:, :, :-1]).flatten(1)], 1).float().mean())
+
+
+def test_mask_options_reach_the_masks_drawn(tmp_path, monkeypatch):
+    """--mask-ratio and --mask-type change the masks each step draws (their hidden share and structure), and the
+    package records them; without them the family's own masks (AFFMAE: 50 % blobs) are drawn."""
+    from napari_affmae.engine import load_package
+    from napari_affmae.engine.pretrain import PretrainTask
+
+    masks, draw = [], PretrainTask.batch
+
+    def batch(self, shard, device):
+        x, mask = draw(self, shard, device)
+        masks.append(mask.clone())  # [B, h, w], True = masked
+        return x, mask
+
+    monkeypatch.setattr(PretrainTask, "batch", batch)
+    image, _ = synthetic_em((2, 128, 128), seed=3)
+    np.save(tmp_path / "img.npy", image)
+    common = ["--steps", "1", "--crop-size", "128", "--batch-size", "4", "--device", "cpu", "--quiet"]
+    assert main(["pretrain", str(tmp_path / "img.npy"), "-o", str(tmp_path / "a"), *common,
+                 "--mask-ratio", "0.75", "--mask-type", "random"]) == 0
+    assert main(["pretrain", str(tmp_path / "img.npy"), "-o", str(tmp_path / "b"), *common]) == 0
+    given, default = masks
+    assert given.shape == default.shape == (4, 16, 16)
+    assert given.flatten(1).float().mean(1).tolist() == [0.75] * 4  # 192 of 256 patches hidden in every crop
+    assert default.flatten(1).float().mean(1).tolist() == [0.5] * 4
+    # samples 1-3 use blob scales of 2, 4 and 8 cells (sample 0's 1-cell blobs look almost i.i.d.)
+    assert _neighbour_agreement(given[1:]) < 0.72 < 0.8 < _neighbour_agreement(default[1:])
+    assert load_package(tmp_path / "a" / "pretrained.affmae").provenance["mask"] == {"ratio": 0.75, "kind": "random"}

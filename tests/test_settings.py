@@ -47,6 +47,15 @@ def test_help_shows_the_default_from_the_config() -> None:
     assert flag_of(FinetuneConfig, "augment") == "--no-augment" and "--no-augment" in text
 
 
+def test_pretrain_help_shows_each_family_default_mask() -> None:
+    from napari_affmae.models import list_models, masking_of
+
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["pretrain"].format_help().split())  # noqa: SLF001
+    for name in list_models(task="mae"):
+        spec = masking_of(name).default_mask
+        assert f"{name.rsplit('_', 1)[0]} {spec.ratio:g} {spec.kind}" in text, name
+
+
 def test_settings_without_help_or_with_a_typo_are_refused() -> None:
     import argparse
 
@@ -77,8 +86,12 @@ def test_widgets_start_from_the_engine_defaults(make_napari_viewer) -> None:
         assert widget.batch_size.value() == default_of(config_class, "batch_size")
         assert (widget.crop_h.value(), widget.crop_w.value()) == default_of(config_class, "crop_size")
     pretrain = PretrainWidget(viewer)
-    assert pretrain.mask_ratio.value() == pytest.approx(default_of(PretrainConfig, "mask_ratio"))
     assert pretrain.model.currentText() == default_of(PretrainConfig, "model")
+    # the mask ratio shown is the one PretrainConfig's defaults draw for the chosen model, whichever it is
+    for name in ("affmae_tiny", "vit_mae_tiny", "um_mae_tiny"):
+        pretrain.model.setCurrentText(name)
+        assert pretrain.mask_ratio.value() == pytest.approx(PretrainConfig(model=name).mask_spec().ratio)
+        assert pretrain.config().mask_spec() == PretrainConfig(model=name).mask_spec()
     for widget in (SegmentWidget(viewer), BatchWidget(viewer)):
         tiling = widget.tiling if hasattr(widget, "tiling") else widget
         assert (tiling.tile_h.value(), tiling.tile_w.value()) == default_of(SegmentConfig, "tile_size")

@@ -118,7 +118,8 @@ def test_affmae_options_reach_pretraining_and_both_affmae_arms(tiny_data_dir: Pa
                    "--affmae-option", "keep_rate=0.6"])
     assert code == 0
     mae = load_package(next((work / "vnc_mito").glob("pretrain_affmae_s0/*.affmae")))
-    assert mae.config["mask_ratio"] == 0.75 and mae.config["norm_pix_loss"] is False
+    assert mae.provenance["mask"] == {"ratio": 0.75, "kind": "blob"} and mae.config["norm_pix_loss"] is False
+    assert "mask_ratio" not in mae.config  # masking is a pretraining setting, not a model field
     assert mae.config["keep_rate"] == 0.6
     for arm in ("affmae_pretrained", "affmae_scratch"):  # the options that shape the segmentation model
         seg = load_package(next((work / "vnc_mito").glob(f"{arm}_sparse_k1_s0/*.affmae")))

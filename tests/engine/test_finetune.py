@@ -130,5 +130,8 @@ def test_model_options_override_the_package_config_and_keep_the_pretrained_encod
 def test_pretrain_config_refuses_masking_options_hidden_in_model_options():
     from napari_affmae.engine import PretrainConfig
 
-    with pytest.raises(ValueError, match="set mask_ratio as PretrainConfig option"):
+    with pytest.raises(ValueError, match="mask_ratio is a pretraining setting, not a model option: give it as "
+                                         "--mask-ratio"):
         PretrainConfig(model_options={"mask_ratio": 0.9})
+    with pytest.raises(ValueError, match="set keep_rate as the PretrainConfig option"):
+        PretrainConfig(model_options={"keep_rate": 0.5})

@@ -154,3 +154,43 @@ def test_other_version_or_architecture_is_a_clear_error(tmp_path):
         load_package(_rewrite_zip(good, tmp_path / "foreign.affmae", foreign))
     with pytest.raises(PackageError, match="segmentation package, but a pretraining"):
         load_package(good, expect_task="mae")
+
+
+@pytest.mark.parametrize("name, legacy, mask", [
+    ("affmae_tiny", {"mask_ratio": 0.6, "mask_type": "random"}, {"ratio": 0.6, "kind": "random"}),
+    ("vit_mae_tiny", {"mask_ratio": 0.5}, {"ratio": 0.5, "kind": "random"}),
+    ("greenmim_tiny", {"mask_ratio": 0.75}, {"ratio": 0.75, "kind": "unit"}),
+])
+def test_old_packages_with_masking_in_the_model_config_still_load(tmp_path, caplog, name, legacy, mask):
+    """Packages written when masking was a model-config field: the fields are dropped with one log line, and a
+    pretraining package's provenance records them as the masks it was trained with."""
+    from napari_affmae.engine.pretrain import package_mask
+    from napari_affmae.models import MaskSpec
+
+    torch.manual_seed(0)
+    saved = save_package(ModelPackage.from_model(create_model(name), provenance={"job": "pretrain"}),
+                         tmp_path / "new.affmae")
+
+    def old_style(manifest):
+        manifest["config"].update(legacy)
+
+    with caplog.at_level("INFO", logger="napari_affmae.engine.package"):
+        package = load_package(_rewrite_zip(saved, tmp_path / "old.affmae", old_style), expect_task="mae")
+    assert not set(legacy) & set(package.config)
+    assert package.provenance["mask"] == mask and package_mask(package) == MaskSpec(**mask)
+    assert [r.message for r in caplog.records if "masking is a pretraining setting" in r.message] == [
+        f"{tmp_path / 'old.affmae'}: {legacy} in the model config ignored (masking is a pretraining setting now)"]
+    model = package.build_model()
+    for key, value in load_package(saved).state_dict.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_old_segmentation_package_with_masking_loads_and_fine_tuned_models_build(tmp_path):
+    saved = save_package(_package(), tmp_path / "seg.affmae")
+
+    def old_style(manifest):
+        manifest["config"].update(mask_ratio=0.5, mask_type="blob")
+
+    package = load_package(_rewrite_zip(saved, tmp_path / "old.affmae", old_style), expect_task="segmentation")
+    assert "mask_ratio" not in package.config and "mask" not in package.provenance
+    assert package.build_model().num_classes == 3

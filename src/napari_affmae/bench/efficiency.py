@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..models.masking import MaskSpec
 from ..models.registry import create_model, list_models
 from .flops import FlopCount, count_flops, shape_only_neighborhood_ops
 from .memory import cpu_method, measure_peak
@@ -277,7 +278,8 @@ class _SupervisedStep(nn.Module):
         super().__init__()
         self.seg = seg
 
-    def random_mask(self, batch: int, h: int, w: int, device=None, generator=None) -> torch.Tensor:
+    def random_mask(self, batch: int, h: int, w: int, spec: MaskSpec | None = None, device=None,
+                    generator=None) -> torch.Tensor:
         return torch.zeros(batch, h, w, dtype=torch.bool, device=device)  # nothing is masked
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -296,14 +298,19 @@ def _build(family: Family, config: BenchConfig, device: torch.device) -> tuple[n
         info = FamilyInfo(family.key, family.label, name, _count(step), _count(seg), None, timed)
         return step.to(device), seg.to(device), info
     mae = create_model(name, task="mae", **overrides)
-    if config.mask_ratio is not None and hasattr(mae.config, "mask_ratio"):
-        overrides["mask_ratio"] = config.mask_ratio
-        mae = create_model(name, task="mae", **overrides)
-    seg_overrides = {k: v for k, v in overrides.items() if k != "mask_ratio"}
-    seg = create_model(name, task="segmentation", num_classes=config.num_classes, **seg_overrides)
-    ratio = getattr(mae.config, "mask_ratio", 0.75 if family.prefix == "um_mae" else None)
+    seg = create_model(name, task="segmentation", num_classes=config.num_classes, **overrides)
+    ratio = _mask_spec(mae, config.mask_ratio).ratio
     info = FamilyInfo(family.key, family.label, name, _count(mae), _count(seg), ratio, timed)
     return mae.to(device), seg.to(device), info
+
+
+def _mask_spec(mae: nn.Module, ratio: float | None) -> MaskSpec | None:
+    """The family's default masks, at ``ratio`` (``--mask-ratio``) where its ratio is free (not UM-MAE's);
+    None for a model without masks (the U-Net)."""
+    default = getattr(mae, "default_mask", None)
+    if default is None or ratio is None or default.fixed_ratio:
+        return default
+    return default.replace(ratio=ratio)
 
 
 class _Runner:
@@ -427,7 +434,8 @@ def _measure_cell(family: Family, info: FamilyInfo, mae: nn.Module, seg: nn.Modu
     gen = torch.Generator().manual_seed(config.seed + resolution)
     x = torch.randn(config.batch, 1, resolution, resolution, generator=gen).to(device)  # [B, 1, H, W]
     torch.manual_seed(config.seed + resolution)
-    mask = mae.random_mask(config.batch, resolution // 8, resolution // 8, device=device)  # [B, h, w]
+    spec = _mask_spec(mae, info.mask_ratio)
+    mask = mae.random_mask(config.batch, resolution // 8, resolution // 8, spec, device=device)  # [B, h, w]
     cell.masked_fraction = float(mask.float().mean())
     runner = _Runner(mae, seg, x, mask, device, config.precision)
     say(f"{info.label} @ {resolution}^2: counting FLOPs")

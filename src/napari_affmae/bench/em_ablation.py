@@ -145,15 +145,16 @@ def probe_pretraining(package_path: Path, images: Sequence[np.ndarray], crop: in
     (2D/3D arrays), normalised as in pretraining. ``ratio`` < 1: the model predicts more than flat patches.
 
     The masks are the same for every model whatever it was pretrained with: ``mask_type`` masks (blob: of
-    the default scales `models.masking.BLOB_CELLS`) at the model's mask ratio, drawn from ``seed``. Loss and trivial loss use
+    the default scales `models.masking.BLOB_CELLS`) at the package's pretraining mask ratio, drawn from ``seed``. Loss and trivial loss use
     the model's own target (pooling, blur, normalisation), so the ratio compares like with like."""
     from ..data.sampling import PatchSampler  # noqa: PLC0415
     from ..engine import load_package  # noqa: PLC0415
     from ..engine.inputs import as_input_image, combined_stats  # noqa: PLC0415
-    from ..engine.pretrain import normalised_batch  # noqa: PLC0415
+    from ..engine.pretrain import normalised_batch, package_mask  # noqa: PLC0415
     from ..models.masking import make_mask  # noqa: PLC0415
 
-    model = load_package(package_path, expect_task="mae").build_model("cpu").eval()
+    package = load_package(package_path, expect_task="mae")
+    model, ratio = package.build_model("cpu").eval(), package_mask(package).ratio
     inputs = [as_input_image(image) for image in images]
     _, stats = combined_stats(inputs, seed=0)
     sampler = PatchSampler([i.array for i in inputs], (crop, crop), seed=seed, pad=True)
@@ -162,7 +163,7 @@ def probe_pretraining(package_path: Path, images: Sequence[np.ndarray], crop: in
     with torch.no_grad():
         for _ in range(batches):
             x = torch.from_numpy(normalised_batch(sampler, stats, batch_size))[:, None]  # [B, 1, crop, crop]
-            mask = make_mask(mask_type, batch_size, crop // 8, crop // 8, model.config.mask_ratio, generator)
+            mask = make_mask(mask_type, batch_size, crop // 8, crop // 8, ratio, generator)
             out = model(x, mask=mask)
             losses.append(float(out["loss"]))
             trivial.append(float(out["reference_loss"]))

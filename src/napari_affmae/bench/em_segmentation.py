@@ -56,16 +56,18 @@ ARMS: dict[str, tuple[str, bool]] = {  # arm -> (model family, pretrained?)
 }
 NO_NETWORK = ("threshold", "rf_filters")  # arms without a trained network
 UNET_SIZE = {"tiny": "tiny", "small": "small", "base": "small"}
-# masking per family, as each was published for EM / natural images (DESIGN.md sections 3 and 5)
-MASKING = {"affmae": {"mask_ratio": 0.5, "mask_type": "blob"}, "vit_mae": {"mask_ratio": 0.75, "mask_type": "random"}}
 PRETRAIN_FIELDS = ("mask_ratio", "mask_type", "keep_rate")  # set through PretrainConfig, not model_options
 PRETRAINING_ONLY = ("mask_ratio", "mask_type", "norm_pix_loss", "loss_weights", "blob_cells", "target_pool",
                     "target_blur", "target_norm_floor")  # no effect on segmentation
 
 
 def masking_for(family: str, affmae_options: dict[str, Any]) -> dict[str, Any]:
-    """`MASKING` of ``family``, with the AFFMAE options that are `PretrainConfig` fields applied."""
-    masking = dict(MASKING[family])
+    """Pretraining masks of ``family``: its default (as each was published for EM / natural images, DESIGN.md
+    sections 3 and 5; every size masks alike), with the AFFMAE options that are `PretrainConfig` fields applied."""
+    from ..models import masking_of  # noqa: PLC0415
+
+    spec = masking_of(f"{family}_tiny").default_mask
+    masking: dict[str, Any] = {"mask_ratio": spec.ratio, "mask_type": spec.kind}
     if family == "affmae":
         masking.update({k: v for k, v in affmae_options.items() if k in PRETRAIN_FIELDS})
     return masking
@@ -119,11 +121,11 @@ class EMBenchConfig:
             raise ValueError("tasks, k, regimes, seeds and arms must each name at least one value")
         from ..models.affmae import AFFMAEConfig  # noqa: PLC0415
 
-        known = {f.name for f in dataclasses.fields(AFFMAEConfig)}
+        known = {f.name for f in dataclasses.fields(AFFMAEConfig)} | set(PRETRAIN_FIELDS)
         unknown = sorted(set(self.affmae_options) - known)
         if unknown:
             raise ValueError(f"unknown AFFMAE option(s) {unknown}; choose from {', '.join(sorted(known))}")
-        AFFMAEConfig(**self.affmae_options)  # bad values raise here, before any training
+        AFFMAEConfig(**{k: v for k, v in self.affmae_options.items() if k not in ("mask_ratio", "mask_type")})
         from ..engine import PretrainConfig  # noqa: PLC0415
 
         PretrainConfig(model=self.model_name("affmae"), **self.masking("affmae"))  # e.g. mask_ratio in (0, 1)
@@ -461,8 +463,8 @@ def build_parser(prog: str | None = None, results_file: bool = True) -> argparse
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--affmae-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="AFFMAEConfig field for both AFFMAE arms, repeatable: e.g. mask_ratio=0.75, keep_rate=0.6, "
-                   "norm_pix_loss=false, refine=false")
+                   help="AFFMAEConfig field, or mask_ratio / mask_type, for both AFFMAE arms, repeatable: e.g. "
+                   "mask_ratio=0.75, keep_rate=0.6, norm_pix_loss=false, refine=false")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     return p
 

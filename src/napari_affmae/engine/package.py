@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import json
 import os
 import shutil
@@ -36,6 +37,8 @@ from safetensors.torch import save as save_safetensors_bytes
 from .. import __version__
 from ..data.normalize import NormalizationStats
 from ..io.files import probe_writable_dir, replace_path
+
+log = logging.getLogger(__name__)
 
 FORMAT_NAME = "napari-affmae-model"
 FORMAT_VERSION = 1
@@ -279,6 +282,27 @@ def _read_members(path: Path) -> tuple[bytes, bytes]:
         raise PackageError(f"{path} is a damaged package archive: {err}") from err
 
 
+def _current_config(manifest: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model config and provenance of a manifest as this version builds them: AFFMAE fields a package
+    predates filled in as they behaved then; the masking that older packages kept in the model config
+    (``mask_ratio`` / ``mask_type``, now a pretraining setting) dropped, and for a pretraining package
+    recorded as its provenance's ``mask`` when that is missing."""
+    from ..models import masking_of  # noqa: PLC0415 (models import is heavy)
+    from ..models.affmae import with_package_defaults  # noqa: PLC0415
+    from ..models.masking import without_mask_fields  # noqa: PLC0415
+
+    name, provenance = manifest["model_name"], dict(manifest.get("provenance") or {})
+    config, dropped = without_mask_fields(manifest["config"])
+    if dropped:
+        log.info("%s: %s in the model config ignored (masking is a pretraining setting now)", path, dropped)
+        if manifest["task"] == "mae" and "mask" not in provenance:
+            spec = masking_of(name).mask_spec(dropped.get("mask_ratio"), dropped.get("mask_type"))
+            provenance["mask"] = spec.to_dict()
+    if name.startswith("affmae_"):  # packages written before newer AFFMAE options existed
+        config = with_package_defaults(config)
+    return config, provenance
+
+
 def load_package(path: str | os.PathLike, *, expect_task: str | None = None,
                  expect_model: str | None = None) -> ModelPackage:
     """Read and verify a package (directory or ``.affmae`` zip). Never unpickles anything.
@@ -329,18 +353,14 @@ def load_package(path: str | os.PathLike, *, expect_task: str | None = None,
         raise PackageError(f"{path} holds a {manifest['model_name']} model, but {expect_model} was requested")
     if manifest.get("label_mode", "sparse") not in LABEL_MODES:
         raise PackageError(f"{path}: unknown label_mode {manifest.get('label_mode')!r}")
-    config = manifest["config"]
-    if manifest["model_name"].startswith("affmae_"):  # packages written before newer AFFMAE options existed
-        from ..models.affmae import with_package_defaults  # noqa: PLC0415 (models import is heavy)
-
-        config = with_package_defaults(config)
+    config, provenance = _current_config(manifest, path)
     package = ModelPackage(
         model_name=manifest["model_name"], task=task, config=config, state_dict=state_dict,
         num_classes=manifest.get("num_classes"), class_names=list(manifest.get("class_names") or []),
         label_mode=manifest.get("label_mode", "sparse"), label_values=manifest.get("label_values"),
         normalization=manifest.get("normalization"),
         normalization_mode=manifest.get("normalization_mode", "percentile"), pixel_size=manifest.get("pixel_size"),
-        provenance=dict(manifest.get("provenance") or {}), package_version=str(manifest.get("package_version", "")),
+        provenance=provenance, package_version=str(manifest.get("package_version", "")),
         format_version=version, path=path,
     )
     values = package.label_values

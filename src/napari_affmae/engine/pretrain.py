@@ -27,8 +27,8 @@ from .. import __version__
 from ..data.augment import AugmentConfig, augment_batch
 from ..data.normalize import NormalizationStats
 from ..data.sampling import PatchSampler, as_crop_shape
-from ..models import create_model
-from ..models.masking import MASK_TYPES
+from ..models import create_model, list_models, masking_of
+from ..models.masking import MASK_KINDS, MaskSpec, check_no_mask_fields
 from .checkpoint import Checkpoint, RngStates
 from .device import precision_name
 from .inputs import InputImage, as_input_image, check_crop_fits, check_has_contrast, combined_stats, \
@@ -42,6 +42,15 @@ log = logging.getLogger(__name__)
 PRETRAIN_PACKAGE = "pretrained.affmae"
 # geometry-only augmentation for pretraining (the reconstruction target follows the pixels)
 _GEOMETRY_ONLY = AugmentConfig(gamma=(1.0, 1.0), contrast=(1.0, 1.0), brightness=(0.0, 0.0))
+
+
+def family_masks() -> str:
+    """Each pretrainable family's default masking, e.g. ``affmae 0.5 blob, vit_mae 0.75 random`` (for help texts)."""
+    shown: dict[str, str] = {}
+    for name in list_models(task="mae"):
+        spec = masking_of(name).default_mask
+        shown.setdefault(name.rsplit("_", 1)[0], f"{spec.ratio:g} {spec.kind}")
+    return ", ".join(f"{family} {text}" for family, text in shown.items())
 
 
 @dataclass
@@ -59,10 +68,13 @@ class PretrainConfig(TrainingSettings):
     weight_decay: float = setting(0.05, "AdamW weight decay")
     warmup_steps: int = setting(50, "linear warm-up steps before cosine decay")
     min_lr_ratio: float = 0.01
-    mask_ratio: float = setting(0.5, "fraction of 8x8 patches hidden")
-    mask_type: str = setting("blob", "blob-shaped (Perlin-style) or i.i.d. random masks", choices=MASK_TYPES)
-    keep_rate: float = setting(0.4, "fraction of tokens kept by each adaptive merge")
-    model_options: dict[str, Any] = field(default_factory=dict)  # other AFFMAE config fields
+    mask_ratio: float | None = setting(None, "fraction of 8x8 patches hidden; none: the model family's own "
+                                       f"({family_masks()})", parse=float)
+    mask_type: str | None = setting(None, "blob: Perlin-style blobs, random: i.i.d., unit: GreenMIM's shared units, "
+                                    "uniform: UM-MAE's one per 2x2 block; none: the family's own", choices=MASK_KINDS)
+    keep_rate: float | None = setting(None, "AFFMAE: fraction of tokens kept by each adaptive merge; none: the "
+                                      "model's own", parse=float)
+    model_options: dict[str, Any] = field(default_factory=dict)  # other model config fields
     augment: bool = True  # flips / rot90 of the crops
     output_dir: str | Path = "runs/pretrain"
 
@@ -77,15 +89,26 @@ class PretrainConfig(TrainingSettings):
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, warmup_steps >= 0; got {self.lr}, "
                              f"{self.weight_decay}, {self.warmup_steps}")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be between 0 and 1 (e.g. 0.5); got {self.mask_ratio}")
-        if self.mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type must be one of {MASK_TYPES}; got {self.mask_type!r}")
-        if not 0.0 < self.keep_rate <= 1.0:
+        check_no_mask_fields(self.model_options)
+        self.mask_spec()
+        if self.keep_rate is not None and not 0.0 < self.keep_rate <= 1.0:
             raise ValueError(f"keep_rate must be in (0, 1]; got {self.keep_rate}")
-        shadowed = sorted({"mask_ratio", "mask_type", "keep_rate"} & set(self.model_options))
-        if shadowed:
-            raise ValueError(f"set {', '.join(shadowed)} as PretrainConfig option(s), not in model_options")
+        if "keep_rate" in self.model_options:
+            raise ValueError("set keep_rate as the PretrainConfig option (--keep-rate), not in model_options")
+
+    def mask_spec(self) -> MaskSpec:
+        """The masks every step draws: the model family's default (`models.masking_of`) with ``mask_ratio`` and
+        ``mask_type`` where given. Raises a ValueError naming the bad value."""
+        family = masking_of(self.model)
+        try:
+            return family.mask_spec(self.mask_ratio, self.mask_type)
+        except ValueError as err:
+            raise ValueError(f"{self.model}: {err}") from None
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Config overrides of the model: ``model_options`` and ``keep_rate`` where given."""
+        keep = {} if self.keep_rate is None else {"keep_rate": self.keep_rate}
+        return {**self.model_options, **keep}
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -125,21 +148,18 @@ def _as_list(images: Any) -> list[Any]:
     return [images]
 
 
+def package_mask(package: ModelPackage) -> MaskSpec:
+    """The masks a pretraining package was trained with (its provenance's ``mask``), else its family's default."""
+    recorded = package.provenance.get("mask")
+    return MaskSpec(**recorded) if recorded else masking_of(package.model_name).default_mask
+
+
 def normalised_batch(sampler: PatchSampler, stats: list[NormalizationStats], n: int) -> np.ndarray:
     """``n`` crops ``[n, h, w]`` float32, each normalised with its own image's statistics."""
     crops = []
     for location in sampler.sample_locations(n):
         crops.append(stats[location.source].apply(sampler.read(location), mode="percentile"))
     return np.stack(crops).astype(np.float32)
-
-
-def _model_overrides(config: PretrainConfig) -> dict[str, Any]:
-    """model_options plus the masking / merging options that this model family has."""
-    with torch.device("meta"):
-        probe = create_model(config.model, **config.model_options)
-    known = {f.name for f in dataclasses.fields(probe.config)}
-    wanted = dict(mask_ratio=config.mask_ratio, mask_type=config.mask_type, keep_rate=config.keep_rate)
-    return dict(config.model_options, **{k: v for k, v in wanted.items() if k in known})
 
 
 def pretrain(images: Any, config: PretrainConfig | None = None, progress: ProgressCallback | None = None,
@@ -174,12 +194,13 @@ class PretrainTask(TrainingTask):
 
     def __init__(self, config: PretrainConfig, inputs: list[InputImage]) -> None:
         self.config, self.inputs = config, inputs
+        self.mask = config.mask_spec()
 
     def total_steps(self) -> int:
         return total_steps_for(self.config, self.inputs)
 
     def build_model(self) -> torch.nn.Module:
-        self.model = create_model(self.config.model, **_model_overrides(self.config))
+        self.model = create_model(self.config.model, **self.config.model_overrides())
         return self.model
 
     def check_resume(self, checkpoint: Checkpoint) -> None:
@@ -205,7 +226,7 @@ class PretrainTask(TrainingTask):
         inputs = self.inputs
         return {
             "job": "pretrain", "napari_affmae": __version__, "torch": torch.__version__,
-            "config": self.config.to_dict(), "sources": [source_name(img, i) for i, img in enumerate(inputs)],
+            "config": self.config.to_dict(), "mask": self.mask.to_dict(), "sources": [source_name(img, i) for i, img in enumerate(inputs)],
             "shapes": [list(img.shape) for img in inputs], "device": run.device.type,
             "precision": precision_name(run.dtype), "world_size": run.context.world_size,
             "per_image_stats": [s.to_dict() for s in self.per_image_stats],
@@ -223,7 +244,7 @@ class PretrainTask(TrainingTask):
         if config.augment:
             batch, _ = augment_batch(batch, None, self.rngs.numpy, _GEOMETRY_ONLY)
         # each family draws masks of its own structure (UM-MAE: one per 2x2, GreenMIM: shared units)
-        mask = self.model.random_mask(config.batch_size, h // 8, w // 8,
+        mask = self.model.random_mask(config.batch_size, h // 8, w // 8, self.mask,
                                       generator=self.rngs.torch)  # [B, h/8, w/8], same on every rank
         x = torch.from_numpy(np.ascontiguousarray(batch[shard]))[:, None].to(device)  # [b, 1, h, w]
         return x, mask[shard].to(device)

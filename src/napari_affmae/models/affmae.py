@@ -16,13 +16,14 @@ from .affmae_encoder import AFFMAEEncoder, StageOutput
 from .clustering import NEIGHBORHOOD_MODES, gather_tokens
 from .common import PATCH_SIZE, check_target_pool, lattice_positions, masked_mse, patch_targets, patchify, \
     split_by_mask, target_values, unpatchify, validate_image, validate_mask
-from .masking import BLOB_CELLS, MASK_TYPES, make_mask
+from .masking import BLOB_CELLS, LATTICE_MASK_KINDS, MaskedAutoencoder, MaskSpec
 from .registry import register_model
 
 
 @dataclass
 class AFFMAEConfig:
-    """Architecture and pretraining options (all sizes in channels unless noted)."""
+    """Architecture and pretraining-target options (all sizes in channels unless noted). Masking is not here:
+    it is an argument of pretraining (`MaskSpec`, `PretrainConfig.mask_ratio`)."""
 
     dims: tuple[int, ...] = (48, 96, 192, 256)
     depths: tuple[int, ...] = (1, 1, 3, 1)
@@ -42,8 +43,6 @@ class AFFMAEConfig:
     #: Nearest token clusters each decoder query reads in cross-attention (None: ``nearest_clusters``).
     #: Fewer means nearer: 2 clusters = 16 tokens instead of 8 = 64 (about half a 128-px crop at res2).
     decoder_nearest_clusters: int | None = None
-    mask_ratio: float = 0.5
-    mask_type: str = "blob"  # "blob" | "random"
     blob_cells: tuple[int, ...] = BLOB_CELLS  # blob scales in lattice cells, one per sample in turn
     norm_pix_loss: bool = True
     #: Side in pixels of the squares averaged into one reconstruction target value. 1: every pixel of the
@@ -63,8 +62,6 @@ class AFFMAEConfig:
         self.dims, self.depths, self.heads = tuple(self.dims), tuple(self.depths), tuple(self.heads)
         if self.neighborhood not in NEIGHBORHOOD_MODES:
             raise ValueError(f"neighborhood must be one of {NEIGHBORHOOD_MODES}; got {self.neighborhood!r}")
-        if self.mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type must be one of {MASK_TYPES}; got {self.mask_type!r}")
         if not 0.0 < self.keep_rate <= 1.0:
             raise ValueError(f"keep_rate must be in (0, 1]; got {self.keep_rate}")
         if len(self.dims) != 4:
@@ -120,8 +117,12 @@ class _Head(nn.Sequential):
 _LAYER_OF = {"res5": 0, "res4": 1, "res3": 2, "res2": 3}
 
 
-class AFFMAEPretrain(nn.Module):
-    """MAE pretraining: encode visible patches, reconstruct masked ones with deep supervision."""
+class AFFMAEPretrain(MaskedAutoencoder, nn.Module):
+    """MAE pretraining: encode visible patches, reconstruct masked ones with deep supervision. Masks: 50 %
+    blobs by default (``random_mask(batch, h, w, MaskSpec(...))`` draws others)."""
+
+    default_mask = MaskSpec(0.5, "blob")
+    mask_kinds = LATTICE_MASK_KINDS
 
     def __init__(self, config: AFFMAEConfig) -> None:
         super().__init__()
@@ -138,9 +139,8 @@ class AFFMAEPretrain(nn.Module):
         validate_mask(mask, b, hh // self.patch_size, ww // self.patch_size)
         return self.encoder(x, mask)
 
-    def random_mask(self, batch: int, h: int, w: int, device=None, generator: torch.Generator | None = None):
-        return make_mask(self.config.mask_type, batch, h, w, self.config.mask_ratio, generator, device,
-                         cells=self.config.blob_cells)
+    def mask_geometry(self) -> dict[str, tuple[int, ...]]:
+        return {"cells": self.config.blob_cells}  # blob scales of this model's masks
 
     def targets(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction targets of every patch ``[B, h*w, target_size]`` (see `AFFMAEConfig.target_pool`)."""
@@ -301,4 +301,4 @@ def _builder(size: str):
 
 
 for _size in SIZES:
-    register_model(f"affmae_{_size}", _builder(_size))
+    register_model(f"affmae_{_size}", _builder(_size), masking=AFFMAEPretrain)

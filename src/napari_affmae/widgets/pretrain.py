@@ -36,8 +36,8 @@ class PretrainWidget(TrainingWidget):
         self.mask_ratio = QDoubleSpinBox()
         self.mask_ratio.setRange(0.05, 0.95)
         self.mask_ratio.setSingleStep(0.05)
-        self.mask_ratio.setValue(default_of(PretrainConfig, "mask_ratio"))
-        self.mask_ratio.setToolTip("fraction of 8 x 8 patches hidden from the encoder (0.5 suits EM)")
+        self.show_family_mask()
+        self.model.currentTextChanged.connect(self.show_family_mask)
         form = self.form()
         form.addRow(form_label("Image"), self.image_picker)
         form.addRow(form_label("Model"), self.model)
@@ -45,13 +45,24 @@ class PretrainWidget(TrainingWidget):
         self.add_training_rows(form)
         self.add_run_section()
 
+    def show_family_mask(self, *_: Any) -> None:
+        """Show the chosen model's default mask ratio (`PretrainConfig.mask_spec` with the form's model); UM-MAE's
+        uniform sampling has a fixed ratio, so the box is then read-only."""
+        spec = PretrainConfig(model=self.model.currentText()).mask_spec()
+        self.ratio_fixed = spec.fixed_ratio
+        self.mask_ratio.setValue(spec.ratio)
+        self.mask_ratio.setEnabled(not self.ratio_fixed)
+        self.mask_ratio.setToolTip(f"fraction of 8 x 8 patches hidden from the encoder ({spec.kind} masks; "
+                                   f"{self.model.currentText()}'s default: {spec.ratio:g})")
+
     def config(self) -> PretrainConfig:
         """The engine config for the current form values (raises ValueError for bad values)."""
         folder, _ = self.output_folder()
         steps = int(self.steps.value())
         return PretrainConfig(
             model=self.model.currentText(), crop_size=self.crop_size(), batch_size=int(self.batch_size.value()),
-            steps=steps, mask_ratio=float(self.mask_ratio.value()), device=self.device.currentText(),
+            steps=steps, mask_ratio=None if self.ratio_fixed else float(self.mask_ratio.value()),
+            device=self.device.currentText(),
             output_dir=folder, resume=self.resume.isChecked(), checkpoint_every=min(100, max(10, steps // 5)),
             warmup_steps=min(50, max(steps // 10, 0)),
         )

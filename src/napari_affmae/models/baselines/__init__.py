@@ -9,8 +9,9 @@
 
 All take one-channel ``[B, 1, H, W]`` input on the 8-px patch lattice; ``model.size_multiple``
 is the side multiple (pixels) a model needs (16 for UM-MAE pretraining, 8 otherwise), and
-``model.random_mask(batch, h, w, device=None, generator=None)`` (same signature as AFFMAE) draws a
-mask of the family's structure.
+``model.random_mask(batch, h, w, spec=None, device=None, generator=None)`` (same signature as AFFMAE)
+draws a mask of the family's structure; ``spec`` is a `masking.MaskSpec` (None: the family's
+``default_mask``).
 """
 from . import greenmim, um_mae, unet, vit_mae  # noqa: F401  (registration)
 from .greenmim import GreenMIM, GreenMIMConfig, GreenMIMSegmenter

@@ -225,4 +225,4 @@ def register_family(prefix: str, sizes: dict[str, Any], mae_cls: type, seg_cls: 
         return builder
 
     for size, config in sizes.items():
-        register_model(f"{prefix}_{size}", make_builder(config))
+        register_model(f"{prefix}_{size}", make_builder(config), masking=mae_cls)

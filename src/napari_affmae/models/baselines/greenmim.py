@@ -19,8 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..common import PATCH_SIZE, patchify, validate_image
-from ..masking import random_mask as random_lattice_mask
-from ..masking import visible_count
+from ..masking import MaskedAutoencoder, MaskSpec, unit_mask  # noqa: F401  (unit_mask: re-exported)
 from .base import PATCH_PIXELS, init_weights, reconstruction_loss, register_family
 from .hierarchical import PatchEmbed, PyramidConfig, PyramidSegmenter, build_pyramid
 from .swin import TokenSet
@@ -28,23 +27,7 @@ from .swin import TokenSet
 
 @dataclass(frozen=True)
 class GreenMIMConfig(PyramidConfig):
-    """`PyramidConfig` + the share of units masked."""
-
-    mask_ratio: float = 0.75
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        visible_count(1, 1, self.mask_ratio)  # range check
-
-
-def unit_mask(batch: int, h: int, w: int, unit: int, ratio: float, generator: torch.Generator | None = None,
-              device=None) -> torch.Tensor:
-    """``[B, h, w]`` bool mask, identical for all samples, constant on ``unit x unit`` blocks
-    (border blocks cropped); ``ratio`` of the ``ceil(h/u) x ceil(w/u)`` units are masked."""
-    hu, wu = -(-h // unit), -(-w // unit)
-    units = random_lattice_mask(1, hu, wu, ratio, generator, device)  # [1, hu, wu]
-    cells = units.repeat_interleave(unit, 1).repeat_interleave(unit, 2)[:, :h, :w]
-    return cells.expand(batch, h, w).clone()
+    """`PyramidConfig` (GreenMIM adds nothing to it: the share of units masked is a `MaskSpec`)."""
 
 
 def check_unit_mask(mask: torch.Tensor, batch: int, h: int, w: int, unit: int) -> None:
@@ -69,13 +52,15 @@ def check_unit_mask(mask: torch.Tensor, batch: int, h: int, w: int, unit: int) -
         raise ValueError("mask hides every patch: at least one unit must stay visible")
 
 
-class GreenMIM(nn.Module):
+class GreenMIM(MaskedAutoencoder, nn.Module):
     """GreenMIM pretraining model. ``forward(x [B, 1, H, W], mask=None)`` -> dict(loss, pred
     ``[B, h*w, 64]``, mask ``[B, h, w]``). A given mask must be shared by the batch and constant
-    on ``config.unit``-patch units."""
+    on ``config.unit``-patch units (`unit_mask`; default: 75 % of the units)."""
 
     patch_size = PATCH_SIZE
     size_multiple = PATCH_SIZE
+    default_mask = MaskSpec(0.75, "unit")
+    mask_kinds = ("unit",)
 
     def __init__(self, config: GreenMIMConfig) -> None:
         super().__init__()
@@ -87,10 +72,8 @@ class GreenMIM(nn.Module):
         init_weights(self)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
 
-    def random_mask(self, batch: int, h: int, w: int, device=None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-        """Batch-shared unit mask ``[B, h, w]`` at ``config.mask_ratio``."""
-        return unit_mask(batch, h, w, self.config.unit, self.config.mask_ratio, generator, device)
+    def mask_geometry(self) -> dict[str, int]:
+        return {"unit": self.config.unit}  # masks are shared by the batch and constant on these units
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         validate_image(x)

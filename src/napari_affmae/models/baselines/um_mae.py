@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..common import PATCH_SIZE, lattice_positions, patchify, validate_image
+from ..masking import UNIFORM_RATIO, MaskedAutoencoder, MaskSpec, uniform_sampling_mask  # noqa: F401
 from .base import PATCH_PIXELS, check_image_multiple, init_weights, reconstruction_loss, register_family
 from .hierarchical import PatchEmbed, PyramidConfig, PyramidSegmenter, build_pyramid
 from .swin import FusionNeck, TokenSet
@@ -44,18 +44,6 @@ class UMMAEConfig(PyramidConfig):
     def bias_range(self) -> tuple[float, int]:
         # compaction roughly doubles true offsets, and merged positions are fractional
         return float(2 * self.window), 4
-
-
-def uniform_sampling_mask(batch: int, h: int, w: int, generator: torch.Generator | None = None,
-                          device=None) -> torch.Tensor:
-    """``[B, h, w]`` bool mask (True = masked) with exactly one visible cell per 2x2 block,
-    chosen uniformly at random per block and sample. ``h`` and ``w`` must be even."""
-    if h % 2 or w % 2:
-        raise ValueError(f"uniform sampling needs an even lattice (H, W multiples of {BLOCK_PIXELS} px); got {h} x {w}")
-    gdev = generator.device if generator is not None else device
-    pick = torch.randint(0, 4, (batch, h // 2, w // 2), generator=generator, device=gdev).to(device)
-    visible = F.one_hot(pick, 4).bool().reshape(batch, h // 2, w // 2, 2, 2)  # [B, h/2, w/2, dy, dx]
-    return ~visible.permute(0, 1, 3, 2, 4).reshape(batch, h, w)
 
 
 def uniform_gather_index(mask: torch.Tensor) -> torch.Tensor:
@@ -90,13 +78,15 @@ def secondary_mask(batch: int, n: int, ratio: float, device=None) -> torch.Tenso
     return hidden
 
 
-class UMMAE(nn.Module):
+class UMMAE(MaskedAutoencoder, nn.Module):
     """UM-MAE pretraining model. ``forward(x [B, 1, H, W], mask=None)`` with H, W multiples of 16
     -> dict(loss, pred ``[B, h*w, 64]``, mask ``[B, h, w]``, secondary_mask ``[B, h/2 * w/2]``).
-    A given mask must keep exactly one visible patch per 2x2 block."""
+    A given mask must keep exactly one visible patch per 2x2 block (`uniform_sampling_mask`)."""
 
     patch_size = PATCH_SIZE
     size_multiple = BLOCK_PIXELS
+    default_mask = MaskSpec(UNIFORM_RATIO, "uniform")
+    mask_kinds = ("uniform",)
 
     def __init__(self, config: UMMAEConfig) -> None:
         super().__init__()
@@ -109,11 +99,6 @@ class UMMAE(nn.Module):
         init_weights(self)
         nn.init.normal_(self.secondary_token, std=0.02)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
-
-    def random_mask(self, batch: int, h: int, w: int, device=None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-        """Uniform-sampling mask ``[B, h, w]`` (one visible patch per 2x2 block)."""
-        return uniform_sampling_mask(batch, h, w, generator, device)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         validate_image(x)

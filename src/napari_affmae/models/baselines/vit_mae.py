@@ -13,8 +13,7 @@ import torch.nn as nn
 
 from ..common import (PATCH_SIZE, lattice_positions, patchify, sincos_position_code, split_by_mask, validate_image,
                       validate_mask)
-from ..masking import random_mask as random_lattice_mask
-from ..masking import visible_count
+from ..masking import LATTICE_MASK_KINDS, MaskedAutoencoder, MaskSpec
 from .base import (PATCH_PIXELS, Block, DecoderHeadConfig, PatchSegmenter, check_encoder_source, check_heads,
                    init_weights, reconstruction_loss, register_family)
 
@@ -23,21 +22,19 @@ ENCODER_FIELDS = ("embed_dim", "depth", "heads", "mlp_ratio")
 
 @dataclass(frozen=True)
 class ViTMAEConfig(DecoderHeadConfig):
-    """Encoder width/depth/heads and masking ratio; light decoder, targets and segmentation head width
-    as in `DecoderHeadConfig`."""
+    """Encoder width/depth/heads; light decoder, targets and segmentation head width as in
+    `DecoderHeadConfig`."""
 
     embed_dim: int = 384
     depth: int = 12
     heads: int = 6
     mlp_ratio: float = 4.0
-    mask_ratio: float = 0.75
 
     def __post_init__(self) -> None:
         check_heads(self.embed_dim, self.heads, "encoder")
         super().__post_init__()
         if self.embed_dim % 4:
             raise ValueError(f"embed_dim must be divisible by 4 (sine-cosine code); got {self.embed_dim}")
-        visible_count(1, 1, self.mask_ratio)  # range check
 
 
 class ViTEncoder(nn.Module):
@@ -70,13 +67,15 @@ class ViTEncoder(nn.Module):
         return self.norm(tokens)
 
 
-class ViTMAE(nn.Module):
+class ViTMAE(MaskedAutoencoder, nn.Module):
     """ViT-MAE pretraining model. ``forward(x [B, 1, H, W], mask=None)`` -> dict with ``loss``,
     ``pred [B, h*w, 64]``, ``mask [B, h, w]`` (True = masked). Any mask with the same visible
-    count per sample is accepted; the default is random at ``config.mask_ratio``."""
+    count per sample is accepted; the default is `default_mask`, 75 % random (argsort of uniform noise)."""
 
     patch_size = PATCH_SIZE
     size_multiple = PATCH_SIZE
+    default_mask = MaskSpec(0.75, "random")
+    mask_kinds = LATTICE_MASK_KINDS
 
     def __init__(self, config: ViTMAEConfig) -> None:
         super().__init__()
@@ -85,11 +84,6 @@ class ViTMAE(nn.Module):
         self.decoder = config.make_decoder(config.embed_dim)
         init_weights(self)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
-
-    def random_mask(self, batch: int, h: int, w: int, device=None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-        """Random mask ``[B, h, w]`` at ``config.mask_ratio`` (argsort of uniform noise)."""
-        return random_lattice_mask(batch, h, w, self.config.mask_ratio, generator, device)
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Encoder output of the visible patches only: ``[B, n_visible, C]`` (row-major order)."""
