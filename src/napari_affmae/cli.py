@@ -177,6 +177,16 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timepoint", type=int, default=None, help="time point index for time series")
 
 
+def _add_training_options(p: argparse.ArgumentParser, config_cls: type, names: list[str]) -> None:
+    """What every training command takes after its inputs: --output-dir, the job's settings (``names`` of
+    ``config_cls``), --model-option, the image and execution options (read back by `_training_config`)."""
+    p.add_argument("--output-dir", "-o", type=Path, required=True, help="where the package, checkpoint and log go")
+    add_options(p, config_cls, names)
+    _add_model_option(p)
+    _add_image_options(p)
+    _add_common(p, training=True)
+
+
 PRETRAIN_OPTIONS = ["model", "crop_size", "batch_size", "steps", "epochs", "lr", "weight_decay", "warmup_steps",
                     "mask_ratio", "mask_type", "keep_rate"]
 FINETUNE_OPTIONS = ["model", "class_names", "label_mode", "crop_size", "batch_size", "steps", "lr", "weight_decay",
@@ -191,11 +201,7 @@ def _add_pretrain_parser(sub) -> None:
                                    "Writes pretrained.affmae (model package) and checkpoint.safetensors into "
                                    "--output-dir.")
     p.add_argument("images", nargs="+", type=Path, help="TIFF / OME-Zarr / .npy images or stacks (Z, Y, X)")
-    p.add_argument("--output-dir", "-o", type=Path, required=True, help="where the package, checkpoint and log go")
-    add_options(p, PretrainConfig, PRETRAIN_OPTIONS)
-    _add_model_option(p)
-    _add_image_options(p)
-    _add_common(p, training=True)
+    _add_training_options(p, PretrainConfig, PRETRAIN_OPTIONS)
 
 
 def _add_finetune_parser(sub) -> None:
@@ -206,14 +212,10 @@ def _add_finetune_parser(sub) -> None:
                                    "segmentation.affmae and checkpoint.safetensors into --output-dir.")
     p.add_argument("image", type=Path, help="the image or stack (TIFF / OME-Zarr / .npy)")
     p.add_argument("labels", type=Path, help="integer labels with the image's shape (TIFF / .npy / OME-Zarr)")
-    p.add_argument("--output-dir", "-o", type=Path, required=True, help="where the package, checkpoint and log go")
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--pretrained", type=Path, help="pretraining package (pretrained.affmae) to start from")
     start.add_argument("--scratch", action="store_true", help="start from random weights (for comparison)")
-    add_options(p, FinetuneConfig, FINETUNE_OPTIONS)
-    _add_model_option(p)
-    _add_image_options(p)
-    _add_common(p, training=True)
+    _add_training_options(p, FinetuneConfig, FINETUNE_OPTIONS)
 
 
 def _add_segment_parser(sub) -> None:
@@ -338,16 +340,28 @@ def _resume_value(value: str | None) -> bool | str:
     return True if value == "latest" else value
 
 
-def _cmd_pretrain(args, progress, cancel, run_log) -> int:
-    from .engine import pretrain  # noqa: PLC0415
+def _read_input(args: argparse.Namespace, path: Path) -> Any:
+    """The `InputImage` at ``path``, read with the command's --axes / --channel / --timepoint."""
     from .engine.inputs import as_input_image  # noqa: PLC0415
 
-    images = [as_input_image(p, what=str(p), axes=args.axes, channel=args.channel, timepoint=args.timepoint)
-              for p in args.images]
-    config = PretrainConfig(output_dir=args.output_dir, resume=_resume_value(args.resume), **_training_values(args),
-                            model_options=dict(args.model_options),
-                            **values_from(args, PretrainConfig, PRETRAIN_OPTIONS))
+    return as_input_image(path, what=str(path), axes=args.axes, channel=args.channel, timepoint=args.timepoint)
+
+
+def _training_config(args: argparse.Namespace, run_log: RunLog, config_cls: type, names: list[str],
+                     **extra: Any) -> Any:
+    """The job config of a training command from the options `_add_training_options` made (logged)."""
+    config = config_cls(output_dir=args.output_dir, resume=_resume_value(args.resume),
+                        model_options=dict(args.model_options), **_training_values(args),
+                        **values_from(args, config_cls, names), **extra)
     run_log.write("config", config=config.to_dict())
+    return config
+
+
+def _cmd_pretrain(args, progress, cancel, run_log) -> int:
+    from .engine import pretrain  # noqa: PLC0415
+
+    images = [_read_input(args, p) for p in args.images]
+    config = _training_config(args, run_log, PretrainConfig, PRETRAIN_OPTIONS)
     result = pretrain(images, config, progress=progress, cancel=cancel)
     run_log.write("result", package=result.package_path, checkpoint=result.checkpoint_path, step=result.step,
                   final_loss=result.final_loss, seconds=result.seconds)
@@ -357,17 +371,10 @@ def _cmd_pretrain(args, progress, cancel, run_log) -> int:
 
 def _cmd_finetune(args, progress, cancel, run_log) -> int:
     from .engine import finetune  # noqa: PLC0415
-    from .engine.inputs import as_input_image  # noqa: PLC0415
 
-    image = as_input_image(args.image, what=str(args.image), axes=args.axes, channel=args.channel,
-                           timepoint=args.timepoint)
-    labels = as_input_image(args.labels, what=str(args.labels), axes=args.axes, channel=args.channel,
-                            timepoint=args.timepoint).array
-    config = FinetuneConfig(pretrained=None if args.scratch else args.pretrained, output_dir=args.output_dir,
-                            model_options=dict(args.model_options),
-                            resume=_resume_value(args.resume), **_training_values(args),
-                            **values_from(args, FinetuneConfig, FINETUNE_OPTIONS))
-    run_log.write("config", config=config.to_dict())
+    image, labels = _read_input(args, args.image), _read_input(args, args.labels).array
+    config = _training_config(args, run_log, FinetuneConfig, FINETUNE_OPTIONS,
+                              pretrained=None if args.scratch else args.pretrained)
     result = finetune(image, labels, config, progress=progress, cancel=cancel)
     run_log.write("result", package=result.package_path, step=result.step, final_loss=result.final_loss,
                   metrics=result.metrics, seconds=result.seconds)
@@ -443,13 +450,11 @@ def _cmd_segment(args, progress, cancel, run_log) -> int:
     import numpy as np  # noqa: PLC0415
 
     from .engine import load_package, segment  # noqa: PLC0415
-    from .engine.inputs import as_input_image  # noqa: PLC0415
     from .engine.segment import output_labels, resolve_package, slice_list  # noqa: PLC0415
     from .io.files import remove_path  # noqa: PLC0415
 
     package = resolve_package(load_package(args.package, expect_task="segmentation"))
-    image = as_input_image(args.image, what=str(args.image), axes=args.axes, channel=args.channel,
-                           timepoint=args.timepoint)
+    image = _read_input(args, args.image)
     config = SegmentConfig(output="probabilities" if args.probabilities else "labels",
                            **values_from(args, SegmentConfig, ["device", "precision", *SEGMENT_OPTIONS, "slices"]))
     slice_list(config.slices, image.shape[0] if image.ndim == 3 else 1, image.ndim)
