@@ -59,8 +59,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 
 
 @dataclass
-class AblationConfig:
-    """The setting every variant is run on; budgets as in `em_segmentation.EMBenchConfig`."""
+class AblationConfig(S.BenchBudget):
+    """The setting every variant is run on, with the benchmark's `em_segmentation.BenchBudget`."""
 
     data_dir: Path
     work_dir: Path = Path("runs/em_ablation")
@@ -69,26 +69,16 @@ class AblationConfig:
     k: int | str = 1
     regime: str = "sparse"
     seed: int = 0
-    pretrain_steps: int = 300
-    finetune_steps: int = 200
-    batch_size: int = 8
-    crop: int = 128
-    tile: int = 256
-    max_eval_slices: int | None = None
-    device: str = "auto"
-    threads: int | None = None
     reference: Path | None = None  # results.json of the main benchmark holding the reference rows
 
     def bench_config(self, variant: Variant) -> S.EMBenchConfig:
         arms = ["affmae_pretrained"] + (["affmae_scratch"] if variant.name == "reference"
                                         or variant.changes_architecture else [])
+        budget = dict(self.budget(), pretrain_steps=max(1, round(self.pretrain_steps * variant.pretrain_steps_factor)))
         return S.EMBenchConfig(
             data_dir=self.data_dir, work_dir=self.work_dir / variant.name, tasks=[self.task], ks=[self.k],
             regimes=[self.regime], seeds=[self.seed], arms=arms, size="tiny",
-            pretrain_steps=max(1, round(self.pretrain_steps * variant.pretrain_steps_factor)),
-            finetune_steps=self.finetune_steps, batch_size=self.batch_size, crop=self.crop, tile=self.tile,
-            max_eval_slices=self.max_eval_slices, device=self.device, threads=self.threads,
-            affmae_options=dict(variant.affmae_options))
+            affmae_options=dict(variant.affmae_options), **budget)
 
     def validate(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -145,8 +135,9 @@ def probe_pretraining(package_path: Path, images: Sequence[np.ndarray], crop: in
     (2D/3D arrays), normalised as in pretraining. ``ratio`` < 1: the model predicts more than flat patches.
 
     The masks are the same for every model whatever it was pretrained with: ``mask_type`` masks (blob: of
-    the default scales `models.masking.BLOB_CELLS`) at the package's pretraining mask ratio, drawn from ``seed``. Loss and trivial loss use
-    the model's own target (pooling, blur, normalisation), so the ratio compares like with like."""
+    the default scales `models.masking.BLOB_CELLS`) at the package's pretraining mask ratio (`package_mask`),
+    drawn from ``seed``. Loss and trivial loss use the model's own target (pooling, blur, normalisation), so
+    the ratio compares like with like."""
     from ..data.sampling import PatchSampler  # noqa: PLC0415
     from ..engine import load_package  # noqa: PLC0415
     from ..engine.inputs import as_input_image, combined_stats  # noqa: PLC0415
@@ -285,14 +276,7 @@ def build_parser(prog: str | None = None, results_file: bool = True) -> argparse
     p.add_argument("--k", default="1", help="labelled slices (integer or 'all')")
     p.add_argument("--regime", default="sparse", choices=list(P.REGIMES))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=128)
-    p.add_argument("--tile", type=int, default=256)
-    p.add_argument("--max-eval-slices", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    S.add_budget_options(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--probe-only", action="store_true",
                    help="train nothing: probe the packages of an earlier run (its --work-dir/ablations.json) again")
@@ -314,10 +298,8 @@ def results_from_args(args: argparse.Namespace, argv: Sequence[str] | None, prog
     config = AblationConfig(
         data_dir=P.resolve_data_dir(args.data_dir, fallback_data_dir),
         work_dir=args.work_dir, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
-        task=args.task, k=P.parse_k(args.k), regime=args.regime, seed=args.seed,
-        pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, batch_size=args.batch_size,
-        crop=args.crop, tile=args.tile, max_eval_slices=args.max_eval_slices, device=args.device,
-        threads=args.threads, reference=args.reference)
+        task=args.task, k=P.parse_k(args.k), regime=args.regime, seed=args.seed, reference=args.reference,
+        **S.budget_from_args(args))
     results = run_ablation(config)
     results["command"] = " ".join([prog, *shown])
     return results

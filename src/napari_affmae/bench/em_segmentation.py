@@ -78,9 +78,51 @@ def pretrain_dir(work_dir: Path, task: str, family: str, seed: int) -> Path:
     return Path(work_dir) / task / f"pretrain_{family}_s{seed}"
 
 
+@dataclass(kw_only=True)
+class BenchBudget:
+    """The training and evaluation budget of a real-EM run, shared by the benchmark (`EMBenchConfig`) and the
+    ablation study. Sizes in pixels; steps are optimiser steps."""
+
+    pretrain_steps: int = 300
+    finetune_steps: int = 200
+    batch_size: int = 8
+    crop: int = 128
+    tile: int = 256
+    max_eval_slices: int | None = None  # evenly spaced subset of the evaluation slices (None = all)
+    device: str = "auto"
+    threads: int | None = None
+
+    def budget(self) -> dict[str, Any]:
+        """The budget fields as keyword arguments (for a run with the same budget)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(BenchBudget)}
+
+    def check_budget(self) -> None:
+        if min(self.pretrain_steps, self.finetune_steps, self.batch_size) < 1:
+            raise ValueError("pretrain-steps, finetune-steps and batch-size must be >= 1")
+        if self.crop % 8 or self.crop < 32 or self.tile % 8 or self.tile < 32:
+            raise ValueError(f"crop and tile must be multiples of 8 and >= 32 px; got {self.crop}, {self.tile}")
+
+
+_BUDGET_HELP = {"crop": "training crop side (px)", "tile": "inference tile side (px)",
+                "max_eval_slices": "score an evenly spaced subset of the evaluation slices (default: all)",
+                "device": "auto, cpu, cuda, mps", "threads": "torch CPU threads"}
+
+
+def add_budget_options(p: argparse.ArgumentParser) -> None:
+    """``--pretrain-steps`` ... ``--threads``: one option per `BenchBudget` field, its default from the field."""
+    for f in dataclasses.fields(BenchBudget):
+        kind = str if f.name == "device" else int
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=_BUDGET_HELP.get(f.name))
+
+
+def budget_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The `BenchBudget` fields of parsed `add_budget_options` options."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchBudget)}
+
+
 @dataclass
-class EMBenchConfig:
-    """One benchmark run. Sizes in pixels; steps are optimiser steps."""
+class EMBenchConfig(BenchBudget):
+    """One benchmark run: what is run (tasks, label counts, regimes, seeds, arms) on a `BenchBudget`."""
 
     data_dir: Path
     work_dir: Path = Path("runs/em_segmentation")
@@ -90,15 +132,7 @@ class EMBenchConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     size: str = "tiny"
-    pretrain_steps: int = 300
-    finetune_steps: int = 200
-    batch_size: int = 8
-    crop: int = 128
-    tile: int = 256
-    max_eval_slices: int | None = None  # evenly spaced subset of the evaluation slices (None = all)
     tolerance: float = P.BOUNDARY_TOLERANCE
-    device: str = "auto"
-    threads: int | None = None
     affmae_options: dict[str, Any] = field(default_factory=dict)  # AFFMAEConfig fields for both AFFMAE arms
 
     def validate(self) -> None:
@@ -113,10 +147,7 @@ class EMBenchConfig:
             raise ValueError(f"unknown label regime(s) {bad_regimes}; choose from {', '.join(P.REGIMES)}")
         if self.size not in UNET_SIZE:
             raise ValueError(f"size must be one of {', '.join(UNET_SIZE)}; got {self.size!r}")
-        if min(self.pretrain_steps, self.finetune_steps, self.batch_size) < 1:
-            raise ValueError("pretrain-steps, finetune-steps and batch-size must be >= 1")
-        if self.crop % 8 or self.crop < 32 or self.tile % 8 or self.tile < 32:
-            raise ValueError(f"crop and tile must be multiples of 8 and >= 32 px; got {self.crop}, {self.tile}")
+        self.check_budget()
         if not (self.tasks and self.ks and self.regimes and self.seeds and self.arms):
             raise ValueError("tasks, k, regimes, seeds and arms must each name at least one value")
         from ..models.affmae import AFFMAEConfig  # noqa: PLC0415
@@ -452,16 +483,8 @@ def build_parser(prog: str | None = None, results_file: bool = True) -> argparse
     p.add_argument("--seeds", default="0", help="comma list of seeds (e.g. 0,1,2)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma list of arms")
     p.add_argument("--size", default="tiny", choices=list(UNET_SIZE), help="model size")
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=128, help="training crop side (px)")
-    p.add_argument("--tile", type=int, default=256, help="inference tile side (px)")
-    p.add_argument("--max-eval-slices", type=int, default=None, help="score an evenly spaced subset of the "
-                   "evaluation slices (default: all)")
+    add_budget_options(p)
     p.add_argument("--tolerance", type=float, default=P.BOUNDARY_TOLERANCE, help="boundary F1 tolerance (px)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--affmae-option", action="append", default=[], metavar="KEY=VALUE",
                    help="AFFMAEConfig field, or mask_ratio / mask_type, for both AFFMAE arms, repeatable: e.g. "
                    "mask_ratio=0.75, keep_rate=0.6, norm_pix_loss=false, refine=false")
@@ -494,10 +517,8 @@ def config_from_args(args: argparse.Namespace, fallback_data_dir: Path | None = 
     config = EMBenchConfig(
         data_dir=P.resolve_data_dir(args.data_dir, fallback_data_dir), work_dir=args.work_dir, tasks=tasks,
         ks=[P.parse_k(k) for k in _list(args.k)], regimes=_list(args.regimes), seeds=seeds, arms=_list(args.arms),
-        size=args.size, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-        batch_size=args.batch_size, crop=args.crop, tile=args.tile, max_eval_slices=args.max_eval_slices,
-        tolerance=args.tolerance, device=args.device, threads=args.threads,
-        affmae_options=parse_options(args.affmae_option))
+        size=args.size, tolerance=args.tolerance, affmae_options=parse_options(args.affmae_option),
+        **budget_from_args(args))
     config.validate()
     return config
 

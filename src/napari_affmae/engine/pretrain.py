@@ -226,7 +226,8 @@ class PretrainTask(TrainingTask):
         inputs = self.inputs
         return {
             "job": "pretrain", "napari_affmae": __version__, "torch": torch.__version__,
-            "config": self.config.to_dict(), "mask": self.mask.to_dict(), "sources": [source_name(img, i) for i, img in enumerate(inputs)],
+            "config": self.config.to_dict(), "mask": self.mask.to_dict(),
+            "sources": [source_name(img, i) for i, img in enumerate(inputs)],
             "shapes": [list(img.shape) for img in inputs], "device": run.device.type,
             "precision": precision_name(run.dtype), "world_size": run.context.world_size,
             "per_image_stats": [s.to_dict() for s in self.per_image_stats],
