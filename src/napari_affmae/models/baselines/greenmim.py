@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..common import PATCH_SIZE, patchify, validate_image
 from ..masking import MaskedAutoencoder, MaskSpec, unit_mask  # noqa: F401  (unit_mask: re-exported)
 from .base import PATCH_PIXELS, init_weights, reconstruction_loss, register_family
-from .hierarchical import PatchEmbed, PyramidConfig, PyramidSegmenter, build_pyramid
+from .hierarchical import PatchEmbed, PyramidConfig, PyramidSegmenter, build_pyramid, pyramid_sizes
 from .swin import TokenSet
 
 
@@ -104,13 +104,8 @@ class GreenMIMSegmenter(PyramidSegmenter):
     mae_class = GreenMIM
 
 
-#: Sizes matched in parameter count (MAE model, encoder + decoder) to the AFFMAE sizes.
-SIZES = {
-    "tiny": GreenMIMConfig(dims=(48, 96, 192, 256), depths=(1, 1, 3, 1), heads=(2, 3, 6, 8), mlp_ratio=4.0,
-                           decoder_dim=96, decoder_depth=1, decoder_heads=3, neck_dim=96, seg_hidden=128),
-    "small": GreenMIMConfig(dims=(96, 192, 384, 512), depths=(2, 2, 7, 2), heads=(3, 6, 12, 16), mlp_ratio=4.0),
-    "base": GreenMIMConfig(dims=(128, 256, 512, 768), depths=(2, 2, 14, 2), heads=(4, 8, 16, 24), mlp_ratio=4.0,
-                           neck_dim=192, decoder_dim=256),
-}
+#: The shared pyramid sizes; GreenMIM's decoder reads one token per unit, so tiny's is lighter.
+SIZES = pyramid_sizes(GreenMIMConfig, tiny=dict(decoder_dim=96, decoder_depth=1, decoder_heads=3),
+                      base=dict(depths=(2, 2, 14, 2)))
 
 register_family("greenmim", SIZES, GreenMIM, GreenMIMSegmenter)

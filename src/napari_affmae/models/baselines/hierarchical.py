@@ -2,7 +2,8 @@
 embedding, and the segmentation model (dense Swin pyramid + fusion neck + per-patch head)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -63,6 +64,26 @@ class PatchEmbed(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(patches))
+
+
+C = TypeVar("C", bound=PyramidConfig)
+
+#: The Swin pyramid of each size, shared by the hierarchical families and matched in parameter count (MAE
+#: model, encoder + decoder) to the AFFMAE sizes; a family adds what differs (its decoder, base depths).
+PYRAMID_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(dims=(48, 96, 192, 256), depths=(1, 1, 3, 1), heads=(2, 3, 6, 8), mlp_ratio=4.0, neck_dim=96,
+                 seg_hidden=128),
+    "small": dict(dims=(96, 192, 384, 512), depths=(2, 2, 7, 2), heads=(3, 6, 12, 16), mlp_ratio=4.0),
+    "base": dict(dims=(128, 256, 512, 768), heads=(4, 8, 16, 24), mlp_ratio=4.0, neck_dim=192, decoder_dim=256),
+}
+
+
+def pyramid_sizes(config_cls: type[C], **changes: dict[str, Any]) -> dict[str, C]:
+    """``{size: config_cls(...)}`` from `PYRAMID_SIZES`, with ``changes[size]`` (a dict of fields) applied."""
+    unknown = sorted(set(changes) - set(PYRAMID_SIZES))
+    if unknown:
+        raise ValueError(f"unknown size(s) {unknown}; the pyramid sizes are {', '.join(PYRAMID_SIZES)}")
+    return {size: replace(config_cls(**fields), **changes.get(size, {})) for size, fields in PYRAMID_SIZES.items()}
 
 
 def build_pyramid(config: PyramidConfig) -> SwinPyramid:

@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..common import PATCH_SIZE, lattice_positions, patchify, validate_image
 from ..masking import UNIFORM_RATIO, MaskedAutoencoder, MaskSpec, uniform_sampling_mask  # noqa: F401
 from .base import PATCH_PIXELS, check_image_multiple, init_weights, reconstruction_loss, register_family
-from .hierarchical import PatchEmbed, PyramidConfig, PyramidSegmenter, build_pyramid
+from .hierarchical import PatchEmbed, PyramidConfig, PyramidSegmenter, build_pyramid, pyramid_sizes
 from .swin import FusionNeck, TokenSet
 
 #: Input side multiple for pretraining: 2x2 blocks of 8-px patches.
@@ -128,13 +128,9 @@ class UMMAESegmenter(PyramidSegmenter):
     mae_class = UMMAE
 
 
-#: Sizes matched in parameter count (MAE model, encoder + decoder) to the AFFMAE sizes.
-SIZES = {
-    "tiny": UMMAEConfig(dims=(48, 96, 192, 256), depths=(1, 1, 3, 1), heads=(2, 3, 6, 8), mlp_ratio=4.0,
-                        neck_dim=96, decoder_dim=128, decoder_depth=2, decoder_heads=4, seg_hidden=128),
-    "small": UMMAEConfig(dims=(96, 192, 384, 512), depths=(2, 2, 7, 2), heads=(3, 6, 12, 16), mlp_ratio=4.0),
-    "base": UMMAEConfig(dims=(128, 256, 512, 768), depths=(2, 2, 15, 2), heads=(4, 8, 16, 24), mlp_ratio=4.0,
-                        neck_dim=192, decoder_dim=256),
-}
+#: The shared pyramid sizes; UM-MAE decodes every patch of the lattice, and base is one block deeper to match
+#: the parameter count.
+SIZES = pyramid_sizes(UMMAEConfig, tiny=dict(decoder_dim=128, decoder_depth=2, decoder_heads=4),
+                      base=dict(depths=(2, 2, 15, 2)))
 
 register_family("um_mae", SIZES, UMMAE, UMMAESegmenter)
