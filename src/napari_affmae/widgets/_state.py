@@ -13,34 +13,34 @@ from typing import Any
 from psygnal import Signal
 
 
+class _PackagePath:
+    """A package-path attribute of `SharedState` (a Path or None) that emits its ``signal`` when set."""
+
+    def __init__(self, signal: str) -> None:
+        self.signal = signal
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, state: Any, owner: type | None = None) -> Any:
+        return self if state is None else getattr(state, self.slot, None)
+
+    def __set__(self, state: Any, path: str | Path | None) -> None:
+        value = None if path is None else Path(path)
+        setattr(state, self.slot, value)
+        getattr(state, self.signal).emit(value)
+
+
 class SharedState:
     """Latest packages and the name of the job that is running (None when idle)."""
 
     pretrained_changed = Signal(object)  # Path | None
     segmentation_changed = Signal(object)  # Path | None
+    pretrained_package = _PackagePath("pretrained_changed")
+    segmentation_package = _PackagePath("segmentation_changed")
 
     def __init__(self) -> None:
-        self._pretrained: Path | None = None
-        self._segmentation: Path | None = None
         self.running_job: str | None = None
-
-    @property
-    def pretrained_package(self) -> Path | None:
-        return self._pretrained
-
-    @pretrained_package.setter
-    def pretrained_package(self, path: str | Path | None) -> None:
-        self._pretrained = None if path is None else Path(path)
-        self.pretrained_changed.emit(self._pretrained)
-
-    @property
-    def segmentation_package(self) -> Path | None:
-        return self._segmentation
-
-    @segmentation_package.setter
-    def segmentation_package(self, path: str | Path | None) -> None:
-        self._segmentation = None if path is None else Path(path)
-        self.segmentation_changed.emit(self._segmentation)
 
 
 _STATES: weakref.WeakKeyDictionary[Any, SharedState] = weakref.WeakKeyDictionary()
