@@ -523,6 +523,7 @@ def knn_centroids(
         d2 = ((qp[:, start:start + chunk, None, :] - cp[:, None, :, :]) ** 2).sum(-1)  # [B, n, Nc]
         if centroid_valid is not None:
             d2 = d2.masked_fill(~centroid_valid[:, None, :], float("inf"))
-        # stable sort keeps the lower index first among equal distances
-        out.append(torch.sort(d2, dim=-1, stable=True).indices[..., :k])
+        # stable sort keeps the lower index first among equal distances; copy the k columns out, or the
+        # slice would keep every chunk's whole [B, n, Nc] int64 sort result alive until the cat
+        out.append(torch.sort(d2, dim=-1, stable=True).indices[..., :k].contiguous())
     return torch.cat(out, dim=1)
