@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 from .affmae_decoder import AFFMAEDecoder
 from .affmae_encoder import AFFMAEEncoder, StageOutput
+from .affmae_inference import segment_in_chunks
 from .clustering import NEIGHBORHOOD_MODES, gather_tokens
 from .common import PATCH_SIZE, check_target_pool, lattice_positions, masked_mse, patch_targets, patchify, \
     split_by_mask, target_values, unpatchify, validate_image, validate_mask
+from .layers import INFERENCE_CHUNK_BYTES
 from .masking import BLOB_CELLS, LATTICE_MASK_KINDS, MaskedAutoencoder, MaskSpec
 from .registry import register_model
 
@@ -243,6 +245,9 @@ class AFFMAESegmentation(nn.Module):
         self.stem_to_query = nn.Linear(config.dims[0], config.decoder_dim)
         self.head = _Head(config.decoder_dim, PATCH_SIZE**2 * num_classes)
         self.refine = Refinement(num_classes, config.dims[0] // 2) if config.refine else None
+        #: No-grad forwards go through image rows and tokens in pieces whose temporaries fit this many bytes
+        #: (`affmae_inference`); None: whole tensors, as in training. Same logits either way.
+        self.inference_chunk_bytes: int | None = INFERENCE_CHUNK_BYTES
 
     def load_encoder_from(self, mae: nn.Module, decoder: bool = False) -> None:
         """Copy a pretrained encoder (and optionally the decoder body) from an AFFMAE MAE model."""
@@ -261,6 +266,8 @@ class AFFMAESegmentation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, 1, H, W]`` -> logits ``[B, K, H, W]``."""
         validate_image(x, self.patch_size)
+        if self.inference_chunk_bytes is not None and not torch.is_grad_enabled():
+            return segment_in_chunks(self, x, self.inference_chunk_bytes)
         b, _, hh, ww = x.shape
         h, w = hh // self.patch_size, ww // self.patch_size
         tokens, pos, first = self.encoder.embed(x, None)  # row-major, every cell

@@ -18,7 +18,7 @@ from affmae_kernels import weighted_merge
 
 from .clustering import Clusters, Neighborhood, build_neighborhood, curve_order, gather_tokens, relative_features
 from .common import PATCH_SIZE, lattice_positions, split_by_mask
-from .layers import Block, Mlp, RelativePositionBias, chunked_pointwise_mlp
+from .layers import Block, Mlp, RelativePositionBias, attention_chunk, chunk_rows, chunked_pointwise_mlp, spans
 
 
 @dataclass
@@ -90,24 +90,44 @@ class AdaptiveMerge(nn.Module):
         self.norm = nn.LayerNorm(groups * dim_in)
         self.proj = nn.Linear(groups * dim_in, dim_out)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, nb: Neighborhood, scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x ``[B, N, C]``, pos ``[B, N, 2]`` -> (merged ``[B, N', C']``, pos ``[B, N', 2]``, scores ``[B, N]``)."""
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, nb: Neighborhood, scale: float,
+                chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x ``[B, N, C]``, pos ``[B, N, 2]`` -> (merged ``[B, N', C']``, pos ``[B, N', 2]``, scores ``[B, N]``).
+
+        ``chunk_bytes`` (no-grad inference only): pool the centres in chunks, each chunk's temporaries
+        within this budget. Same maths."""
         b, n, c = x.shape
         scores = torch.sigmoid(self.score(x).squeeze(-1))  # [B, N]
         n_keep = max(1, math.ceil(n * self.keep_rate))
         centres = torch.topk(scores.detach(), n_keep, dim=1).indices  # [B, N']
         centres = torch.sort(centres, dim=1).values  # keep curve order among centres
         idx, valid = nb.rows_for(centres)  # [B, N', M]
-        m = idx.shape[-1]
         centre_pos = gather_tokens(pos, centres)  # [B, N', 2]
-        neighbour_pos = gather_tokens(pos, idx.long().reshape(b, -1)).reshape(b, n_keep, m, 2)
-        rel = (neighbour_pos - centre_pos[:, :, None]).to(x.dtype)  # [B, N', M, 2]
-        s_nb = gather_tokens(scores, idx.long().reshape(b, -1)).reshape(b, n_keep, m)
-        w = chunked_pointwise_mlp(self.weights, relative_features(rel, scale)) * (s_nb * valid)[..., None]  # [B, N', M, G]
-        pooled = weighted_merge(w.to(x.dtype), x, idx)  # [B, N', G, C]
-        merged = self.proj(self.norm(pooled.reshape(b, n_keep, self.groups * c)))
+        if chunk_bytes is None:
+            return self._pool(x, pos, scores, centre_pos, idx, valid, scale), centre_pos, scores
+        if torch.is_grad_enabled():
+            raise ValueError("the chunked merge is for inference: call it under torch.no_grad()")
+        itemsize = 8 if x.dtype == torch.float64 else 4
+        chunk = chunk_rows(chunk_bytes, b * idx.shape[-1] * itemsize * max(2 * self.weights.fc1.out_features, c))
+        merged = None
+        for s, e in spans(n_keep, chunk):
+            part = self._pool(x, pos, scores, centre_pos[:, s:e], idx[:, s:e], valid[:, s:e], scale)
+            if merged is None:
+                merged = part.new_empty(b, n_keep, part.shape[-1])
+            merged[:, s:e] = part
         return merged, centre_pos, scores
+
+    def _pool(self, x: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, centre_pos: torch.Tensor,
+              idx: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+        """Merged features ``[B, n, C']`` of centres at centre_pos ``[B, n, 2]`` with neighbourhoods idx / valid
+        ``[B, n, M]`` over x ``[B, N, C]`` (positions ``[B, N, 2]``, importance scores ``[B, N]``)."""
+        b, n, m = idx.shape
+        neighbour_pos = gather_tokens(pos, idx.long().reshape(b, -1)).reshape(b, n, m, 2)
+        rel = (neighbour_pos - centre_pos[:, :, None]).to(x.dtype)  # [B, n, M, 2]
+        s_nb = gather_tokens(scores, idx.long().reshape(b, -1)).reshape(b, n, m)
+        w = chunked_pointwise_mlp(self.weights, relative_features(rel, scale)) * (s_nb * valid)[..., None]  # [B, n, M, G]
+        pooled = weighted_merge(w.to(x.dtype), x, idx)  # [B, n, G, C]
+        return self.proj(self.norm(pooled.reshape(b, n, self.groups * x.shape[-1])))
 
 
 class AFFMAEEncoder(nn.Module):
@@ -154,8 +174,15 @@ class AFFMAEEncoder(nn.Module):
         tokens, pos, _ = self.embed(x, mask)
         return self.forward_tokens(tokens, pos)
 
-    def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor) -> list[StageOutput]:
-        """Run the stages on tokens ``[B, N, E]`` at positions ``[B, N, 2]``."""
+    def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, chunk_bytes: int | None = None
+                       ) -> list[StageOutput]:
+        """Run the stages on tokens ``[B, N, E]`` at positions ``[B, N, 2]``.
+
+        ``chunk_bytes`` (no-grad inference only): blocks and merges go through their tokens in chunks, each
+        chunk's temporaries within this budget; no per-neighbour tensor (``[B, N, M, ...]``) is whole. Same
+        maths as the default whole-tensor path."""
+        if chunk_bytes is not None and torch.is_grad_enabled():
+            raise ValueError("the chunked encoder path is for inference: call it under torch.no_grad()")
         outputs = []
         for i, blocks in enumerate(self.stages):
             order = curve_order(pos)
@@ -163,10 +190,28 @@ class AFFMAEEncoder(nn.Module):
             clusters = Clusters.from_sorted(pos, self.cluster_size)
             nb = build_neighborhood(clusters, clusters, self.nearest_clusters, self.neighborhood)
             scale = self.stage_scale(i)
-            biases = self.stage_bias[i](relative_features(nb.rel, scale))  # one [B, H, N, M] per block
-            for block, bias in zip(blocks, biases):
-                tokens = block(tokens, nb, bias)
+            if chunk_bytes is None:
+                biases = self.stage_bias[i](relative_features(nb.rel, scale))  # one [B, H, N, M] per block
+                for block, bias in zip(blocks, biases):
+                    tokens = block(tokens, nb, bias)
+            else:
+                self._blocks_in_chunks(i, tokens, nb, chunk_bytes)
             outputs.append(StageOutput(self.norms[i](tokens), pos, clusters, scale))
             if i < len(self.merges):
-                tokens, pos, _ = self.merges[i](tokens, pos, nb, scale)
+                tokens, pos, _ = self.merges[i](tokens, pos, nb, scale, chunk_bytes)
         return outputs
+
+    def _blocks_in_chunks(self, stage: int, tokens: torch.Tensor, nb: Neighborhood, budget: int) -> torch.Tensor:
+        """The blocks of one stage on tokens ``[B, N, C]`` (in place, no grad), chunks within ``budget`` bytes."""
+        bias_mlp = self.stage_bias[stage]
+        scale = self.stage_scale(stage)
+        itemsize = 8 if tokens.dtype == torch.float64 else 4
+        for j, block in enumerate(self.stages[stage]):
+            chunk = attention_chunk(block.attn, tokens.shape[0], nb.idx.shape[-1], bias_mlp.mlp.fc1.out_features,
+                                    itemsize, budget, self.cluster_size)
+
+            def bias(rows: Neighborhood, j: int = j) -> torch.Tensor:
+                return bias_mlp.layer_bias(relative_features(rows.rel, scale), j)
+
+            block.forward_in_chunks(tokens, nb, bias, chunk, budget)
+        return tokens

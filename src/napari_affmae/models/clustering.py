@@ -121,26 +121,63 @@ class Neighborhood:
         """Query count the attention kernel sees (a multiple of the cluster size in cluster mode)."""
         return self.idx.shape[1] * self.query_cluster_size if self.mode == "cluster" else self.num_queries
 
+    def query_rows(self, start: int, stop: int) -> "Neighborhood":
+        """The neighbourhoods of queries ``[start, stop)`` (views; ``start`` a multiple of the query cluster size
+        in cluster mode)."""
+        rows = slice(start, stop)
+        if self.mode == "cluster":
+            c = self.query_cluster_size
+            if start % c:
+                raise ValueError(f"cluster mode: query rows must start at a multiple of {c}; got {start}")
+            rows = slice(start // c, -(-stop // c))
+        return Neighborhood(idx=self.idx[:, rows], valid=self.valid[:, rows], rel=self.rel[:, start:stop],
+                            mode=self.mode, query_cluster_size=self.query_cluster_size)
+
     def rows_for(self, query_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """idx/valid rows (``[B, K, M]``) of selected queries ``query_index [B, K]``."""
         rows = query_index // self.query_cluster_size if self.mode == "cluster" else query_index
         return gather_tokens(self.idx, rows), gather_tokens(self.valid, rows)
 
 
-def build_neighborhood(queries: Clusters, keys: Clusters, k: int, mode: str = "token") -> Neighborhood:
-    """Neighbourhoods of ``queries`` = members of their ``k`` nearest key-cluster centroids."""
+def nearest_members(queries: Clusters, keys: Clusters, k: int, mode: str = "token", start: int = 0,
+                    stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Members of the ``k`` nearest key clusters of queries ``[start, stop)`` -> (idx int64, valid bool), each
+    ``[B, n, M]`` (token mode) or ``[B, ceil(n / c), M]`` (cluster mode: one row per query cluster)."""
     if mode not in NEIGHBORHOOD_MODES:
         raise ValueError(f"unknown neighbourhood mode {mode!r}; use one of {NEIGHBORHOOD_MODES}")
+    stop = queries.num_tokens if stop is None else min(stop, queries.num_tokens)
     k = min(k, keys.num_clusters)
-    source = queries.pos if mode == "token" else queries.centroids
+    if mode == "token":
+        source = queries.pos[:, start:stop]
+    else:
+        if start % queries.size:
+            raise ValueError(f"cluster mode: query rows must start at a multiple of {queries.size}; got {start}")
+        source = queries.centroids[:, start // queries.size: -(-stop // queries.size)]
     nearest = knn_centroids(source, keys.centroids, k)  # [B, Nq or nqc, k]
-    idx, valid = keys.members(nearest)  # [B, Nq or nqc, M]
-    per_query = idx
+    return keys.members(nearest)  # [B, Nq or nqc, M]
+
+
+def relative_positions(queries: Clusters, keys: Clusters, idx: torch.Tensor, mode: str, start: int = 0,
+                       stop: int | None = None) -> torch.Tensor:
+    """Neighbour minus query position ``[B, n, M, 2]`` of queries ``[start, stop)`` whose neighbour rows are idx
+    (``[B, n, M]``, or one row per query cluster in cluster mode)."""
+    stop = queries.num_tokens if stop is None else min(stop, queries.num_tokens)
+    per_query = idx.long()
     if mode == "cluster":
-        per_query = idx.repeat_interleave(queries.size, dim=1)[:, : queries.num_tokens]
+        per_query = per_query.repeat_interleave(queries.size, dim=1)[:, : stop - start]
     b, nq, m = per_query.shape
     neighbour_pos = gather_tokens(keys.pos, per_query.reshape(b, nq * m)).reshape(b, nq, m, 2)
-    rel = neighbour_pos - queries.pos[:, :, None, :]  # [B, Nq, M, 2]
+    return neighbour_pos - queries.pos[:, start:stop, None, :]  # [B, Nq, M, 2]
+
+
+def build_neighborhood(queries: Clusters, keys: Clusters, k: int, mode: str = "token", start: int = 0,
+                       stop: int | None = None) -> Neighborhood:
+    """Neighbourhoods of ``queries`` = members of their ``k`` nearest key-cluster centroids.
+
+    ``start``/``stop``: only the queries in ``[start, stop)`` (``start`` a multiple of the cluster size in
+    cluster mode), as rows of the whole result would be; the default is every query."""
+    idx, valid = nearest_members(queries, keys, k, mode, start, stop)
+    rel = relative_positions(queries, keys, idx, mode, start, stop)
     return Neighborhood(idx=idx.to(torch.int32), valid=valid, rel=rel, mode=mode, query_cluster_size=queries.size)
 
 

@@ -1,6 +1,8 @@
 """Transformer layers over off-grid tokens: neighbourhood attention, MLP, pre-LN blocks."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,6 +51,53 @@ def chunked_pointwise_mlp(mlp: Mlp, x: torch.Tensor, chunk_bytes: int = MLP_CHUN
     return out
 
 
+#: Memory budget of one chunk in no-grad (inference) forwards that go through their queries in chunks:
+#: bytes of the largest per-chunk temporary (a gathered neighbour tensor or an MLP's hidden activations).
+INFERENCE_CHUNK_BYTES = 2 * 2**20
+
+
+def chunk_rows(budget: int, row_bytes: int, multiple: int = 1) -> int:
+    """Rows per chunk so that ``rows * row_bytes`` fits ``budget``: at least one, a multiple of ``multiple``."""
+    rows = max(1, budget // max(1, row_bytes))
+    return max(multiple, rows // multiple * multiple)
+
+
+def spans(n: int, rows: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` chunks of ``rows`` covering ``range(n)``."""
+    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
+
+
+def attention_chunk(attn: "NeighborhoodAttention", batch: int, neighbors: int, bias_hidden: int, itemsize: int,
+                    budget: int, multiple: int) -> int:
+    """Queries per chunk of a no-grad neighbourhood attention: its gathered neighbour tensor
+    (``[B, H, n, M, D]``, reference backend) and its bias MLP's hidden activations (``[B, n, M, hidden]``,
+    twice) each within ``budget``; a multiple of ``multiple`` (the cluster size)."""
+    per_query = batch * neighbors * itemsize * max(attn.heads * attn.head_dim, 2 * bias_hidden)
+    return chunk_rows(budget, per_query, multiple)
+
+
+def residual_attention_in_chunks(attn: "NeighborhoodAttention", norm: nn.Module, x: torch.Tensor,
+                                 k: torch.Tensor, v: torch.Tensor, rows: Callable[[int, int], Neighborhood],
+                                 bias: Callable[[Neighborhood], torch.Tensor], chunk: int) -> torch.Tensor:
+    """No-grad ``x + attn(norm(x), ...)`` written into x ``[B, N, C]`` in place, ``chunk`` queries at a time.
+
+    k, v ``[B, H, Nk, D]`` are computed beforehand (from every token before the update); ``rows(s, e)`` gives
+    the neighbourhoods of queries ``[s, e)`` and ``bias(nb)`` their bias ``[B, H, e - s, M]``."""
+    for s, e in spans(x.shape[1], chunk):
+        nb = rows(s, e)
+        x[:, s:e] += attn.attend(norm(x[:, s:e]), k, v, nb, bias(nb))
+    return x
+
+
+def residual_mlp_in_chunks(mlp: "Mlp", norm: nn.Module, x: torch.Tensor, budget: int) -> torch.Tensor:
+    """No-grad ``x + mlp(norm(x))`` written into x ``[B, N, C]`` in place, rows within ``budget`` at a time."""
+    b = x.shape[0]
+    chunk = chunk_rows(budget, 2 * b * mlp.fc1.out_features * x.element_size())
+    for s, e in spans(x.shape[1], chunk):
+        x[:, s:e] += mlp(norm(x[:, s:e]))
+    return x
+
+
 class RelativePositionBias(nn.Module):
     """Per-head biases of several attention layers from one small MLP on (dy, dx, |d|, dy/|d|, dx/|d|).
 
@@ -80,6 +129,19 @@ class RelativePositionBias(nn.Module):
             out = out - rel_feat[..., 2:3].to(out.dtype) * self.slope.to(out.dtype)  # |d| is feature 2
         return [b.permute(0, 3, 1, 2) for b in out.split(self.heads, dim=-1)]
 
+    def layer_bias(self, rel_feat: torch.Tensor, layer: int) -> torch.Tensor:
+        """The bias of one layer only: rel_feat ``[B, n, M, 5]`` -> ``[B, H, n, M]``, equal to ``self(rel_feat)[layer]``.
+
+        Computes just that layer's output units of the MLP (its rows of ``fc2``), for callers that
+        go through the queries in chunks one layer at a time (no-grad inference)."""
+        rows = slice(layer * self.heads, (layer + 1) * self.heads)
+        hidden = F.gelu(self.mlp.fc1(rel_feat.to(self.mlp.fc1.weight.dtype)))  # [B, n, M, hidden]
+        out = F.linear(hidden, self.mlp.fc2.weight[rows], self.mlp.fc2.bias[rows])  # [B, n, M, H]
+        del hidden
+        if self.slope is not None:
+            out = out - rel_feat[..., 2:3].to(out.dtype) * self.slope[rows].to(out.dtype)
+        return out.permute(0, 3, 1, 2)
+
 
 class NeighborhoodAttention(nn.Module):
     """Multi-head attention of each query over its neighbourhood of keys, plus a learnable blank key/value.
@@ -103,11 +165,32 @@ class NeighborhoodAttention(nn.Module):
     def forward(self, x: torch.Tensor, nb: Neighborhood, bias: torch.Tensor,
                 context: torch.Tensor | None = None) -> torch.Tensor:
         """x ``[B, Nq, C]``, context ``[B, Nk, Cc]``, bias ``[B, H, Nq, M]`` -> ``[B, Nq, C]``."""
-        b, nq, c = x.shape
         ctx = x if context is None else context
+        kv = self.kv(ctx).reshape(ctx.shape[0], ctx.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.attend(x, kv[0], kv[1], nb, bias)  # k, v [B, H, Nk, D]
+
+    def keys_values(self, context: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous k, v ``[B, H, Nk, D]`` of ``prepare(context)`` (context ``[B, Nk, Cc]``), built ``chunk``
+        rows at a time (no-grad inference: the ``[B, Nk, 2 C]`` projection is never whole)."""
+        b, n, _ = context.shape
+        k = v = None
+        for s in range(0, n, chunk):
+            part = context[:, s:s + chunk]
+            kv = self.kv(prepare(part) if prepare is not None else part)
+            kv = kv.reshape(b, part.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            if k is None:
+                k = kv.new_empty(b, self.heads, n, self.head_dim)
+                v = kv.new_empty(b, self.heads, n, self.head_dim)
+            k[:, :, s:s + chunk] = kv[0]
+            v[:, :, s:s + chunk] = kv[1]
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nb: Neighborhood,
+               bias: torch.Tensor) -> torch.Tensor:
+        """Queries from x ``[B, Nq, C]`` over given keys/values ``[B, H, Nk, D]`` -> ``[B, Nq, C]``."""
+        b, nq, c = x.shape
         q = self.q(x).reshape(b, nq, self.heads, self.head_dim).transpose(1, 2)  # [B, H, Nq, D]
-        kv = self.kv(ctx).reshape(b, ctx.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = kv[0], kv[1]  # [B, H, Nk, D]
         pad = nb.padded_queries - nq
         if pad:  # cluster mode: the kernel sees whole clusters of queries
             q = F.pad(q, (0, 0, 0, pad))
@@ -131,3 +214,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, nb: Neighborhood, bias: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), nb, bias)
         return x + self.mlp(self.norm2(x))
+
+    def forward_in_chunks(self, x: torch.Tensor, nb: Neighborhood, bias: Callable[[Neighborhood], torch.Tensor],
+                          chunk: int, budget: int = INFERENCE_CHUNK_BYTES) -> torch.Tensor:
+        """No-grad ``forward`` updating x ``[B, N, C]`` in place, ``chunk`` queries at a time; ``bias(rows)`` gives
+        the bias ``[B, H, n, M]`` of a chunk's neighbourhoods (see `residual_attention_in_chunks`)."""
+        k, v = self.attn.keys_values(x, self.norm1, chunk)
+        residual_attention_in_chunks(self.attn, self.norm1, x, k, v, nb.query_rows, bias, chunk)
+        del k, v
+        return residual_mlp_in_chunks(self.mlp, self.norm2, x, budget)
