@@ -26,7 +26,7 @@ class Mlp(nn.Module):
 
 
 #: Bytes of one chunk's hidden activations in `chunked_pointwise_mlp`.
-MLP_CHUNK_BYTES = 16 * 2**20
+MLP_CHUNK_BYTES = 2 * 2**20
 
 
 def chunked_pointwise_mlp(mlp: Mlp, x: torch.Tensor, chunk_bytes: int = MLP_CHUNK_BYTES) -> torch.Tensor:
