@@ -44,7 +44,12 @@ def test_small_budgets_take_many_chunks(monkeypatch):
     x = torch.randn(1, 1, 48, 64, dtype=torch.float64)
     calls = []
     attend = NeighborhoodAttention.attend
-    monkeypatch.setattr(NeighborhoodAttention, "attend", lambda self, q, *a: calls.append(q.shape[1]) or attend(self, q, *a))
+
+    def counted(self, q, *args):
+        calls.append(q.shape[1])  # queries per call
+        return attend(self, q, *args)
+
+    monkeypatch.setattr(NeighborhoodAttention, "attend", counted)
     seg.inference_chunk_bytes = 10**9  # one chunk per attention
     with torch.no_grad():
         seg(x)

@@ -13,8 +13,8 @@ every part runs in pieces whose temporaries fit one byte budget (``chunk_bytes``
   (``chunk_bytes`` of `AFFMAEEncoder.forward_tokens` and `AFFMAEDecoder.forward`); the decoder keeps
   only its last layer;
 * the head writes its logits band by band of lattice rows into one preallocated map;
-* the refinement runs in bands of image rows with a two-row halo (two 3x3 convs), the bilinear
-  upsampling of the stem map taken from the band's source rows with a one-row margin.
+* the refinement runs in bands of image rows (at least `MIN_REFINE_ROWS`) with a two-row halo (two 3x3
+  convs), the bilinear upsampling of the stem map taken from the band's source rows with a one-row margin.
 
 Every output value sees the same inputs as in the whole-tensor computation (tested in float64).
 Shapes: x ``[B, 1, H, W]``, lattice ``h = H/p``, ``w = W/p``, K classes.
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from .common import PATCH_SIZE, lattice_positions, unpatchify
 from .layers import INFERENCE_CHUNK_BYTES
 
-#: Rows a refinement band needs on each side: two 3x3 convolutions.
-_HALO = 2
+#: Fewest image rows per refinement band: each band recomputes two rows of the first conv, at most 6 %.
+MIN_REFINE_ROWS = 32
 
 
 def band_rows(budget: int, row_bytes: int, multiple: int = 1) -> int:
@@ -112,21 +112,27 @@ def refine_in_bands(refine: nn.Module, logits: torch.Tensor, x: torch.Tensor, fi
     """``refine(logits, x, first)`` (`Refinement`) computed ``rows`` image rows at a time -> ``[B, K, H, W]``.
 
     logits ``[B, K, H, W]``, x ``[B, 1, H, W]``; first: the stem's first-level map ``[B, C, H/2, W/2]``, or a
-    callable ``first(s0, s1)`` returning its rows ``[s0, s1)``. Each band reads a halo of two rows; at the
-    image border the convolutions' zero padding is the whole computation's."""
+    callable ``first(s0, s1)`` returning its rows ``[s0, s1)``. A band of output rows ``[r0, r1)`` reads the
+    hidden rows ``[r0 - 1, r1 + 1)`` and they the input rows ``[r0 - 2, r1 + 2)``: only the first conv repeats
+    two rows per band. Rows outside the image are the whole convolutions' zero padding."""
     height = x.shape[-2]
     rows_of = first if callable(first) else (lambda s0, s1: first[:, :, s0:s1])
+    conv1, conv2 = refine.conv1, refine.conv2
     out = torch.empty_like(logits)
     for r0 in range(0, height, rows):
         r1 = min(height, r0 + rows)
-        a, b = max(0, r0 - _HALO), min(height, r1 + _HALO)
-        s0, s1 = upsample_source(a, b, height // 2)
-        up = upsample_band(rows_of(s0, s1), s0, a, b, x.shape[-2:])  # [B, C, b - a, W]
-        hidden = F.gelu(refine.conv1(torch.cat([logits[:, :, a:b], up, x[:, :, a:b]], dim=1)))
+        ha, hb = max(0, r0 - 1), min(height, r1 + 1)  # hidden rows inside the image
+        ia, ib = max(0, ha - 1), min(height, hb + 1)  # input rows inside the image
+        s0, s1 = upsample_source(ia, ib, height // 2)
+        up = upsample_band(rows_of(s0, s1), s0, ia, ib, x.shape[-2:])  # [B, C, ib - ia, W]
+        band = F.pad(torch.cat([logits[:, :, ia:ib], up, x[:, :, ia:ib]], dim=1), (0, 0, ia - ha + 1, hb + 1 - ib))
         del up
-        correction = refine.conv2(hidden)  # rows [a, b); rows [r0, r1) are exact
+        hidden = F.gelu(F.conv2d(band, conv1.weight, conv1.bias, padding=(0, 1)))  # rows [ha, hb)
+        del band
+        hidden = F.pad(hidden, (0, 0, ha - r0 + 1, r1 + 1 - hb))  # zero rows above / below the image
+        correction = F.conv2d(hidden, conv2.weight, conv2.bias, padding=(0, 1))  # rows [r0, r1)
         del hidden
-        out[:, :, r0:r1] = logits[:, :, r0:r1] + correction[:, :, r0 - a:r1 - a]
+        out[:, :, r0:r1] = logits[:, :, r0:r1] + correction
     return out
 
 
@@ -147,7 +153,8 @@ def segment_in_chunks(model: nn.Module, x: torch.Tensor, chunk_bytes: int = INFE
     logits = head_in_bands(model.head, last, h, w, patch, head_rows)
     del last
     if model.refine is not None:
-        rows = band_rows(chunk_bytes, b * model.refine.conv1.out_channels * width * x.element_size())
+        row_bytes = b * model.refine.conv1.out_channels * width * x.element_size()  # one row of the hidden map
+        rows = max(MIN_REFINE_ROWS, band_rows(chunk_bytes, row_bytes))
 
         def first(s0: int, s1: int) -> torch.Tensor:
             return stem_rows(model.encoder.stem, x, 1, s0, s1)

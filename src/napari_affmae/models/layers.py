@@ -130,7 +130,7 @@ class RelativePositionBias(nn.Module):
         return [b.permute(0, 3, 1, 2) for b in out.split(self.heads, dim=-1)]
 
     def layer_bias(self, rel_feat: torch.Tensor, layer: int) -> torch.Tensor:
-        """The bias of one layer only: rel_feat ``[B, n, M, 5]`` -> ``[B, H, n, M]``, equal to ``self(rel_feat)[layer]``.
+        """One layer's bias only: rel_feat ``[B, n, M, 5]`` -> ``[B, H, n, M]``, equal to ``self(rel_feat)[layer]``.
 
         Computes just that layer's output units of the MLP (its rows of ``fc2``), for callers that
         go through the queries in chunks one layer at a time (no-grad inference)."""
