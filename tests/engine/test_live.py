@@ -95,7 +95,7 @@ def test_bad_labels_get_one_clear_message() -> None:
 def test_cache_is_bounded_freed_and_reused() -> None:
     image, truth = _two_class_stack(depth=3)
     labels = _strokes(truth, 0)
-    one_slice = 96 * 96 * N_FILTER_FEATURES * 4
+    one_slice = 96 * 96 * N_FILTER_FEATURES * 4  # float32 filter features
     preview = LivePreview(image, LiveConfig(trees=5, max_cache_mb=2.5 * one_slice / 2**20))  # room for 2 slices
     preview.update(labels, z=0)
     assert preview.cache_bytes == one_slice
@@ -164,13 +164,14 @@ def test_encoder_features_come_from_the_package_and_travel_with_the_kept_model(t
     labels = _strokes(truth, 0, every=5)
     preview = LivePreview(image, LiveConfig(package=mae_path, components=3, trees=20))
     feats = preview.features((0, 0, 64, 0, 64))
-    assert feats.shape == (64, 64, N_FILTER_FEATURES + 4 * 3)
-    assert np.abs(feats[..., N_FILTER_FEATURES:]).max() > 0  # the encoder channels carry signal
+    first = N_FILTER_FEATURES  # encoder channels follow the filters
+    assert feats.shape == (64, 64, first + 4 * 3)
+    assert np.abs(feats[..., first:]).max() > 0  # the encoder channels carry signal
     # the encoder weights are the package's: changing them changes the features
     altered = load_package(mae_path)
     altered.state_dict = {k: (v + 0.5 if k.startswith("encoder.stem") else v) for k, v in altered.state_dict.items()}
     other = LivePreview(image, LiveConfig(package=altered, components=3, trees=20))
-    assert not np.allclose(other.features((0, 0, 64, 0, 64))[..., N_FILTER_FEATURES:], feats[..., N_FILTER_FEATURES:])
+    assert not np.allclose(other.features((0, 0, 64, 0, 64))[..., first:], feats[..., first:])
     preview.update(labels, z=0)
     kept = preview.save(tmp_path / "live")
     out = segment(kept, image, SegmentConfig(tile_size=(64, 64), overlap=0.0))

@@ -284,7 +284,7 @@ def _forest_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarray,
     from ..engine.live import LiveConfig, LivePreview  # noqa: PLC0415
 
     started = time.perf_counter()
-    forest = LivePreview(raw, LiveConfig(package=None, seed=record.seed))
+    forest = LivePreview(raw, LiveConfig.ilastik_style(seed=record.seed))
     forest.fit(labels)
     record.finetune_s = time.perf_counter() - started
     started = time.perf_counter()

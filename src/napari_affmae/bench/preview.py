@@ -4,9 +4,12 @@ For each task of the few-strokes protocol (`bench.em_protocol`, k = 1 labelled s
 strokes) and each arm:
 
 * ``rf_filters`` — ilastik's pixel classifier rebuilt: the 20 multiscale filter features of
-  `data.features.filter_features` and a 100-tree random forest (`engine.live.LivePreview` without a package);
-* ``live`` — the Live preview as the Fine-tune widget runs it: the same filters plus the AFFMAE
-  encoder stages of a pretrained package, the same forest.
+  `data.features.filter_features` and a 100-tree random forest (`engine.live.LiveConfig.ilastik_style`);
+* ``live`` — the Live preview as the Fine-tune widget runs it (`engine.live.LiveConfig()`): with
+  ``--package FAMILY=PATH`` the filters plus that AFFMAE package's encoder stages (the widget's
+  *AFFMAE features* box), without one the same as ``rf_filters``;
+* ``prior_corrected`` — ``rf_filters`` with the posteriors re-weighted to the class shares estimated on
+  unpainted pixels near the strokes (``LiveConfig(prior_exponent=1)``, one EM step).
 
 It measures, on the labelled slice (1024^2 on VNC):
 
@@ -40,24 +43,24 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..engine.settings import parse_int_list
 from . import em_protocol as P
 
 log = logging.getLogger(__name__)
-ARMS = ("rf_filters", "live")
+ARMS = ("rf_filters", "live", "prior_corrected")
 
 
 @dataclass
 class PreviewBenchConfig:
-    """One run. ``package``: AFFMAE package for the live arm's encoder per task family (None: pretrain one)."""
+    """One run. ``packages``: AFFMAE package for the live arm's encoder features per task family (none: the
+    widget's default, no encoder features)."""
 
     data_dir: Path
-    work_dir: Path = Path("runs/live_preview")
     tasks: list[str] = field(default_factory=lambda: list(P.TASKS))
-    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])  # stroke seeds; times come from the first
     rounds: int = 2
     repeats: int = 3
     packages: dict[str, str] = field(default_factory=dict)  # data family ("vnc", "isbi2012") -> package path
-    pretrain_steps: int = 300
     threads: int | None = 2
     max_eval_slices: int | None = None
     trees: int = 100
@@ -66,8 +69,10 @@ class PreviewBenchConfig:
         unknown = [t for t in self.tasks if t not in P.TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(P.TASKS)}")
-        if self.rounds < 0 or self.repeats < 1 or self.pretrain_steps < 1 or self.trees < 1:
-            raise ValueError("rounds must be >= 0; repeats, pretrain-steps and trees >= 1")
+        if not self.seeds:
+            raise ValueError("give at least one stroke seed (e.g. --seeds 0,1,2)")
+        if self.rounds < 0 or self.repeats < 1 or self.trees < 1:
+            raise ValueError("rounds must be >= 0; repeats and trees >= 1")
         for family, path in self.packages.items():
             if not Path(path).exists():
                 raise ValueError(f"package for {family} not found: {path}")
@@ -80,7 +85,11 @@ def _family(task: str) -> str:
 def _live_config(arm: str, package: str | None, trees: int, seed: int) -> Any:
     from ..engine.live import LiveConfig  # noqa: PLC0415
 
-    return LiveConfig(package=package if arm == "live" else None, trees=trees, seed=seed, max_cache_mb=4096)
+    if arm == "rf_filters":
+        return LiveConfig.ilastik_style(trees=trees, seed=seed, max_cache_mb=4096)
+    if arm == "prior_corrected":
+        return LiveConfig.ilastik_style(trees=trees, seed=seed, max_cache_mb=4096, prior_exponent=1.0)
+    return LiveConfig(package=package, trees=trees, seed=seed, max_cache_mb=4096)
 
 
 def _extra_stroke(labels: np.ndarray, truth: np.ndarray, z: int, seed: int) -> np.ndarray:
@@ -182,56 +191,55 @@ def run_benchmark(config: PreviewBenchConfig) -> dict[str, Any]:
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    config.work_dir.mkdir(parents=True, exist_ok=True)
     packages = dict(config.packages)
     tasks_out: dict[str, Any] = {}
     started = time.perf_counter()
     for task_name in config.tasks:
         task = P.TASKS[task_name]
-        raw, truth, extra = P.load_task(config.data_dir, task)
-        family = _family(task_name)
-        if family not in packages:
-            packages[family] = _pretrain_package(config, family, raw, extra)
+        raw, truth, _ = P.load_task(config.data_dir, task)
+        package = packages.get(_family(task_name))
         split = P.make_split(raw.shape[0])
         z = split.labelled(1)[0]
         eval_slices = list(split.eval_slices)
         if config.max_eval_slices:
             eval_slices = eval_slices[:: max(1, len(eval_slices) // config.max_eval_slices)][: config.max_eval_slices]
-        labels = P.training_labels(truth, [z], "sparse", seed=config.seed)
         arms: dict[str, Any] = {}
         for arm in ARMS:
-            log.info("[%s] %s: timing", task_name, arm)
-            timing = time_arm_isolated((raw, truth, z, labels, arm, packages[family], config.trees, config.seed,
-                                        config.repeats), config.threads)
-            log.info("[%s] %s: correction rounds", task_name, arm)
-            rounds = correction_rounds(raw, truth, z, labels, eval_slices, arm, packages[family], config.trees,
-                                       config.seed, config.rounds)
-            for item in rounds:
-                item["scores"] = P.evaluate_stack(item.pop("scores"), truth, task, eval_slices)
-                item.pop("pred_slice")
-            arms[arm] = {**timing, "rounds": rounds}
-            log.info("[%s] %s: first %.1f s, update %.1f s, IoU by round %s", task_name, arm,
-                     timing["first_preview_s"], timing["update_s"],
-                     [round(r["scores"]["fg_iou"], 3) for r in rounds])
+            if arm == "live" and package is None:  # without encoder features the live preview is rf_filters
+                arms[arm] = {**arms["rf_filters"], "same_as": "rf_filters"}
+                continue
+            arms[arm] = _run_arm(config, task_name, raw, truth, z, eval_slices, arm, package)
         tasks_out[task_name] = {"labelled_slice": z, "eval_slices": eval_slices, "shape": list(raw.shape),
-                                "package": packages[family], "arms": arms}
-    return {"config": {**asdict(config), "data_dir": str(config.data_dir), "work_dir": str(config.work_dir)},
+                                "package": package, "arms": arms}
+    return {"config": {**asdict(config), "data_dir": str(config.data_dir)},
             "environment": _environment(), "tasks": tasks_out, "summary": summarise(tasks_out),
             "total_s": time.perf_counter() - started}
 
 
-def _pretrain_package(config: PreviewBenchConfig, family: str, raw: np.ndarray, extra: Sequence[Path]) -> str:
-    """Pretrain AFFMAE-tiny on the task's raw stack + its unlabelled stack (the segmentation benchmark's budget)."""
-    import tifffile  # noqa: PLC0415
-
-    from .em_segmentation import EMBenchConfig, _pretrain  # noqa: PLC0415
-
-    crop = max(32, min(128, min(raw.shape[-2:]) // 8 * 8))  # the segmentation benchmark's crop, or the image
-    seg = EMBenchConfig(data_dir=config.data_dir, work_dir=config.work_dir, pretrain_steps=config.pretrain_steps,
-                        crop=crop, batch_size=min(8, 2 * config.pretrain_steps))
-    images = [raw, *[np.asarray(tifffile.imread(p)) for p in extra]]
-    path, _ = _pretrain(seg, "affmae", images, family, config.seed, "cpu")
-    return str(path)
+def _run_arm(config: PreviewBenchConfig, task_name: str, raw: np.ndarray, truth: np.ndarray, z: int,
+             eval_slices: list[int], arm: str, package: str | None) -> dict[str, Any]:
+    """Times (first seed's strokes, fresh process) and held-out scores over correction rounds (every seed)."""
+    task = P.TASKS[task_name]
+    first_labels = P.training_labels(truth, [z], "sparse", seed=config.seeds[0])
+    log.info("[%s] %s: timing", task_name, arm)
+    timing = time_arm_isolated((raw, truth, z, first_labels, arm, package, config.trees, config.seeds[0],
+                                config.repeats), config.threads)
+    by_seed = {}
+    for seed in config.seeds:
+        log.info("[%s] %s: correction rounds, strokes of seed %d", task_name, arm, seed)
+        labels = P.training_labels(truth, [z], "sparse", seed=seed)
+        rounds = correction_rounds(raw, truth, z, labels, eval_slices, arm, package, config.trees, seed,
+                                   config.rounds)
+        for item in rounds:
+            item["scores"] = P.evaluate_stack(item.pop("scores"), truth, task, eval_slices)
+            item.pop("pred_slice")
+        by_seed[seed] = rounds
+        log.info("[%s] %s, seed %d: IoU by round %s", task_name, arm, seed,
+                 [round(r["scores"]["fg_iou"], 3) for r in rounds])
+    ious = np.array([[r["scores"]["fg_iou"] for r in rounds] for rounds in by_seed.values()])  # [seeds, rounds]
+    return {**timing, "rounds": by_seed[config.seeds[0]], "rounds_by_seed": by_seed,
+            "iou_mean": ious.mean(0).tolist(), "iou_std": (ious.std(0, ddof=1) if len(ious) > 1
+                                                          else np.zeros(ious.shape[1])).tolist()}
 
 
 def summarise(tasks: dict[str, Any]) -> dict[str, Any]:
@@ -240,12 +248,12 @@ def summarise(tasks: dict[str, Any]) -> dict[str, Any]:
     live, rf = first["arms"]["live"], first["arms"]["rf_filters"]
     per_task = {}
     for name, item in tasks.items():
-        per_task[name] = {arm: [r["scores"]["fg_iou"] for r in data["rounds"]] for arm, data in item["arms"].items()}
+        per_task[name] = {arm: data["iou_mean"] for arm, data in item["arms"].items()}
     return {"task": next(iter(tasks)),
             "update_vs_rf": live["update_s"] / rf["update_s"],
             "first_preview_vs_rf": live["first_preview_s"] / rf["first_preview_s"],
-            "iou_live": live["rounds"][0]["scores"]["fg_iou"],
-            "iou_rf_filters": rf["rounds"][0]["scores"]["fg_iou"],
+            "iou_live": live["iou_mean"][0],  # round 0, mean over the stroke seeds
+            "iou_rf_filters": rf["iou_mean"][0],
             "update_s": {"live": live["update_s"], "rf_filters": rf["update_s"]},
             "first_preview_s": {"live": live["first_preview_s"], "rf_filters": rf["first_preview_s"]},
             "peak_rss_mb": {"live": live["peak_rss_mb"], "rf_filters": rf["peak_rss_mb"]},
@@ -266,14 +274,14 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None,
     argparse error naming the option and the variable when none gives a folder)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=None, help=f"folder with vnc/ and isbi2012/ (default: ${P.DATA_ENV})")
-    p.add_argument("--work-dir", type=Path, default=Path("runs/live_preview"), help="pretrained packages go here")
     p.add_argument("--tasks", default="all", help=f"comma list of {', '.join(P.TASKS)} or 'all' (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=parse_int_list, default=[0], help="comma list of stroke seeds; IoU is their mean, times come from "
+                                                "the first (default: 0)")
     p.add_argument("--rounds", type=int, default=2, help="correction rounds after round 0 (default: 2)")
     p.add_argument("--repeats", type=int, default=3, help="strokes timed for the update time (default: 3)")
     p.add_argument("--package", action="append", default=[], metavar="FAMILY=PATH",
-                   help="AFFMAE package for the live arm, e.g. vnc=runs/pre.affmae (default: pretrain one)")
-    p.add_argument("--pretrain-steps", type=int, default=300)
+                   help="AFFMAE package whose encoder features the live arm adds, e.g. vnc=runs/pre.affmae "
+                        "(default: none, as the widget)")
     p.add_argument("--trees", type=int, default=100)
     p.add_argument("--max-eval-slices", type=int, default=None)
     p.add_argument("--threads", type=int, default=2, help="torch / scikit-learn threads (default: 2)")
@@ -291,9 +299,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None,
             p.error(f"--package takes FAMILY=PATH (families: vnc, isbi2012); got {item!r}")
         key, value = item.split("=", 1)
         packages[key.strip()] = value.strip()
-    config = PreviewBenchConfig(data_dir=data_dir, work_dir=args.work_dir, tasks=tasks, seed=args.seed,
+    config = PreviewBenchConfig(data_dir=data_dir, tasks=tasks, seeds=args.seeds,
                                 rounds=args.rounds, repeats=args.repeats, packages=packages,
-                                pretrain_steps=args.pretrain_steps, threads=args.threads,
+                                threads=args.threads,
                                 max_eval_slices=args.max_eval_slices, trees=args.trees)
     return config, args
 

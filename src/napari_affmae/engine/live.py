@@ -10,7 +10,10 @@ A `LivePreview` holds one image (2D or a 3D stack) and a `models.feature_forest.
   margin) is.
 * **A forest on the painted pixels.** `update` collects the features of every painted pixel
   (0 = unpainted; painted values 1..K), fits a scikit-learn random forest (deterministic in the
-  seed) and predicts the slice or view being looked at.
+  seed) and predicts the slice or view being looked at. By default the features are the filter
+  bank, as in ilastik; ``texture`` adds texture features and ``prior_exponent`` corrects the
+  posteriors toward the class shares estimated on unpainted pixels near the strokes (see
+  `models.feature_forest`; docs/live-preview.md measures both).
 * `to_package` / `save` keep the fast model as a segmentation package that `engine.segment`
   and batch segmentation run over whole stacks like any other.
 
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from ..data.normalize import NormalizationStats, compute_stats
+from ..models.feature_forest import check_prior_settings
 from .finetune import MAX_CLASSES, check_labels
 from .inputs import as_input_image, check_has_contrast
 from .package import ModelPackage, load_package, save_package
@@ -54,6 +58,15 @@ class LiveConfig:
     max_cache_mb: float = 1024.0  # feature cache bound
     max_window_pixels: int = 2048 * 1024  # larger slices are featurised view by view
     max_samples: int = 60_000  # painted pixels the forest trains on (class-balanced subsample beyond)
+    texture: bool = False  # local standard deviation + differences of Gaussians besides the filter bank
+    prior_exponent: float = 0.0  # 0 = no prior correction (ilastik); 1 = full correction to the estimated shares
+    prior_iterations: int = 1  # EM steps of the share estimate (1 = mean posterior; more: toward the EM fixed point)
+    prior_samples: int = 20_000  # unpainted pixels (near the strokes) the class shares are estimated on
+
+    @classmethod
+    def ilastik_style(cls, **overrides: Any) -> "LiveConfig":
+        """ilastik's pixel classifier: the filter bank and a forest, nothing else (the ``rf_filters`` arm)."""
+        return cls(**{"package": None, "texture": False, "prior_exponent": 0.0, **overrides})
 
     def validate(self) -> None:
         if self.components < 1 or self.trees < 1:
@@ -64,6 +77,9 @@ class LiveConfig:
             raise ValueError(f"max_window_pixels must be >= {MIN_SIDE * MIN_SIDE}; got {self.max_window_pixels}")
         if self.max_samples < 2:
             raise ValueError(f"max_samples must be >= 2; got {self.max_samples}")
+        check_prior_settings(self.prior_exponent, self.prior_iterations)
+        if self.prior_samples < 0:
+            raise ValueError(f"prior_samples must be >= 0; got {self.prior_samples}")
 
 
 Window = tuple[int, int, int, int, int]  # z, y0, y1, x0, x1 (image pixels, end exclusive)
@@ -103,6 +119,7 @@ class LivePreview:
         self.label_values: list[int] = []  # the painted value of each forest class
         self._fingerprint = ""  # of the strokes the forest was last fitted on
         self.windows_computed = 0  # feature windows computed so far (cache misses)
+        self.class_shares: np.ndarray | None = None  # class shares near the strokes, as the forest estimates them
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -131,7 +148,9 @@ class LivePreview:
         model = create_model("feature_forest", task="segmentation", num_classes=2, encoder_size=self._encoder_size(),
                              encoder_options=self._encoder_options(), components=self.config.components,
                              trees=self.config.trees, seed=self.config.seed, n_samples=n_samples,
-                             max_samples=self.config.max_samples)
+                             max_samples=self.config.max_samples, texture=self.config.texture,
+                             prior_exponent=self.config.prior_exponent,
+                             prior_iterations=self.config.prior_iterations)
         if self.package is not None:
             encoder = {k[len("encoder."):]: v for k, v in self.package.state_dict.items() if k.startswith("encoder.")}
             model.encoder.load_state_dict(encoder)
@@ -223,28 +242,35 @@ class LivePreview:
         _, values = check_labels(labels, "sparse")  # the fine-tuning rules: any values, mapped to classes
         return labels, values
 
-    def training_set(self, labels: np.ndarray, values: list[int],
-                     cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def training_set(self, labels: np.ndarray, values: list[int], cancel: CancelToken | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Features ``[N, F]`` and classes ``[N]`` (index into ``values``) of every painted pixel, class-balanced
-        and capped at ``max_samples`` (deterministic)."""
+        and capped at ``max_samples``, and features ``[M, F]`` of up to ``prior_samples`` unpainted pixels of
+        the same feature windows (all deterministic in the seed)."""
         lut = np.asarray(values)
-        xs, ys = [], []
+        rng = np.random.default_rng(self.config.seed)
+        xs, ys, unpainted = [], [], []
         for z in self._painted_slices(labels):
             plane = labels[z] if self.ndim == 3 else labels
             rows, cols = np.nonzero(plane)
-            for window, (cy0, cy1, cx0, cx1) in self._cells(z, int(rows.min()), int(rows.max()) + 1,
-                                                             int(cols.min()), int(cols.max()) + 1):
+            cells = self._cells(z, int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+            for window, (cy0, cy1, cx0, cx1) in cells:
                 inside = (rows >= cy0) & (rows < cy1) & (cols >= cx0) & (cols < cx1)
                 if not inside.any():
                     continue
                 if cancel is not None:
                     cancel.raise_if_cancelled()
                 _, wy0, _, wx0, _ = window
+                feats = self.features(window)
                 r, c = rows[inside], cols[inside]
-                xs.append(self.features(window)[r - wy0, c - wx0])
+                xs.append(feats[r - wy0, c - wx0])
                 ys.append(np.searchsorted(lut, plane[r, c]).astype(np.int64))
-        x, y = np.concatenate(xs), np.concatenate(ys)
-        return _balanced_subsample(x, y, self.config.max_samples, self.config.seed)
+                free_r, free_c = np.nonzero(plane[cy0:cy1, cx0:cx1] == 0)
+                take = min(len(free_r), self.config.prior_samples // max(len(cells), 1))
+                pick = rng.choice(len(free_r), take, replace=False) if take else np.empty(0, np.int64)
+                unpainted.append(feats[free_r[pick] + cy0 - wy0, free_c[pick] + cx0 - wx0])
+        x, y = _balanced_subsample(np.concatenate(xs), np.concatenate(ys), self.config.max_samples, self.config.seed)
+        return x, y, np.concatenate(unpainted)
 
     def fit(self, labels: Any, cancel: CancelToken | None = None) -> int:
         """Fit the forest on the painted pixels of ``labels`` (skipped when the strokes are those of the last
@@ -254,11 +280,13 @@ class LivePreview:
         fingerprint = hashlib.sha1(painted.tobytes() + labels.ravel()[painted].astype(np.int64).tobytes()).hexdigest()
         if self.fitted and fingerprint == self._fingerprint:
             return int(self.model.config.n_samples)
-        x, y = self.training_set(labels, values, cancel)
+        x, y, unpainted = self.training_set(labels, values, cancel)
         if cancel is not None:
             cancel.raise_if_cancelled()
         self.model.num_classes = len(values)
         self.model.set_training_data(x, y)
+        shares = self.model.adapt_priors(unpainted)
+        self.class_shares = shares if self.config.prior_exponent > 0 else None
         self.label_values = values
         self._fingerprint = fingerprint
         self.fitted = True
@@ -316,7 +344,9 @@ class LivePreview:
             raise RuntimeError("nothing to keep yet: paint strokes of two classes and let the preview train first")
         given = list(class_names or [])  # names of label values 1, 2, ... (the widget's class table)
         names = [given[v - 1] if 0 < v <= len(given) else f"class {v}" for v in self.label_values]
+        shares = None if self.class_shares is None else [round(float(v), 4) for v in self.class_shares]
         provenance = {"job": "live preview", "trained_pixels": int(self.model.config.n_samples),
+                      "estimated_class_shares": shares,
                       "encoder_package": None if self.package is None else str(self.package.path or ""),
                       "encoder_model": None if self.package is None else self.package.model_name,
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -7,6 +7,8 @@ Per-pixel features of a normalised slice ``[Y, X]``:
 
 * the 20 filter responses of `data.features.filter_features` (intensity, edges, Hessian at
   1-16 px), i.e. everything the ``rf_filters`` benchmark arm sees;
+* with ``texture``, the 9 of `data.features.texture_features` (local standard deviation,
+  differences of Gaussians);
 * the AFFMAE encoder run once over the unmasked slice: each stage's tokens ``[N_i, C_i]`` (res2 on
   the full stride-8 lattice, res3..res5 on the merged, off-grid subsets) are projected to
   ``components`` channels by a fixed projection (principal axes of the first slice encoded),
@@ -15,6 +17,16 @@ Per-pixel features of a normalised slice ``[Y, X]``:
 The head is scikit-learn's `RandomForestClassifier`. The package stores no pickle: it keeps the
 training pixels' feature vectors and classes as tensors and refits the forest (deterministic in
 ``seed``) when it is loaded.
+
+**Prior correction.** Strokes paint each class about equally, but in EM the structure a lab
+segments is usually a small share of the image, so a forest fitted on strokes calls too much of
+the image "structure". `FeatureForest.adapt_priors` estimates the image's class shares from the
+forest's own posteriors on unpainted pixels (``prior_iterations`` steps of the EM re-estimation of
+Saerens, Latinne and Decaestecker, Neural Computation 2002; one step = the mean posterior) and
+re-weights every posterior by ``(estimated share / painted share) ** prior_exponent``. Exponent 0
+(the default) is ilastik's behaviour. The EM fixed point (many steps) is unstable with a forest's
+over-confident posteriors: after correction strokes it drove the structure's share to zero; the
+one-step estimate stays put.
 """
 from __future__ import annotations
 
@@ -27,7 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.features import N_FILTER_FEATURES, filter_feature_names, filter_features
+from ..data.features import (N_FILTER_FEATURES, N_TEXTURE_FEATURES, filter_feature_names, filter_features,
+                             texture_feature_names, texture_features)
 from .affmae import SIZES as AFFMAE_SIZES
 from .affmae import _build_parts, make_config
 from .common import PATCH_SIZE
@@ -48,6 +61,10 @@ class FeatureForestConfig:
     seed: int = 0
     n_samples: int = 0  # rows of the stored training set
     max_samples: int = 60_000  # training pixels kept (class-balanced, deterministic subsample)
+    texture: bool = False  # add the 9 texture features
+    prior_exponent: float = 0.0  # 0 = posteriors as fitted; 1 = re-weighted to the image's estimated class shares
+    prior_iterations: int = 1  # EM steps of the share estimate (1 = the mean posterior)
+    class_weights: list[float] = field(default_factory=list)  # per-class posterior weights (set by adapt_priors)
 
     def __post_init__(self) -> None:
         if self.encoder_size is not None and self.encoder_size not in AFFMAE_SIZES:
@@ -56,6 +73,9 @@ class FeatureForestConfig:
             raise ValueError("components, trees and min_samples_leaf must be >= 1, max_samples >= 2")
         if self.n_samples < 0:
             raise ValueError(f"n_samples must be >= 0; got {self.n_samples}")
+        check_prior_settings(self.prior_exponent, self.prior_iterations)
+        if any(not w > 0 for w in self.class_weights):
+            raise ValueError(f"class_weights must be positive; got {self.class_weights}")
 
     @property
     def n_stages(self) -> int:
@@ -63,7 +83,16 @@ class FeatureForestConfig:
 
     @property
     def n_features(self) -> int:
-        return N_FILTER_FEATURES + self.n_stages * self.components
+        return N_FILTER_FEATURES + N_TEXTURE_FEATURES * self.texture + self.n_stages * self.components
+
+
+def check_prior_settings(exponent: float, iterations: int) -> None:
+    """Refuse a prior-correction exponent outside [0, 1] or fewer than one EM step, saying which."""
+    if not 0.0 <= exponent <= 1.0:
+        raise ValueError(f"prior_exponent must be between 0 (no prior correction) and 1 (full correction); "
+                         f"got {exponent}")
+    if iterations < 1:
+        raise ValueError(f"prior_iterations must be >= 1; got {iterations}")
 
 
 def nearest_fill(values: torch.Tensor, pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -107,14 +136,17 @@ class FeatureForest(nn.Module):
     # ------------------------------------------------------------------------------------------ features
 
     def feature_names(self) -> list[str]:
-        return filter_feature_names() + [f"res{i + 2} pc{j + 1}" for i in range(self.config.n_stages)
-                                         for j in range(self.config.components)]
+        texture = texture_feature_names() if self.config.texture else []
+        return filter_feature_names() + texture + [f"res{i + 2} pc{j + 1}" for i in range(self.config.n_stages)
+                                                   for j in range(self.config.components)]
 
     @torch.no_grad()
     def pixel_features(self, image: np.ndarray) -> np.ndarray:
         """Features of one normalised slice ``[Y, X]`` -> ``[Y, X, F]`` float32."""
         image = np.asarray(image, dtype=np.float32)
         parts = [filter_features(image)]
+        if self.config.texture:
+            parts.append(texture_features(image))
         if self.encoder is not None:
             parts.append(self.encoder_features(image))
         return np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
@@ -184,18 +216,37 @@ class FeatureForest(nn.Module):
             self._forest = forest
         return self._forest
 
-    def predict_proba(self, features: np.ndarray, chunk: int = 262_144,
-                      check: Callable[[], None] | None = None) -> np.ndarray:
-        """Class probabilities ``[..., K]`` of features ``[..., F]`` (classes the forest never saw get 0).
-        ``check`` is called before every chunk of pixels (it may raise to stop early)."""
+    def predict_proba(self, features: np.ndarray, chunk: int = 262_144, check: Callable[[], None] | None = None,
+                      corrected: bool = True) -> np.ndarray:
+        """Class probabilities ``[..., K]`` of features ``[..., F]`` (classes the forest never saw get 0),
+        prior-corrected with ``class_weights`` unless ``corrected`` is False. ``check`` is called before every
+        chunk of pixels (it may raise to stop early)."""
         flat = features.reshape(-1, features.shape[-1])
         out = np.zeros((len(flat), self.num_classes), np.float32)
         forest = self.forest
+        weights = np.asarray(self.config.class_weights, np.float32) if corrected else np.empty(0)
         for start in range(0, len(flat), chunk):
             if check is not None:
                 check()
-            out[start:start + chunk][:, forest.classes_] = forest.predict_proba(flat[start:start + chunk])
+            part = out[start:start + chunk]
+            part[:, forest.classes_] = forest.predict_proba(flat[start:start + chunk])
+            if len(weights) == self.num_classes:
+                part *= weights
+                part /= np.maximum(part.sum(1, keepdims=True), np.finfo(np.float32).tiny)
         return out.reshape(*features.shape[:-1], self.num_classes)
+
+    def adapt_priors(self, unpainted: np.ndarray) -> np.ndarray:
+        """Estimate the class shares of the image from features ``[M, F]`` of unpainted pixels and set
+        ``class_weights`` (see the module docstring); returns the estimated shares ``[K]``."""
+        painted = np.bincount(self.train_y.numpy(), minlength=self.num_classes) / max(len(self.train_y), 1)
+        if self.config.prior_exponent == 0 or len(unpainted) == 0 or np.any(painted == 0):
+            self.config = replace(self.config, class_weights=[])
+            return painted
+        posteriors = self.predict_proba(unpainted, corrected=False)
+        shares = estimate_class_shares(posteriors, painted, iterations=self.config.prior_iterations)
+        weights = (np.maximum(shares, 1e-6) / painted) ** self.config.prior_exponent
+        self.config = replace(self.config, class_weights=[float(w) for w in weights / weights.max()])
+        return shares
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, 1, H, W]`` (normalised) -> log-probabilities ``[B, K, H, W]``."""
@@ -205,6 +256,23 @@ class FeatureForest(nn.Module):
         probs = np.stack([self.predict_proba(self.pixel_features(img)) for img in images])  # [B, H, W, K]
         logp = np.log(np.maximum(probs, PROBABILITY_FLOOR)).transpose(0, 3, 1, 2)
         return torch.from_numpy(np.ascontiguousarray(logp)).to(x.device)
+
+
+def estimate_class_shares(posteriors: np.ndarray, train_shares: np.ndarray, iterations: int = 200,
+                          tol: float = 1e-7) -> np.ndarray:
+    """Class shares ``[K]`` of unlabelled samples whose posteriors ``[M, K]`` a classifier gives under the
+    training shares ``[K]``: the fixed point of re-weighting posteriors by new / training shares and
+    averaging them (Saerens et al. 2002, an EM algorithm)."""
+    posteriors = np.asarray(posteriors, np.float64)
+    train_shares = np.asarray(train_shares, np.float64)
+    shares = train_shares.copy()
+    for _ in range(iterations):
+        weighted = posteriors * (shares / train_shares)
+        new = (weighted / np.maximum(weighted.sum(1, keepdims=True), 1e-300)).mean(0)
+        if np.abs(new - shares).max() < tol:
+            return new
+        shares = new
+    return shares
 
 
 def make_forest_config(**overrides: Any) -> FeatureForestConfig:
