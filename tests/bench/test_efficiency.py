@@ -215,7 +215,8 @@ def test_benchmark_end_to_end_json_page_and_plots(tmp_path, bench_script):
     assert all(v == pytest.approx(1.0) for v in vit["ratio_to_reference"].values() if v is not None)
     affmae = cells["affmae"]  # CPU: memory without the reference's neighbour tensors, as a bound
     assert 0 < affmae["mem_train_fused_bound"] < affmae["mem_train"]
-    assert 0 < affmae["mem_infer_fused_bound"] < affmae["mem_infer"]
+    # the no-grad forward runs in chunks: its neighbour tensors are a few MiB, within the RSS's noise
+    assert 0 < affmae["mem_infer_fused_bound"] < affmae["mem_infer"] + 8 * 2**20
     assert affmae["ratio_to_reference"]["mem_train_fused_bound"] == pytest.approx(
         vit["mem_train"] / affmae["mem_train_fused_bound"])
     text = page.read_text()
@@ -308,3 +309,17 @@ def test_bad_input_is_reported():
     with pytest.raises(ValueError, match="unknown family"):
         BenchConfig(families=("resnet",))
     assert main(["--families", "nope", "--quiet"]) == 2
+
+
+def test_allocator_peak_counts_live_bytes_only():
+    def calls() -> float:
+        a = torch.ones(2**20)  # 4 MiB
+        b = a * 2  # 8 MiB live
+        del a
+        c = torch.ones(3 * 2**20)  # 12 MiB: 16 MiB live with b
+        del c
+        return float(b[0])
+
+    value, peak = memory.allocator_peak(calls)
+    assert value == 2.0
+    assert 16 * 2**20 <= peak < 17 * 2**20

@@ -12,6 +12,12 @@
   miss peaks shorter than the interval.
 
 `tracemalloc` is no use here: torch allocates outside Python's allocator.
+
+On CPU the peak resident size also counts the heap's fragmentation, which depends on what the process
+ran before (glibc serves blocks below its dynamic mmap threshold, up to 32 MiB, from the heap; a heap
+left full of holes by an earlier training step makes a later call touch fresh pages for blocks that
+would otherwise be reused). `allocator_peak` gives the history-independent figure, the CPU analogue of
+``torch.cuda.max_memory_allocated``: the highest total of bytes allocated through torch's allocator.
 """
 from __future__ import annotations
 
@@ -138,3 +144,17 @@ def measure_peak(fn: Callable[[], T], device: torch.device) -> tuple[T, PeakMemo
         before = sampler.peak
         result = fn()
     return result, PeakMemory(max(0, sampler.peak - before), cpu_method())
+
+
+def allocator_peak(fn: Callable[[], T], device: torch.device | str = "cpu") -> tuple[T, int]:
+    """Run ``fn()`` once under ``torch.profiler`` and return its result with the highest total of bytes live in
+    torch's allocator on ``device`` (every tensor, also those an op frees before it returns; not the
+    allocator's fragmentation). Slow (the profiler records every allocation with its stack); uses the
+    profiler's memory timeline (``torch.profiler._memory_profiler``, a private API of torch 2.x)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    from torch.profiler._memory_profiler import MemoryProfileTimeline  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        result = fn()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device(device))
+    return result, max((sum(s) for s in sizes), default=0)
