@@ -217,6 +217,7 @@ parameter count, on square one-channel tiles. Produced from a checkout by
 Each run replaces its own section (device type, size, precision) and keeps the others. `--json`
 prints the raw results. After `pip install`, `affmae bench efficiency` takes the same options,
 measures the same and prints the same tables (`--out FILE.json` keeps the results).
+Which tensors make AFFMAE's peak memory, and what was done about it: [memory-profile.md](memory-profile.md).
 
 {gpu_status}
 
