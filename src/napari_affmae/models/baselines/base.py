@@ -6,6 +6,8 @@ Shapes: ``B`` batch, ``h x w`` patch lattice (8-px patches), ``N`` tokens, ``C``
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -167,7 +169,7 @@ class DecoderHeadConfig:
         return SegHead(in_dim, self.seg_hidden, num_classes)
 
 
-class PatchSegmenter(nn.Module):
+class PatchSegmenter(nn.Module, ABC):
     """Base of the baselines' segmentation models on 8-px patches: ``forward(x [B, 1, H, W]) ->
     [B, K, H, W]`` validates x and returns `logits` of its ``h x w`` patch lattice."""
 
@@ -185,8 +187,9 @@ class PatchSegmenter(nn.Module):
         validate_image(x)
         return self.logits(x, (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE))
 
-    def logits(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def logits(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Logits ``[B, K, H, W]`` of x ``[B, 1, H, W]`` whose patch lattice is ``grid = (h, w)``."""
 
 
 def reconstruction_loss(x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
