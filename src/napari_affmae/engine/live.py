@@ -246,9 +246,10 @@ class LivePreview:
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Features ``[N, F]`` and classes ``[N]`` (index into ``values``) of every painted pixel, class-balanced
         and capped at ``max_samples``, and features ``[M, F]`` of up to ``prior_samples`` unpainted pixels of
-        the same feature windows (all deterministic in the seed)."""
+        the same feature windows when the prior correction is on (M = 0 otherwise); deterministic in the seed."""
         lut = np.asarray(values)
         rng = np.random.default_rng(self.config.seed)
+        budget = self.config.prior_samples if self.config.prior_exponent > 0 else 0
         xs, ys, unpainted = [], [], []
         for z in self._painted_slices(labels):
             plane = labels[z] if self.ndim == 3 else labels
@@ -265,12 +266,12 @@ class LivePreview:
                 r, c = rows[inside], cols[inside]
                 xs.append(feats[r - wy0, c - wx0])
                 ys.append(np.searchsorted(lut, plane[r, c]).astype(np.int64))
-                free_r, free_c = np.nonzero(plane[cy0:cy1, cx0:cx1] == 0)
-                take = min(len(free_r), self.config.prior_samples // max(len(cells), 1))
-                pick = rng.choice(len(free_r), take, replace=False) if take else np.empty(0, np.int64)
-                unpainted.append(feats[free_r[pick] + cy0 - wy0, free_c[pick] + cx0 - wx0])
+                if budget:  # only the prior correction needs unpainted pixels
+                    free_r, free_c = np.nonzero(plane[cy0:cy1, cx0:cx1] == 0)
+                    pick = rng.choice(len(free_r), min(len(free_r), budget // len(cells)), replace=False)
+                    unpainted.append(feats[free_r[pick] + cy0 - wy0, free_c[pick] + cx0 - wx0])
         x, y = _balanced_subsample(np.concatenate(xs), np.concatenate(ys), self.config.max_samples, self.config.seed)
-        return x, y, np.concatenate(unpainted)
+        return x, y, (np.concatenate(unpainted) if unpainted else np.empty((0, x.shape[1]), np.float32))
 
     def fit(self, labels: Any, cancel: CancelToken | None = None) -> int:
         """Fit the forest on the painted pixels of ``labels`` (skipped when the strokes are those of the last
@@ -285,8 +286,7 @@ class LivePreview:
             cancel.raise_if_cancelled()
         self.model.num_classes = len(values)
         self.model.set_training_data(x, y)
-        shares = self.model.adapt_priors(unpainted)
-        self.class_shares = shares if self.config.prior_exponent > 0 else None
+        self.class_shares = self.model.adapt_priors(unpainted) if self.config.prior_exponent > 0 else None
         self.label_values = values
         self._fingerprint = fingerprint
         self.fitted = True
