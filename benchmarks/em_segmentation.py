@@ -112,14 +112,32 @@ def verdict(results: dict[str, Any]) -> str:
         wins += delta > TIE_IOU
         lines.append(f"{P.TASKS[task].title}, {regime}, k={k}: {delta:+.3f} IoU")
     if total == 0:
-        return "No 1-2-slice comparison of AFFMAE pretrained vs from scratch was run." + _threshold_verdict(rows)
+        return (recipe_verdict(rows) + "No 1-2-slice comparison of AFFMAE pretrained vs from scratch was run."
+                + _threshold_verdict(rows))
     head = (f"AFFMAE pretraining beat AFFMAE from scratch by more than {TIE_IOU} foreground IoU in {wins} of "
             f"{total} settings with 1-2 labelled slices" if wins else
             f"AFFMAE pretraining did **not** beat AFFMAE from scratch by more than {TIE_IOU} foreground IoU "
             "with 1-2 labelled slices in this run")
     seeds = len(results["config"]["seeds"])
     tail = "" if seeds > 1 else " One seed only: differences of a few hundredths are within seed-to-seed noise."
-    return head + " (" + "; ".join(lines) + ")." + tail + _threshold_verdict(rows)
+    return recipe_verdict(rows) + head + " (" + "; ".join(lines) + ")." + tail + _threshold_verdict(rows)
+
+
+def recipe_verdict(rows: dict[tuple, dict[str, Any]]) -> str:
+    """The default fine-tuning recipe (``affmae_taught``) against ilastik's forest, setting by setting."""
+    parts = []
+    for (task, regime, k, arm), row in sorted(rows.items()):
+        forest = rows.get((task, regime, k, "rf_filters"))
+        if arm != "affmae_taught" or forest is None or None in (row["fg_iou"]["mean"], forest["fg_iou"]["mean"]):
+            continue
+        ours, theirs = row["fg_iou"]["mean"], forest["fg_iou"]["mean"]
+        parts.append(f"{P.TASKS[task].title}, {regime}, k={k}: {ours:.3f} vs {theirs:.3f} ({ours / theirs:.2f}x, "
+                     f"{ours - theirs:+.3f})")
+    if not parts:
+        return ""
+    return ("The default recipe (AFFMAE trained on the strokes plus the live preview's confident pixels, "
+            "`affmae_taught`) against the ilastik-style forest (`rf_filters`), foreground IoU: " + "; ".join(parts)
+            + ". ")
 
 
 def _threshold_verdict(rows: dict[tuple, dict[str, Any]]) -> str:
@@ -170,7 +188,11 @@ def render_page(results: dict[str, Any], images: dict[str, str], command: str) -
         + ", ".join(f"{n} {c / 1e6:.2f} M" for n, c in results["parameters"].items()) + ".", "",
         f"Arms: `affmae_pretrained` (AFFMAE pretrained on the stack itself + its unlabelled stack, "
         f"{_masking_text(cfg, 'affmae')}), `affmae_scratch`, `vit_mae_pretrained` (ViT-MAE, "
-        f"{_masking_text(cfg, 'vit_mae')}, same images and steps), `unet_scratch` (plain U-Net). All fine-tuned "
+        f"{_masking_text(cfg, 'vit_mae')}, same images and steps), `unet_scratch` (plain U-Net), all on the strokes "
+        "only; `affmae_taught` and `unet_taught` (the fine-tuning default): from scratch on the strokes plus every "
+        "pixel of the labelled slices that the live preview's forest (filter features, posteriors corrected "
+        "toward the class shares it estimates near the strokes) gives a class probability >= "
+        f"{cfg.get('pseudo_label_confidence', 0.8)}, strokes kept as painted. All fine-tuned "
         "with the same loop: cross-entropy + Dice on labelled pixels, AdamW, warm-up + cosine, "
         "flips/rot90/intensity augmentation. `threshold` (no network, where run): Gaussian smoothing "
         f"(sigma {P.THRESHOLD_SIGMA:g} px), then the grey-value cut that best separates the painted pixels "
@@ -255,12 +277,12 @@ def _render_only(paths: Sequence[Path], out: Path) -> int:
     return 0
 
 
-# config fields that may differ between runs merged into one page
-MERGEABLE = ("arms", "work_dir", "threads")
+# config fields that may differ between runs merged into one page (the page lists the union of tasks and seeds)
+MERGEABLE = ("arms", "work_dir", "threads", "tasks", "seeds")
 
 
 def merge_results(parts: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
-    """One results dict from runs of the same setting and budget that ran different arms."""
+    """One results dict from runs of the same setting and budget that ran different arms, tasks or seeds."""
     first = parts[0]
     if len(parts) == 1:
         return {**first, "command": first.get("command", "python benchmarks/em_segmentation.py")}
@@ -280,21 +302,32 @@ def merge_results(parts: Sequence[dict[str, Any]], names: Sequence[str]) -> dict
             if key in seen:
                 raise ValueError(f"{name} repeats the run {key}; merge runs of different arms only")
             seen.add(key)
-    cfg = first["config"]
-    order = {"task": list(cfg["tasks"]), "regime": list(cfg["regimes"]), "k": [str(k) for k in cfg["ks"]],
-             "arm": list(ARMS)}
+    tasks = [t for t in P.TASKS if any(t in part["config"]["tasks"] for part in parts)]
+    seeds = sorted({s for part in parts for s in part["config"]["seeds"]})
+    cfg = {**first["config"], "tasks": tasks, "seeds": seeds}
+    order = {"task": tasks, "regime": list(cfg["regimes"]), "k": [str(k) for k in cfg["ks"]], "arm": list(ARMS)}
     runs = sorted((r for part in parts for r in part["runs"]),  # the order a single run would have
                   key=lambda r: (order["task"].index(r["task"]), r["seed"], order["regime"].index(r["regime"]),
                                  order["k"].index(str(r["k"])), order["arm"].index(r["arm"])))
     arms = [a for a in ARMS if any(a in part["config"]["arms"] for part in parts)]
     records = [RunRecord(**r) for r in runs]
-    return {
-        **first, "config": {**first["config"], "arms": arms}, "runs": runs, "summary": summarise_runs(records),
+    overlays: dict[str, Any] = {}
+    for part in parts:
+        for task, item in part.get("overlays", {}).items():
+            mine = overlays.setdefault(task, {**item, "pred": {}})
+            if mine["slice"] == item["slice"]:
+                mine["pred"].update(item["pred"])
+    merged = {
+        **first, "config": {**cfg, "arms": arms}, "runs": runs, "summary": summarise_runs(records),
+        "splits": {task: split for part in parts for task, split in part["splits"].items()},
         "pretraining": [p for part in parts for p in part["pretraining"]],
         "parameters": {k: v for part in parts for k, v in part.get("parameters", {}).items()},
         "total_s": sum(part["total_s"] for part in parts),
         "command": " + ".join(part.get("command", "python benchmarks/em_segmentation.py") for part in parts),
     }
+    if overlays:
+        merged["overlays"] = overlays
+    return merged
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,29 @@ def shared_data_dir() -> Path:
 
 
 @pytest.fixture
+def package_without_fields():
+    """``drop(src, dst, keys)``: copy the package archive ``src`` to ``dst`` with ``keys`` removed from its
+    manifest's model config, as a package written before those fields existed -> ``dst``."""
+    import json
+    import zipfile
+
+    def drop(src: Path, dst: Path, keys) -> Path:
+        with zipfile.ZipFile(src) as archive:
+            items = {name: archive.read(name) for name in archive.namelist()}
+        name = next(n for n in items if n.endswith(".json"))
+        manifest = json.loads(items[name])
+        for key in keys:
+            manifest["config"].pop(key)
+        items[name] = json.dumps(manifest).encode()
+        with zipfile.ZipFile(dst, "w") as archive:
+            for name, data in items.items():
+                archive.writestr(name, data)
+        return dst
+
+    return drop
+
+
+@pytest.fixture
 def em_data_dir() -> Path:
     """The real EM data directory; tests that need it skip with a reason when it is absent."""
     path = shared_data_dir()

@@ -151,6 +151,10 @@ def _bad_inputs(root: Path, packages: dict[str, Path]) -> dict[str, tuple[list, 
                        "mask_ratio must be between 0 and 1"),
         "mask type of the family": (["pretrain", root / "img.tif", *out, *train, "--model", "greenmim_tiny",
                                      "--mask-type", "blob"], "greenmim_tiny: GreenMIM draws unit masks"),
+        "pseudo-label confidence": (["finetune", root / "img.tif", root / "strokes_ok.tif", *out, "--scratch", *train,
+                                     "--pseudo-label-confidence", "0.3"], "pseudo_label_confidence must be in [0.5, 1)"),
+        "segmentation head": (["finetune", root / "img.tif", root / "strokes_ok.tif", *out, "--scratch", *train,
+                               "--model-option", "seg_head=unet"], "seg_head must be one of"),
     }
 
 
@@ -164,6 +168,16 @@ def test_every_bad_input_exits_2_with_one_line(packages, tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("affmae: error: "), f"{name}: {err}"
         assert expected.lower() in lines[0].lower(), f"{name}: {lines[0]}"
         assert "Traceback" not in err
+
+
+def test_pseudo_label_confidence_can_be_switched_off_and_refuses_words(capsys):
+    argv = ["finetune", "img.tif", "labels.tif", "-o", "out", "--scratch", "--pseudo-label-confidence"]
+    assert build_parser().parse_args([*argv, "0.9"]).pseudo_label_confidence == 0.9
+    assert build_parser().parse_args([*argv, "off"]).pseudo_label_confidence is None
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*argv, "high"])
+    assert exit_info.value.code == 2 and "expected a probability like 0.8, or 'off'; got 'high'" in (
+        capsys.readouterr().err)
 
 
 def test_console_script_bad_input_has_no_traceback(tmp_path):

@@ -76,7 +76,7 @@ def test_settings_without_help_or_with_a_typo_are_refused() -> None:
 @pytest.mark.gui
 def test_widgets_start_from_the_engine_defaults(make_napari_viewer) -> None:
     from napari_affmae.widgets.batch import BatchWidget
-    from napari_affmae.widgets.finetune import FinetuneWidget
+    from napari_affmae.widgets.finetune import FROM_SCRATCH, FinetuneWidget
     from napari_affmae.widgets.pretrain import PretrainWidget
     from napari_affmae.widgets.segment import SegmentWidget
 
@@ -85,6 +85,12 @@ def test_widgets_start_from_the_engine_defaults(make_napari_viewer) -> None:
         assert widget.steps.value() == default_of(config_class, "steps")
         assert widget.batch_size.value() == default_of(config_class, "batch_size")
         assert (widget.crop_h.value(), widget.crop_w.value()) == default_of(config_class, "crop_size")
+    finetune = FinetuneWidget(viewer)
+    finetune.start_from.setCurrentText(FROM_SCRATCH)
+    assert finetune.teacher.isChecked() and finetune.config(2).pseudo_label_confidence == default_of(
+        FinetuneConfig, "pseudo_label_confidence")
+    finetune.teacher.setChecked(False)
+    assert finetune.config(2).pseudo_label_confidence is None
     pretrain = PretrainWidget(viewer)
     assert pretrain.model.currentText() == default_of(PretrainConfig, "model")
     # the mask ratio shown is the one PretrainConfig's defaults draw for the chosen model, whichever it is

@@ -190,7 +190,8 @@ def _add_training_options(p: argparse.ArgumentParser, config_cls: type, names: l
 PRETRAIN_OPTIONS = ["model", "crop_size", "batch_size", "steps", "epochs", "lr", "weight_decay", "warmup_steps",
                     "mask_ratio", "mask_type", "keep_rate"]
 FINETUNE_OPTIONS = ["model", "class_names", "label_mode", "crop_size", "batch_size", "steps", "lr", "weight_decay",
-                    "layer_decay", "warmup_steps", "dice_weight", "augment", "val_slices", "val_fraction"]
+                    "layer_decay", "warmup_steps", "dice_weight", "augment", "val_slices", "val_fraction",
+                    "pseudo_label_confidence"]
 SEGMENT_OPTIONS = ["tile_size", "overlap", "batch_size", "normalization"]  # batch has them too
 BATCH_OPTIONS = ["overwrite", "channel", "timepoint"]
 

@@ -29,7 +29,7 @@ def test_script_runs_end_to_end_and_writes_the_page(tiny_data_dir: Path, tmp_pat
     assert results["splits"]["vnc_mito"]["eval_slices"] == [3, 4, 5]
     assert results["splits"]["vnc_mito"]["labelled"] == {"1": [1]}
     runs = results["runs"]
-    assert len(runs) == 2 * len(S.ARMS)  # tasks x arms
+    assert len(runs) == 2 * len(S.DEFAULT_ARMS)  # tasks x arms
     for run in runs:
         assert run["scores"] is not None or run["error"], run
         if run["scores"] is not None:
@@ -38,7 +38,18 @@ def test_script_runs_end_to_end_and_writes_the_page(tiny_data_dir: Path, tmp_pat
             assert ("boundary_f1" in run["scores"]) == (run["task"] == "vnc_membranes")
             assert 0 < run["labelled_fraction"] < 0.05  # sparse strokes
     scored = {r["arm"] for r in runs if r["scores"] is not None}
-    assert {"affmae_pretrained", "affmae_scratch", "unet_scratch"} <= scored
+    assert {"affmae_pretrained", "affmae_scratch", "unet_scratch", "affmae_taught", "unet_taught"} <= scored
+    taught = next(r for r in runs if r["arm"] == "affmae_taught")
+    assert results["config"]["pseudo_label_confidence"] == S.PSEUDO_LABEL_CONFIDENCE
+    assert "`affmae_taught` and `unet_taught` (the fine-tuning default)" in out.read_text() and taught["model"] == (
+        "affmae_tiny")
+    from napari_affmae.engine import load_package
+
+    def provenance(arm: str) -> dict:
+        return load_package(work / "vnc_mito" / f"{arm}_sparse_k1_s0" / "segmentation.affmae").provenance
+
+    assert provenance("affmae_taught")["pseudo_labels"]["confidence"] == S.PSEUDO_LABEL_CONFIDENCE
+    assert "pseudo_labels" not in provenance("affmae_scratch")  # the strokes-only arms stay strokes only
     page = out.read_text()
     assert "| VNC mitochondria | sparse | 1 | unet_scratch |" in page
     assert "doi:10.6084/m9.figshare.856713" in page and "device: **cpu**" in page
@@ -151,10 +162,14 @@ def test_runs_of_different_arms_merge_into_one_page(tiny_data_dir: Path, tmp_pat
               "--crop", "32", "--tile", "64", "--device", "cpu", "--quiet"]
     jsons = {}
     for name, arms, extra in (("a", "threshold", []), ("b", "unet_scratch", []),
-                              ("c", "unet_scratch,threshold", ["--tile", "32"])):
+                              ("c", "unet_scratch,threshold", ["--tile", "32"]), ("d", "threshold", ["--seeds", "1"])):
         work = tmp_path / name
         assert S.main([*common, *extra, "--arms", arms, "--work-dir", str(work)]) == 0
         jsons[name] = work / "results.json"
+    overlays = S.read_results(jsons["b"])["overlays"]  # the overlay arrays come back from their .npz
+    (task, item), = overlays.items()
+    assert set(item["pred"]) == {"unet_scratch"} and item["raw"].shape == item["truth"].shape == item["pred"][
+        "unet_scratch"].shape and isinstance(item["slice"], int)
     out = tmp_path / "merged.md"
     script = bench_script("em_segmentation")
     assert script.main(["--render-only", str(jsons["b"]), str(jsons["a"]), "--out", str(out)]) == 0
@@ -162,6 +177,10 @@ def test_runs_of_different_arms_merge_into_one_page(tiny_data_dir: Path, tmp_pat
     assert page.count("Commands (one page from several runs): `") == 1 and "--arms threshold" in page
     rows = [line.split(" | ")[2:4] for line in page.splitlines() if line.startswith("| VNC mitochondria")]
     assert rows == [["1", "unet_scratch"], ["1", "threshold"], ["2", "unet_scratch"], ["2", "threshold"]]
+    assert "![overlays](images/results_overlays.png)" in page and (tmp_path / "images/results_overlays.png").exists()
+    # runs of other seeds merge too: the threshold rows then pool seeds 0 and 1
+    assert script.main(["--render-only", str(jsons["a"]), str(jsons["d"]), "--out", str(out)]) == 0
+    assert "seeds [0, 1]" in out.read_text()
     capsys.readouterr()
     assert script.main(["--render-only", str(jsons["a"]), str(jsons["c"]), "--out", str(out)]) == 2
     assert "differs from" in capsys.readouterr().err  # another tile size: not the same budget

@@ -109,20 +109,35 @@ def test_cancel_then_resume_finishes(trained, em_stack, tmp_path):
     assert result.step == 4 and len(result.losses) == 4
 
 
+def test_layer_decay_applies_to_a_pretrained_encoder_only(trained, tmp_path):
+    """From scratch there are no pretrained features to protect: every layer trains at the full rate (with
+    the default 0.75 the stem would learn at 0.75^7 = 13 % of it)."""
+    from napari_affmae.engine.finetune import FinetuneTask, PaintedLabels
+    from napari_affmae.engine.training import param_groups
+
+    labels = PaintedLabels(np.ones((8, 8), np.uint16), None, {}, [1, 2], [1, 2])
+    scratch = FinetuneTask(_config(tmp_path, model="affmae_tiny"), None, labels)
+    tuned = FinetuneTask(_config(tmp_path, pretrained=trained["pretrained"]), None, labels)
+    assert scratch.layer_decay == 1.0 and tuned.layer_decay == 0.75
+    model = scratch.build_model()
+    assert {g["lr_scale"] for g in param_groups(model, 0.05, scratch.layer_decay)} == {1.0}
+    assert min(g["lr_scale"] for g in param_groups(model, 0.05, tuned.layer_decay)) < 0.2
+
+
 def test_model_options_override_the_package_config_and_keep_the_pretrained_encoder(trained, em_stack, tmp_path):
     from napari_affmae.engine.finetune import _starting_model
 
     pre = load_package(trained["pretrained"])
     assert pre.config["refine"] is True and pre.config["keep_rate"] == 0.4
-    config = _config(tmp_path, pretrained=trained["pretrained"], model_options={"refine": False})
+    config = _config(tmp_path, pretrained=trained["pretrained"], model_options={"seg_head": "patch", "refine": False})
     model, info = _starting_model(config, num_classes=3)
-    assert model.refine is None and model.config.refine is False
+    assert model.refine is None and model.config.refine is False and model.fusion is None
     mae = pre.build_model("cpu")
     for name, value in mae.encoder.state_dict().items():  # the encoder still starts from the package
         assert torch.equal(model.encoder.state_dict()[name], value), name
     assert info["pretrained"] == str(trained["pretrained"])
     scratch, _ = _starting_model(_config(tmp_path, model="affmae_tiny", model_options={"keep_rate": 0.7}), 3)
-    assert scratch.config.keep_rate == 0.7 and scratch.refine is not None
+    assert scratch.config.keep_rate == 0.7 and scratch.fusion is not None
     with pytest.raises(ValueError, match=r"unknown AFFMAE option\(s\) \['refin'\]"):
         _starting_model(_config(tmp_path, model="affmae_tiny", model_options={"refin": False}), 3)
 

@@ -126,15 +126,22 @@ def test_segmentation_logits_and_encoder_transfer():
     logits = seg(x)
     assert logits.shape == (2, 3, 40, 56)
     logits.sum().backward()
-    assert seg.refine.conv2.weight.grad is not None
+    assert seg.fusion.out.weight.grad is not None and seg.fusion.lattice[1].weight.grad.abs().sum() > 0
+    assert seg.head is None and seg.refine is None  # the fusion head replaces the per-cell logit patches
     seg.load_encoder_from(mae)
     for (k1, v1), (k2, v2) in zip(mae.encoder.state_dict().items(), seg.encoder.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
     other = create_model("affmae_tiny", depths=(1, 1, 2, 1))
     with pytest.raises(ValueError, match="another architecture"):
         seg.load_encoder_from(other)
-    plain = _model("segmentation", refine=False)
+    patch = _model("segmentation", seg_head="patch")
+    assert patch.fusion is None and patch.refine is not None and patch(x).shape == (2, 3, 40, 56)
+    plain = _model("segmentation", seg_head="patch", refine=False)
     assert plain.refine is None and plain(x).shape == (2, 3, 40, 56)
+    with pytest.raises(ValueError, match="seg_head must be one of"):
+        _model("segmentation", seg_head="unet")
+    with pytest.raises(ValueError, match="fusion_width must be >= 1"):
+        _model("segmentation", fusion_width=0)
 
 
 @pytest.mark.parametrize(

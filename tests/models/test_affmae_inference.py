@@ -27,11 +27,12 @@ def _whole(seg, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("overrides", [{}, {"neighborhood": "cluster"}, {"locality_prior": True},
-                                       {"decoder_nearest_clusters": 2, "refine": False}])
+                                       {"seg_head": "patch"}, {"fusion_width": 4},
+                                       {"decoder_nearest_clusters": 2, "seg_head": "patch", "refine": False}])
 @pytest.mark.parametrize("chunk_bytes", [1, 60_000, 10**9])  # one cluster / a few / everything per chunk
 def test_chunked_inference_equals_the_whole_tensor_forward(overrides, chunk_bytes):
     seg = _seg(**overrides)
-    x = torch.randn(2, 1, 72, 56, dtype=torch.float64)  # not square, not a power of two
+    x = torch.randn(2, 1, 136, 56, dtype=torch.float64)  # not square, not a power of two; 17 lattice rows
     want = _whole(seg, x)
     seg.inference_chunk_bytes = chunk_bytes
     with torch.no_grad():
@@ -72,7 +73,7 @@ def test_inference_mode_takes_the_chunked_path_and_training_does_not(monkeypatch
         seg(x)
     assert used == [True]
     seg(x).sum().backward()  # training: whole tensors, gradients as before
-    assert used == [True] and seg.refine.conv1.weight.grad is not None
+    assert used == [True] and seg.fusion.s1[0].weight.grad is not None
     seg.inference_chunk_bytes = None
     with torch.no_grad():
         seg(x)
@@ -83,11 +84,11 @@ def test_inference_mode_takes_the_chunked_path_and_training_does_not(monkeypatch
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 100])
 def test_stem_rows_and_bands_equal_the_whole_stem_and_refinement(rows):
-    seg = _seg()
+    seg = _seg(seg_head="patch")
     x = torch.randn(2, 1, 40, 24, dtype=torch.float64)
     stem = seg.encoder.stem
     with torch.no_grad():
-        tokens, pos, first = seg.encoder.embed(x, None)
+        tokens, pos, (first, _) = seg.encoder.embed(x, None)
         got_tokens, got_pos = inference.embed_in_bands(seg.encoder, x, rows * 4 * 2 * 24 * 12 * 8)
         torch.testing.assert_close(got_tokens, tokens, rtol=0, atol=1e-12)
         assert torch.equal(got_pos, pos)

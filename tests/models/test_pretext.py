@@ -119,26 +119,13 @@ def test_locality_prior_starts_attention_local_and_is_off_by_default():
     assert not create_model("affmae_tiny").config.locality_prior
 
 
-def test_packages_written_before_the_pretext_options_load_with_their_old_behaviour(tmp_path):
-    import json
-    import zipfile
-
+def test_packages_written_before_the_pretext_options_load_with_their_old_behaviour(tmp_path, package_without_fields):
     from napari_affmae.engine import load_package, save_package
     from napari_affmae.models.affmae import PACKAGE_LEGACY_CONFIG
 
     model = create_model("affmae_tiny", target_pool=1)
-    path = save_package(model, tmp_path / "old.affmae")
-    # rewrite the manifest without the fields that did not exist yet
-    with zipfile.ZipFile(path) as z:
-        items = {n: z.read(n) for n in z.namelist()}
-    name = next(n for n in items if n.endswith(".json"))
-    manifest = json.loads(items[name])
-    for key in PACKAGE_LEGACY_CONFIG:
-        manifest["config"].pop(key)
-    items[name] = json.dumps(manifest).encode()
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in items.items():
-            z.writestr(n, data)
+    path = package_without_fields(save_package(model, tmp_path / "new.affmae"), tmp_path / "old.affmae",
+                                  PACKAGE_LEGACY_CONFIG)  # without the fields that did not exist yet
     loaded = load_package(path).build_model("cpu")
     assert loaded.config.target_pool == 1 and loaded.heads["res2"][1].out_features == 64
     assert not loaded.config.locality_prior and loaded.config.target_norm_floor == 0.0

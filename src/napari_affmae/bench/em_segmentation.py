@@ -10,6 +10,9 @@ with `engine.segment` on the held-out slices:
 * ``vit_mae_pretrained`` ViT-MAE of about the same parameter count, pretrained on the same
   images with the same step budget, then fine-tuned;
 * ``unet_scratch``       a plain small U-Net (``unet_*``) from scratch, the usual lab baseline;
+* ``affmae_taught``, ``unet_taught``  the same from scratch, trained on the strokes plus the pixels of the
+  painted slices that the live preview's forest is confident about (`engine.pseudo_labels`,
+  ``pseudo_label_confidence`` = `PSEUDO_LABEL_CONFIDENCE`);
 * ``threshold``          no network: smoothed grey-value cut fitted on the painted pixels (the floor a
   network must beat to have learned more than brightness);
 * ``rf_filters``         no network: ilastik's pixel classifier rebuilt — 20 multiscale filter features
@@ -41,6 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..engine.pseudo_labels import DEFAULT_CONFIDENCE
 from . import em_protocol as P
 from .tables import refuse_markdown_out, stat_text, text_table
 
@@ -51,10 +55,18 @@ ARMS: dict[str, tuple[str, bool]] = {  # arm -> (model family, pretrained?)
     "affmae_scratch": ("affmae", False),
     "vit_mae_pretrained": ("vit_mae", True),
     "unet_scratch": ("unet", False),
+    "affmae_taught": ("affmae", False),  # from scratch on the strokes + the teacher forest's confident pixels
+    "unet_taught": ("unet", False),
     "threshold": ("threshold", False),  # no network: smoothed grey-value cut fitted on the painted pixels
     "rf_filters": ("rf_filters", False),  # no network: ilastik-style filter features + random forest
 }
 NO_NETWORK = ("threshold", "rf_filters")  # arms without a trained network
+#: Arms of a run without --arms: everything but ViT-MAE (a pretraining comparison, issue of its own), so that
+#: the default CPU run (VNC mitochondria, k = 1 and 4) stays within an hour on 2 cores.
+DEFAULT_ARMS = ("affmae_taught", "unet_taught", "affmae_pretrained", "affmae_scratch", "unet_scratch", "threshold",
+                "rf_filters")
+TAUGHT = ("affmae_taught", "unet_taught")  # arms fine-tuned with `FinetuneConfig.pseudo_label_confidence`
+PSEUDO_LABEL_CONFIDENCE = DEFAULT_CONFIDENCE  # the fine-tuning default; the other network arms: strokes only
 UNET_SIZE = {"tiny": "tiny", "small": "small", "base": "small"}
 PRETRAIN_FIELDS = ("mask_ratio", "mask_type", "keep_rate")  # set through PretrainConfig, not model_options
 PRETRAINING_ONLY = ("mask_ratio", "mask_type", "norm_pix_loss", "loss_weights", "blob_cells", "target_pool",
@@ -130,7 +142,7 @@ class EMBenchConfig(BenchBudget):
     ks: list[int | str] = field(default_factory=lambda: [1, 4])
     regimes: list[str] = field(default_factory=lambda: ["sparse"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     size: str = "tiny"
     tolerance: float = P.BOUNDARY_TOLERANCE
     affmae_options: dict[str, Any] = field(default_factory=dict)  # AFFMAEConfig fields for both AFFMAE arms
@@ -250,6 +262,7 @@ def _finetune_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarra
     result = finetune(raw, labels, FinetuneConfig(
         pretrained=pretrained, model=record.model, class_names=list(task.class_names), label_mode="sparse",
         model_options=config.segmentation_options(ARMS[record.arm][0]),
+        pseudo_label_confidence=PSEUDO_LABEL_CONFIDENCE if record.arm in TAUGHT else None,
         crop_size=(config.crop, config.crop), batch_size=config.batch_size, steps=config.finetune_steps,
         warmup_steps=min(20, config.finetune_steps // 10), seed=record.seed, device=device, output_dir=out,
         checkpoint_every=config.finetune_steps, log_every=max(1, config.finetune_steps // 5),
@@ -384,6 +397,7 @@ def _short(err: BaseException) -> str:
 def _config_json(config: EMBenchConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     data["data_dir"], data["work_dir"] = str(config.data_dir), str(config.work_dir)
+    data["pseudo_label_confidence"] = PSEUDO_LABEL_CONFIDENCE  # of the *_taught arms
     return data
 
 
@@ -481,7 +495,7 @@ def build_parser(prog: str | None = None, results_file: bool = True) -> argparse
     p.add_argument("--k", default="1,4", help="labelled slices, comma list of integers and/or 'all'")
     p.add_argument("--regimes", default="sparse", help="comma list of dense, sparse")
     p.add_argument("--seeds", default="0", help="comma list of seeds (e.g. 0,1,2)")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma list of arms")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma list of arms from {', '.join(ARMS)}")
     p.add_argument("--size", default="tiny", choices=list(UNET_SIZE), help="model size")
     add_budget_options(p)
     p.add_argument("--tolerance", type=float, default=P.BOUNDARY_TOLERANCE, help="boundary F1 tolerance (px)")
@@ -528,13 +542,44 @@ def command_line(argv: Sequence[str] | None, prog: str) -> str:
     return " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
 
 
+def overlays_path(path: Path) -> Path:
+    """Where the overlay arrays of the results at ``path`` (``results.json``) go: ``results.overlays.npz``."""
+    path = Path(path)
+    return path.with_name(path.stem + ".overlays.npz")
+
+
 def save_results(results: dict[str, Any], path: Path, command: str) -> Path:
-    """Write ``results`` (without the overlay arrays) and ``command`` as JSON to ``path``."""
+    """Write ``results`` and ``command`` as JSON to ``path``, the overlay arrays (one slice per task: raw, truth,
+    each arm's prediction) beside it (`overlays_path`)."""
     raw = {k: v for k, v in results.items() if k != "overlays"} | {"command": command}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
+    arrays = {}
+    for task, item in results.get("overlays", {}).items():
+        arrays[f"{task}/slice"] = np.asarray(item["slice"])
+        arrays[f"{task}/raw"], arrays[f"{task}/truth"] = np.asarray(item["raw"]), np.asarray(item["truth"])
+        arrays.update({f"{task}/pred/{arm}": np.asarray(pred) for arm, pred in item["pred"].items()})
+    if arrays:
+        np.savez_compressed(overlays_path(path), **arrays)
     return path
+
+
+def read_overlays(path: Path) -> dict[str, Any]:
+    """The overlays `save_results` wrote beside the results at ``path`` ({} when there are none)."""
+    npz = overlays_path(path)
+    if not npz.exists():
+        return {}
+    overlays: dict[str, Any] = {}
+    with np.load(npz) as data:
+        for key in data.files:
+            task, name, *arm = key.split("/")
+            item = overlays.setdefault(task, {"pred": {}})
+            if arm:
+                item["pred"][arm[0]] = data[key]
+            else:
+                item[name] = int(data[key]) if name == "slice" else data[key]
+    return overlays
 
 
 def exit_code(results: dict[str, Any]) -> int:
@@ -571,4 +616,5 @@ def read_results(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot read {path} as a results.json: {err}") from None
     if not isinstance(results, dict) or not {"config", "runs", "summary", "environment", "pretraining"} <= set(results):
         raise ValueError(f"{path} is not a results.json of this benchmark")
-    return results
+    overlays = read_overlays(path)
+    return {**results, "overlays": overlays} if overlays else results

@@ -44,8 +44,10 @@ from .inputs import InputImage, as_input_image, as_label_array, check_crop_fits,
     image_pixel_size, source_name
 from .package import LABEL_MODES, ModelPackage, load_package
 from .progress import CancelToken, ProgressCallback, ProgressEvent
+from .pseudo_labels import DEFAULT_CONFIDENCE, add_pseudo_labels, check_confidence
 from .segment import TiledPredictor, model_predictor
-from .settings import TrainingSettings, check_training_settings, parse_int_list, parse_name_list, parse_size, setting
+from .settings import TrainingSettings, check_training_settings, parse_int_list, parse_name_list, \
+    parse_optional_probability, parse_size, setting
 from .training import TrainingLoop, TrainingTask, run_training
 
 log = logging.getLogger(__name__)
@@ -69,13 +71,17 @@ class FinetuneConfig(TrainingSettings):
     steps: int = setting(500, "optimiser steps")
     lr: float = setting(1e-3, "peak learning rate")
     weight_decay: float = setting(0.05, "AdamW weight decay")
-    layer_decay: float = setting(0.75, "layer-wise lr decay: each encoder layer closer to the input gets this "
-                                 "factor")
+    layer_decay: float = setting(0.75, "layer-wise lr decay of a pretrained encoder: each encoder layer closer "
+                                 "to the input gets this factor (from scratch every layer trains at the full rate)")
     warmup_steps: int = setting(20, "warm-up steps")
     min_lr_ratio: float = 0.01
     dice_weight: float = setting(1.0, "weight of the Dice term next to CE")
     load_decoder: bool = True  # also start the decoder body from the pretrained package
     balance_classes: bool = True
+    pseudo_label_confidence: float | None = setting(
+        DEFAULT_CONFIDENCE, "sparse labels: also train on the pixels of the painted slices that the live "
+        "preview's forest assigns to a class with at least this probability (0.5-1); 'off': strokes only",
+        parse=parse_optional_probability)
     augment: bool = setting(True, "disable flips/rot90/intensity augmentation")
     val_slices: Sequence[int] | None = setting(None, "comma-separated z indices held out for validation "
                                                "(IoU/Dice reported at the end)", parse=parse_int_list)
@@ -99,6 +105,7 @@ class FinetuneConfig(TrainingSettings):
         if not self.lr > 0 or not 0 < self.layer_decay <= 1 or self.dice_weight < 0:
             raise ValueError(f"need lr > 0, 0 < layer_decay <= 1, dice_weight >= 0; got {self.lr}, "
                              f"{self.layer_decay}, {self.dice_weight}")
+        check_confidence(self.pseudo_label_confidence)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
 
@@ -338,6 +345,10 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
                                                             config)
     check_crop_fits([img], config.crop_size)
     check_has_contrast(compute_stats(img.array, seed=config.seed), source_name(img, 0))
+    if config.pseudo_label_confidence is not None and config.label_mode == "sparse":
+        train_labels, pseudo = add_pseudo_labels(img.array, train_labels, config.pseudo_label_confidence,
+                                                 config.seed, cancel)
+        split_info = {**split_info, "pseudo_labels": pseudo}
     sources = [p for p in (img.source, labels if isinstance(labels, (str, Path)) else None) if p]
     task = FinetuneTask(config, img, PaintedLabels(train_labels, val_labels, split_info, values, painted))
     return run_training(task, config, progress, cancel, sources=sources, started=started)
@@ -363,7 +374,9 @@ class FinetuneTask(TrainingTask):
 
     def __init__(self, config: FinetuneConfig, image: InputImage, labels: PaintedLabels) -> None:
         self.config, self.image, self.labels = config, image, labels
-        self.layer_decay = config.layer_decay
+        # layer-wise decay protects pretrained features; from scratch it would only slow the stem, which the
+        # full-resolution head reads
+        self.layer_decay = config.layer_decay if config.pretrained is not None else 1.0
         self.num_classes = len(labels.values)
         self.class_names = list(config.class_names or [f"class {v}" for v in labels.values])
         self.augment = AugmentConfig() if config.augment else None

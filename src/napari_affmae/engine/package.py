@@ -299,7 +299,7 @@ def _current_config(manifest: dict[str, Any], path: Path) -> tuple[dict[str, Any
             spec = masking_of(name).mask_spec(dropped.get("mask_ratio"), dropped.get("mask_type"))
             provenance["mask"] = spec.to_dict()
     if name.startswith("affmae_"):  # packages written before newer AFFMAE options existed
-        config = with_package_defaults(config)
+        config = with_package_defaults(config, manifest["task"])
     return config, provenance
 
 

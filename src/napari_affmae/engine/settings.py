@@ -41,6 +41,16 @@ def parse_int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,4,10; got {text!r}") from err
 
 
+def parse_optional_probability(text: str) -> float | None:
+    """'0.8' -> 0.8; 'off' or 'none' -> None."""
+    if str(text).strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a probability like 0.8, or 'off'; got {text!r}") from err
+
+
 def parse_name_list(text: str) -> list[str]:
     """'a, b' -> ['a', 'b']."""
     return [v.strip() for v in str(text).split(",") if v.strip()]

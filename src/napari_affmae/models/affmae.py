@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .affmae_decoder import AFFMAEDecoder
 from .affmae_encoder import AFFMAEEncoder, StageOutput
+from .affmae_fusion import FusionHead
 from .affmae_inference import segment_in_chunks
 from .clustering import NEIGHBORHOOD_MODES, gather_tokens
 from .common import PATCH_SIZE, check_target_pool, lattice_positions, masked_mse, patch_targets, patchify, \
@@ -20,6 +21,9 @@ from .common import PATCH_SIZE, check_target_pool, lattice_positions, masked_mse
 from .layers import INFERENCE_CHUNK_BYTES
 from .masking import BLOB_CELLS, LATTICE_MASK_KINDS, MaskedAutoencoder, MaskSpec
 from .registry import register_model
+
+
+SEG_HEADS = ("fusion", "patch")
 
 
 @dataclass
@@ -58,7 +62,12 @@ class AFFMAEConfig:
     #: dividing (0: plain MAE normalisation), so flat, noise-only patches keep small targets.
     target_norm_floor: float = 0.0
     loss_weights: dict[str, float] = field(default_factory=lambda: {"res2": 1.0, "res4": 0.12, "res5": 0.05})
-    refine: bool = True  # segmentation: full-resolution refinement from the stem
+    #: Segmentation head. "fusion": U-Net-style upsampling of the decoder's lattice features through the
+    #: stem's stride-4 and stride-2 maps and the image (`affmae_fusion`); "patch": an 8 x 8 logit patch per
+    #: lattice cell, plus the thin `Refinement` when ``refine`` (the head of packages written before fusion).
+    seg_head: str = "fusion"
+    fusion_width: int = 16  # channels of the fusion head at full resolution (x2 at stride 2, x4 at stride 4)
+    refine: bool = True  # "patch" head: full-resolution refinement from the stem
 
     def __post_init__(self) -> None:
         self.dims, self.depths, self.heads = tuple(self.dims), tuple(self.depths), tuple(self.heads)
@@ -82,6 +91,10 @@ class AFFMAEConfig:
             raise ValueError(f"decoder_nearest_clusters must be >= 1; got {self.decoder_nearest_clusters}")
         if self.target_norm_floor < 0:
             raise ValueError(f"target_norm_floor must be >= 0; got {self.target_norm_floor}")
+        if self.seg_head not in SEG_HEADS:
+            raise ValueError(f"seg_head must be one of {SEG_HEADS}; got {self.seg_head!r}")
+        if int(self.fusion_width) < 1:
+            raise ValueError(f"fusion_width must be >= 1; got {self.fusion_width}")
         unknown = set(self.loss_weights) - {"res2", "res3", "res4", "res5"}
         if unknown:
             raise ValueError(f"loss_weights keys must be res2..res5; got {sorted(unknown)}")
@@ -96,9 +109,16 @@ PACKAGE_LEGACY_CONFIG: dict[str, object] = {
 }
 
 
-def with_package_defaults(config: dict) -> dict:
-    """A stored AFFMAE config with the fields it predates filled in as they behaved then."""
-    return {**PACKAGE_LEGACY_CONFIG, **config}
+#: The same for fields that only segmentation packages use: a pretraining package's segmentation model is
+#: built with today's default head.
+SEGMENTATION_LEGACY_CONFIG: dict[str, object] = {"seg_head": "patch"}
+
+
+def with_package_defaults(config: dict, task: str = "mae") -> dict:
+    """A stored AFFMAE config of a ``task`` ("mae" / "segmentation") package with the fields it predates
+    filled in as they behaved then."""
+    legacy = {**PACKAGE_LEGACY_CONFIG, **(SEGMENTATION_LEGACY_CONFIG if task == "segmentation" else {})}
+    return {**legacy, **config}
 
 
 def _build_parts(cfg: AFFMAEConfig) -> tuple[AFFMAEEncoder, AFFMAEDecoder]:
@@ -234,7 +254,8 @@ class Refinement(nn.Module):
 
 
 class AFFMAESegmentation(nn.Module):
-    """Segmentation: unmasked encoder, decoder queries at every lattice cell, p*p*K logits per query."""
+    """Segmentation: unmasked encoder, decoder queries at every lattice cell, then the `FusionHead` (or a
+    p*p*K logit patch per query, ``seg_head="patch"``)."""
 
     def __init__(self, config: AFFMAEConfig, num_classes: int) -> None:
         super().__init__()
@@ -243,8 +264,12 @@ class AFFMAESegmentation(nn.Module):
         self.patch_size = PATCH_SIZE
         self.encoder, self.decoder = _build_parts(config)
         self.stem_to_query = nn.Linear(config.dims[0], config.decoder_dim)
-        self.head = _Head(config.decoder_dim, PATCH_SIZE**2 * num_classes)
-        self.refine = Refinement(num_classes, config.dims[0] // 2) if config.refine else None
+        self.fusion = self.head = self.refine = None
+        if config.seg_head == "fusion":
+            self.fusion = FusionHead(config.decoder_dim, config.dims[0] // 2, num_classes, config.fusion_width)
+        else:
+            self.head = _Head(config.decoder_dim, PATCH_SIZE**2 * num_classes)
+            self.refine = Refinement(num_classes, config.dims[0] // 2) if config.refine else None
         #: No-grad forwards go through image rows and tokens in pieces whose temporaries fit this many bytes
         #: (`affmae_inference`); None: whole tensors, as in training. Same logits either way.
         self.inference_chunk_bytes: int | None = INFERENCE_CHUNK_BYTES
@@ -270,12 +295,14 @@ class AFFMAESegmentation(nn.Module):
             return segment_in_chunks(self, x, self.inference_chunk_bytes)
         b, _, hh, ww = x.shape
         h, w = hh // self.patch_size, ww // self.patch_size
-        tokens, pos, first = self.encoder.embed(x, None)  # row-major, every cell
+        tokens, pos, (level1, level2) = self.encoder.embed(x, None)  # row-major, every cell
         stages = self.encoder.forward_tokens(tokens, pos)
         layers = self.decoder(pos, stages, (h, w), query_init=self.stem_to_query(tokens))
+        if self.fusion is not None:
+            return self.fusion(layers[-1].reshape(b, h, w, -1), level2, level1, x)
         logits = unpatchify(self.head(layers[-1]), h, w, self.patch_size)  # [B, K, H, W]
         if self.refine is not None:
-            logits = self.refine(logits, x, first)
+            logits = self.refine(logits, x, level1)
         return logits
 
 

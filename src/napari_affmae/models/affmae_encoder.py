@@ -18,7 +18,8 @@ from affmae_kernels import weighted_merge
 
 from .clustering import Clusters, Neighborhood, build_neighborhood, curve_order, gather_tokens, relative_features
 from .common import PATCH_SIZE, lattice_positions, split_by_mask
-from .layers import Block, Mlp, RelativePositionBias, attention_chunk, chunk_rows, chunked_pointwise_mlp, spans
+from .layers import Block, ChannelNorm, Mlp, RelativePositionBias, attention_chunk, chunk_rows, \
+    chunked_pointwise_mlp, spans
 
 
 @dataclass
@@ -29,17 +30,6 @@ class StageOutput:
     pos: torch.Tensor
     clusters: Clusters
     scale: float
-
-
-class ChannelNorm(nn.Module):
-    """LayerNorm over the channel axis of a ``[B, C, H, W]`` map (per pixel)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class MaskedConvStem(nn.Module):
@@ -56,10 +46,11 @@ class MaskedConvStem(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1) for i in range(3))
         self.norms = nn.ModuleList(ChannelNorm(chans[i + 1]) for i in range(3))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x ``[B, 1, H, W]``, mask ``[B, h, w]`` -> (``[B, E, h, w]``, first-level map ``[B, E/2, H/2, W/2]``)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x ``[B, 1, H, W]``, mask ``[B, h, w]`` -> (``[B, E, h, w]``, [level-1 map ``[B, E/2, H/2, W/2]``,
+        level-2 map ``[B, E/2, H/4, W/4]``]) (the level maps before the next level's masking)."""
         keep = None if mask is None else (~mask)[:, None].to(x.dtype)  # [B, 1, h, w]
-        first = None
+        levels = []
         for level, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             if keep is not None:
                 factor = PATCH_SIZE >> level  # 8, 4, 2 pixels of this level per patch
@@ -67,11 +58,10 @@ class MaskedConvStem(nn.Module):
             x = norm(conv(x))
             if level < 2:
                 x = F.gelu(x)
-            if level == 0:
-                first = x
+                levels.append(x)
         if keep is not None:
             x = x * keep
-        return x, first
+        return x, levels
 
 
 class AdaptiveMerge(nn.Module):
@@ -159,16 +149,18 @@ class AFFMAEEncoder(nn.Module):
         """Typical token spacing of a stage in lattice units (normalises relative positions)."""
         return 2.0 * self.keep_rate ** (-stage / 2)
 
-    def embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stem + gather of visible tokens: -> tokens ``[B, N, E]``, pos ``[B, N, 2]``, stem level-1 map."""
-        fmap, first = self.stem(x, mask)  # [B, E, h, w]
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Stem + gather of visible tokens: -> tokens ``[B, N, E]``, pos ``[B, N, 2]``, the stem's level-1 and
+        level-2 maps (`MaskedConvStem.forward`)."""
+        fmap, levels = self.stem(x, mask)  # [B, E, h, w]
         b, e, h, w = fmap.shape
         flat = fmap.flatten(2).transpose(1, 2)  # [B, h*w, E]
         grid = lattice_positions(h, w, device=x.device).expand(b, -1, -1)  # [B, h*w, 2]
         if mask is None:
-            return flat, grid, first
+            return flat, grid, levels
         visible, _ = split_by_mask(mask)  # [B, N] row-major visible cells
-        return gather_tokens(flat, visible), gather_tokens(grid, visible), first
+        return gather_tokens(flat, visible), gather_tokens(grid, visible), levels
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[StageOutput]:
         tokens, pos, _ = self.embed(x, mask)

@@ -1,7 +1,7 @@
 """Memory-bounded no-grad forward of `AFFMAESegmentation`: same maths, nothing per pixel or per neighbour whole.
 
-The whole-tensor forward (the training path) holds, at a 1024^2 tile, the refinement's full-resolution
-maps (upsampled stem map, concatenated input, two 32-channel maps: about 450 MiB), the stem's
+The whole-tensor forward (the training path) holds, at a 1024^2 tile, the head's full-resolution maps
+(the fusion head's 48-channel concatenation and 16-channel maps; the patch head's refinement maps), the stem's
 half-resolution maps, every decoder layer's query features and the per-neighbour biases and
 relative-position features of all tokens at once. In inference nothing needs to stay for a backward, so
 every part runs in pieces whose temporaries fit one byte budget (``chunk_bytes``):
@@ -12,9 +12,11 @@ every part runs in pieces whose temporaries fit one byte budget (``chunk_bytes``
 * encoder blocks, merges and decoder sub-layers go through their tokens / queries in chunks
   (``chunk_bytes`` of `AFFMAEEncoder.forward_tokens` and `AFFMAEDecoder.forward`); the decoder keeps
   only its last layer;
-* the head writes its logits band by band of lattice rows into one preallocated map;
-* the refinement runs in bands of image rows (at least `MIN_REFINE_ROWS`) with a two-row halo (two 3x3
-  convs), the bilinear upsampling of the stem map taken from the band's source rows with a one-row margin.
+* the fusion head (`affmae_fusion`) runs on bands of lattice rows, each with its reach of real
+  neighbouring rows, the stem maps it reads recomputed for the band;
+* the patch head writes its logits band by band of lattice rows into one preallocated map;
+* the patch head's refinement runs in bands of image rows (at least `MIN_REFINE_ROWS`) with a two-row
+  halo (two 3x3 convs), the bilinear upsampling of the stem map taken from the band's source rows with a one-row margin.
 
 Every output value sees the same inputs as in the whole-tensor computation (tested in float64).
 Shapes: x ``[B, 1, H, W]``, lattice ``h = H/p``, ``w = W/p``, K classes.
@@ -25,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .affmae_fusion import fuse_in_bands
 from .common import PATCH_SIZE, lattice_positions, unpatchify
 from .layers import INFERENCE_CHUNK_BYTES
 
@@ -149,6 +152,17 @@ def segment_in_chunks(model: nn.Module, x: torch.Tensor, chunk_bytes: int = INFE
     (last,) = model.decoder(pos, stages, (h, w), query_init=tokens, chunk_bytes=chunk_bytes,
                             query_proj=model.stem_to_query)
     del stages, tokens
+    if model.fusion is not None:
+        fusion = model.fusion
+        # widest band map per lattice row: p full-resolution rows of the s1 step's input (3c channels)
+        row_bytes = b * patch * width * 3 * fusion.out.in_channels * x.element_size()
+        halo = 2 * -(-fusion.reach // patch)
+        rows = max(halo, band_rows(chunk_bytes, row_bytes) - halo)
+
+        def level_rows(level: int, start: int, stop: int) -> torch.Tensor:
+            return stem_rows(model.encoder.stem, x, level, start, stop)
+
+        return fuse_in_bands(fusion, last.reshape(b, h, w, -1), x, level_rows, rows)
     head_rows = band_rows(chunk_bytes, b * patch * model.head[-1].out_features * x.element_size() * 2)
     logits = head_in_bands(model.head, last, h, w, patch, head_rows)
     del last

@@ -15,6 +15,17 @@ from .clustering import Neighborhood
 HEAD_DIM = 32
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channel axis of a ``[B, C, H, W]`` map (per pixel, so local in space)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, out: int | None = None) -> None:
         super().__init__()

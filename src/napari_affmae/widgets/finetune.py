@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..engine import FinetuneConfig, SegmentConfig, finetune
+from ..engine.pseudo_labels import DEFAULT_CONFIDENCE
 from ..engine.settings import default_of
 from ..models import list_models
 from ._base import Job, notify
@@ -125,6 +126,11 @@ class FinetuneWidget(TrainingWidget):
         self.live = LivePanel(napari_viewer, self.state, LiveSources(
             image_layer=self.image_picker.layer, labels_layer=self.labels_picker.layer, package=self.live_package,
             class_names=self.classes.names, output_folder=self.output.path))
+        self.teacher = QCheckBox("Also learn from the live preview's confident pixels")
+        self.teacher.setToolTip("Train on the strokes and on the pixels of the painted slices that the live "
+                                "preview's forest is sure about (probability >= "
+                                f"{DEFAULT_CONFIDENCE:.2f}): few strokes then teach a network much more")
+        self.teacher.setChecked(default_of(FinetuneConfig, "pseudo_label_confidence") is not None)
         self.segment_after = QCheckBox("Segment the current slice when done")
         self.segment_after.setChecked(True)
         form = self.form()
@@ -138,6 +144,7 @@ class FinetuneWidget(TrainingWidget):
         form.addRow(form_label("Package"), self.pretrained)
         form.addRow(form_label("Model"), self.scratch_model)
         self.add_training_rows(form)
+        form.addRow(self.teacher)
         form.addRow(self.segment_after)
         self.add_run_section()
         self.labels_picker.currentTextChanged.connect(self._labels_changed)
@@ -219,6 +226,7 @@ class FinetuneWidget(TrainingWidget):
             crop_size=self.crop_size(), batch_size=int(self.batch_size.value()), steps=steps,
             device=self.device.currentText(), output_dir=folder, resume=self.resume.isChecked(),
             checkpoint_every=min(100, max(10, steps // 5)), warmup_steps=min(20, max(steps // 10, 0)),
+            pseudo_label_confidence=DEFAULT_CONFIDENCE if self.teacher.isChecked() else None,
         )
 
     def prepare(self) -> Job:

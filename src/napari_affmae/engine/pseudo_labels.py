@@ -1,0 +1,69 @@
+"""Labels a network can learn from when only a few strokes are painted: the strokes plus the live
+preview's confident pixels around them.
+
+A network trained on strokes alone that cover 1 % of one slice learns little more than a grey-value cut
+(docs/results.md: AFFMAE and a U-Net from scratch score near the threshold arm at k = 1). The pixel
+classifier of the live preview (filter features + a random forest, its posteriors corrected toward the
+class shares it estimates near the strokes) already generalises from the same strokes. Its confident
+pixels on the painted slices, with the strokes kept as painted, give the network dense labels to learn
+fine structure and context from (self-training from a teacher); the network then goes past the teacher.
+
+Internal labels here: 0 = not used for training, ``c + 1`` = model class c (`finetune.to_internal`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from .progress import CancelToken
+
+log = logging.getLogger(__name__)
+
+#: Default class probability above which a teacher pixel becomes a training label (docs/results.md).
+DEFAULT_CONFIDENCE = 0.8
+
+
+def teacher_config(seed: int) -> Any:
+    """The `LiveConfig` of the forest that makes pseudo-labels: ilastik's filter bank and forest, posteriors
+    corrected once (one EM step) toward the class shares estimated near the strokes."""
+    from .live import LiveConfig  # noqa: PLC0415 (live imports finetune, which imports this module)
+
+    return LiveConfig.ilastik_style(prior_exponent=1.0, prior_iterations=1, seed=seed)
+
+
+def check_confidence(confidence: float | None) -> None:
+    if confidence is not None and not 0.5 <= float(confidence) < 1.0:
+        raise ValueError(f"pseudo_label_confidence must be in [0.5, 1) (a class probability), or None for "
+                         f"strokes only; got {confidence}")
+
+
+def add_pseudo_labels(image: Any, internal: np.ndarray, confidence: float, seed: int = 0,
+                      cancel: CancelToken | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Internal labels ``[Y, X]`` or ``[Z, Y, X]`` plus, on every slice that carries strokes, the unpainted
+    pixels to which the teacher forest (`teacher_config`) gives some class a probability >= ``confidence``,
+    labelled with that class. Painted pixels keep their class. Returns a new array and a summary (pixels
+    added per class, the teacher's estimated class shares)."""
+    from .live import LivePreview  # noqa: PLC0415
+
+    check_confidence(confidence)
+    preview = LivePreview(image, teacher_config(seed))
+    preview.fit(internal, cancel)
+    values = np.asarray(preview.label_values)  # internal class values c + 1 the forest knows
+    out = internal.copy()
+    slices = [None] if internal.ndim == 2 else [int(z) for z in np.flatnonzero(internal.reshape(len(internal), -1).any(1))]
+    added = np.zeros(len(values), np.int64)
+    for z in slices:
+        _, probs = preview.predict(0 if z is None else z, probabilities=True, cancel=cancel)  # [K, Y, X]
+        plane = out if z is None else out[z]
+        best = probs.argmax(0)
+        sure = (probs.max(0) >= confidence) & (plane == 0)
+        plane[sure] = values[best[sure]]
+        added += np.bincount(best[sure], minlength=len(values))
+        if z is not None:
+            preview.forget(z)
+    info = {"confidence": float(confidence), "added_pixels": {int(v): int(n) for v, n in zip(values, added)},
+            "teacher_class_shares": None if preview.class_shares is None else [float(s) for s in preview.class_shares]}
+    log.info("pseudo-labels: %s pixels added per class (confidence >= %.2f)", info["added_pixels"], confidence)
+    return out, info
