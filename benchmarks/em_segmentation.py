@@ -48,6 +48,11 @@ def plot_iou_vs_k(results: dict[str, Any], path: Path) -> None:
     panels = sorted({(r["task"], r["regime"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (task, regime) in zip(axes[0], panels):
+        panel = [r for r in rows if r["task"] == task and r["regime"] == regime]
+        if len({r["n_labelled"] for r in panel}) == 1:  # one k: a bar per arm
+            _bars(ax, panel)
+            ax.set_title(f"{P.TASKS[task].title}, {regime} labels, k = {panel[0]['k']}", fontsize=9)
+            continue
         for arm in ARMS:
             pts = sorted((r["n_labelled"], r["fg_iou"]["mean"], r["fg_iou"]["std"] or 0.0) for r in rows
                          if r["task"] == task and r["regime"] == regime and r["arm"] == arm
@@ -60,8 +65,20 @@ def plot_iou_vs_k(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("foreground IoU (held-out slices)")
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     save_figure(fig, path)
+
+
+def _bars(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """One bar per arm (mean foreground IoU, sample std over seeds as the error bar) for a single k."""
+    rows = sorted((r for r in rows if r["fg_iou"]["mean"] is not None), key=lambda r: list(ARMS).index(r["arm"]))
+    means = [r["fg_iou"]["mean"] for r in rows]
+    ax.bar(range(len(rows)), means, yerr=[r["fg_iou"]["std"] or 0.0 for r in rows], capsize=3,
+           color=["tab:red" if r["arm"] in NO_NETWORK else "tab:blue" for r in rows])
+    ax.set_xticks(range(len(rows)), [r["arm"] for r in rows], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("foreground IoU (held-out slices)")
+    ax.grid(alpha=0.3, axis="y")
 
 
 def plot_overlays(results: dict[str, Any], path: Path, crop: int = 384) -> None:
@@ -172,7 +189,7 @@ def _masking_text(cfg: dict[str, Any], family: str) -> str:
 def render_page(results: dict[str, Any], images: dict[str, str], command: str) -> str:
     cfg, env = results["config"], results["environment"]
     lines = [
-        "# Real-EM evaluation: few labels, pretrained vs from scratch", "",
+        "# Real-EM evaluation: few labels, AFFMAE against ilastik's forest, a U-Net and a threshold", "",
         "Written by `python benchmarks/em_segmentation.py` (`napari_affmae.bench.em_segmentation`); "
         "protocol in `napari_affmae.bench.em_protocol`.", "",
         ("Commands (one page from several runs): " if " + " in command else "Command: ")

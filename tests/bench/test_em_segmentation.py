@@ -153,6 +153,8 @@ def test_bad_affmae_options_are_refused_before_training(tmp_path: Path, capsys) 
     assert "mask_ratio must be between 0 and 1" in capsys.readouterr().err
     assert S.main([*base, "--affmae-option", "refine"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+    assert S.main([*base, "--pseudo-label-confidence", "0.2"]) == 2
+    assert "pseudo_label_confidence must be in [0.5, 1)" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
 
 

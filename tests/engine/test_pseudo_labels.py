@@ -50,11 +50,26 @@ def test_bad_confidence_is_refused_before_anything_runs(tmp_path, bad):
 def test_finetune_with_pseudo_labels_records_them_and_trains(em_stack, tmp_path):
     image, truth = em_stack
     strokes = sparse_strokes(truth, fraction=0.03, seed=0, slices=[1])
+    events = []
     result = finetune(image, strokes, FinetuneConfig(
         model="unet_tiny", crop_size=(64, 64), batch_size=2, steps=3, warmup_steps=1, device="cpu",
-        output_dir=tmp_path / "ft", checkpoint_every=100, pseudo_label_confidence=0.8))
+        output_dir=tmp_path / "ft", checkpoint_every=100, pseudo_label_confidence=0.8), progress=events.append)
+    assert "live preview's forest" in events[0].message and events[0].step == 0  # said before the forest runs
     provenance = load_package(result.package_path).provenance
     assert provenance["config"]["pseudo_label_confidence"] == 0.8
     assert provenance["pseudo_labels"]["confidence"] == 0.8 and provenance["pseudo_labels"]["added_pixels"]
     painted = int((strokes > 0).sum())
     assert provenance["labelled_pixels"] > 5 * painted  # it trained on the pseudo-labelled pixels too
+
+
+def test_cancel_while_labelling_stops_before_any_training(em_stack, tmp_path):
+    from napari_affmae.engine import CancelToken, JobCancelled
+
+    image, truth = em_stack
+    strokes = sparse_strokes(truth, fraction=0.03, seed=0, slices=[1])
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(JobCancelled):
+        finetune(image, strokes, FinetuneConfig(model="unet_tiny", crop_size=(64, 64), batch_size=2, steps=3,
+                                                device="cpu", output_dir=tmp_path / "ft"), cancel=token)
+    assert not list((tmp_path / "ft").glob("*.affmae"))  # nothing trained, nothing half-written

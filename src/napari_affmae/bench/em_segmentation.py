@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..engine.pseudo_labels import DEFAULT_CONFIDENCE
+from ..engine.pseudo_labels import DEFAULT_CONFIDENCE, check_confidence
 from . import em_protocol as P
 from .tables import refuse_markdown_out, stat_text, text_table
 
@@ -146,6 +146,7 @@ class EMBenchConfig(BenchBudget):
     size: str = "tiny"
     tolerance: float = P.BOUNDARY_TOLERANCE
     affmae_options: dict[str, Any] = field(default_factory=dict)  # AFFMAEConfig fields for both AFFMAE arms
+    pseudo_label_confidence: float = PSEUDO_LABEL_CONFIDENCE  # of the *_taught arms
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in P.TASKS]
@@ -160,6 +161,10 @@ class EMBenchConfig(BenchBudget):
         if self.size not in UNET_SIZE:
             raise ValueError(f"size must be one of {', '.join(UNET_SIZE)}; got {self.size!r}")
         self.check_budget()
+        if self.pseudo_label_confidence is None:
+            raise ValueError("the *_taught arms need a pseudo-label confidence; the other network arms train on "
+                             "the strokes only")
+        check_confidence(self.pseudo_label_confidence)
         if not (self.tasks and self.ks and self.regimes and self.seeds and self.arms):
             raise ValueError("tasks, k, regimes, seeds and arms must each name at least one value")
         from ..models.affmae import AFFMAEConfig  # noqa: PLC0415
@@ -262,7 +267,7 @@ def _finetune_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarra
     result = finetune(raw, labels, FinetuneConfig(
         pretrained=pretrained, model=record.model, class_names=list(task.class_names), label_mode="sparse",
         model_options=config.segmentation_options(ARMS[record.arm][0]),
-        pseudo_label_confidence=PSEUDO_LABEL_CONFIDENCE if record.arm in TAUGHT else None,
+        pseudo_label_confidence=config.pseudo_label_confidence if record.arm in TAUGHT else None,
         crop_size=(config.crop, config.crop), batch_size=config.batch_size, steps=config.finetune_steps,
         warmup_steps=min(20, config.finetune_steps // 10), seed=record.seed, device=device, output_dir=out,
         checkpoint_every=config.finetune_steps, log_every=max(1, config.finetune_steps // 5),
@@ -397,7 +402,6 @@ def _short(err: BaseException) -> str:
 def _config_json(config: EMBenchConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     data["data_dir"], data["work_dir"] = str(config.data_dir), str(config.work_dir)
-    data["pseudo_label_confidence"] = PSEUDO_LABEL_CONFIDENCE  # of the *_taught arms
     return data
 
 
@@ -501,7 +505,9 @@ def build_parser(prog: str | None = None, results_file: bool = True) -> argparse
     p.add_argument("--tolerance", type=float, default=P.BOUNDARY_TOLERANCE, help="boundary F1 tolerance (px)")
     p.add_argument("--affmae-option", action="append", default=[], metavar="KEY=VALUE",
                    help="AFFMAEConfig field, or mask_ratio / mask_type, for both AFFMAE arms, repeatable: e.g. "
-                   "mask_ratio=0.75, keep_rate=0.6, norm_pix_loss=false, refine=false")
+                   "mask_ratio=0.75, keep_rate=0.6, norm_pix_loss=false, seg_head=patch")
+    p.add_argument("--pseudo-label-confidence", type=float, default=PSEUDO_LABEL_CONFIDENCE,
+                   help="class probability from which the live preview's pixels become labels of the *_taught arms")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     return p
 
@@ -532,7 +538,7 @@ def config_from_args(args: argparse.Namespace, fallback_data_dir: Path | None = 
         data_dir=P.resolve_data_dir(args.data_dir, fallback_data_dir), work_dir=args.work_dir, tasks=tasks,
         ks=[P.parse_k(k) for k in _list(args.k)], regimes=_list(args.regimes), seeds=seeds, arms=_list(args.arms),
         size=args.size, tolerance=args.tolerance, affmae_options=parse_options(args.affmae_option),
-        **budget_from_args(args))
+        pseudo_label_confidence=args.pseudo_label_confidence, **budget_from_args(args))
     config.validate()
     return config
 

@@ -43,6 +43,7 @@ from .device import precision_name
 from .inputs import InputImage, as_input_image, as_label_array, check_crop_fits, check_has_contrast, \
     image_pixel_size, source_name
 from .package import LABEL_MODES, ModelPackage, load_package
+from .painted import MAX_CLASSES, some_values, check_labels
 from .progress import CancelToken, ProgressCallback, ProgressEvent
 from .pseudo_labels import DEFAULT_CONFIDENCE, add_pseudo_labels, check_confidence
 from .segment import TiledPredictor, model_predictor
@@ -135,44 +136,6 @@ class FinetuneResult:
 
 # ----------------------------------------------------------------------------------------------- labels
 
-MAX_CLASSES = 255  # model classes a package may have (values are class numbers, not instance ids)
-
-
-def _some(values: Sequence[int], n: int = 6) -> str:
-    """A short listing of sorted values: '1, 2, 3, ..., 60000'."""
-    values = list(values)
-    return ", ".join(map(str, values)) if len(values) <= n else ", ".join(map(str, values[:n - 1])) + f", ..., {values[-1]}"
-
-
-def check_labels(labels: np.ndarray, label_mode: str) -> tuple[int, list[int]]:
-    """Validate painted labels; returns (number of model classes K, label values of the classes).
-
-    Sparse mode: the painted values (any positive integers; 0 = unlabelled), at least two. Dense mode:
-    every value, 0 = background included. At most `MAX_CLASSES` classes; values are mapped to
-    contiguous model classes in sorted order (see `to_internal`)."""
-    values = [int(v) for v in np.unique(labels)]
-    negative = [v for v in values if v < 0]
-    if negative:
-        raise ValueError(f"labels must be >= 0 (0 = unlabelled, classes 1..K); found negative values "
-                         f"{_some(negative)}")
-    if label_mode == "sparse":
-        values = [v for v in values if v != 0]
-        if not values:
-            raise ValueError("the labels contain no painted pixels: paint strokes of at least two classes "
-                             "(values 1..K; 0 = unlabelled is ignored)")
-        if len(values) < 2:
-            raise ValueError(f"only one class ({values[0]}) is painted: at least two classes must be painted "
-                             "(0 = unlabelled, classes 1..K)")
-    elif len(values) < 2:
-        raise ValueError(f"dense labels need at least two classes (0 = background and one more); found only "
-                         f"{values}")
-    if len(values) > MAX_CLASSES:
-        raise ValueError(f"the labels hold {len(values)} different values ({_some(values)}); at most {MAX_CLASSES} "
-                         "classes are supported: label values are class numbers (not instance ids), so relabel "
-                         f"them into at most {MAX_CLASSES} classes")
-    return len(values), values
-
-
 def class_values(values: list[int], label_mode: str, class_names: Sequence[str] | None) -> list[int]:
     """The label value of each model class. With ``class_names`` for classes 1..K (dense: 0..K-1) that cover
     every value, those K classes (unpainted ones included); otherwise one class per value found."""
@@ -185,7 +148,7 @@ def class_values(values: list[int], label_mode: str, class_names: Sequence[str] 
     if len(class_names) == len(values):
         return values
     raise ValueError(f"class_names has {len(class_names)} names but the labels need {len(values)} (values "
-                     f"{_some(values)}); give one name per class")
+                     f"{some_values(values)}); give one name per class")
 
 
 def to_internal(labels: np.ndarray, label_mode: str, values: Sequence[int] | None = None) -> np.ndarray:
@@ -346,6 +309,9 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
     check_crop_fits([img], config.crop_size)
     check_has_contrast(compute_stats(img.array, seed=config.seed), source_name(img, 0))
     if config.pseudo_label_confidence is not None and config.label_mode == "sparse":
+        if progress is not None:
+            progress(ProgressEvent("finetune", 0, int(config.steps), message="labelling the confident pixels of "
+                                   "the painted slices with the live preview's forest"))
         train_labels, pseudo = add_pseudo_labels(img.array, train_labels, config.pseudo_label_confidence,
                                                  config.seed, cancel)
         split_info = {**split_info, "pseudo_labels": pseudo}

@@ -35,7 +35,7 @@ import torch
 
 from ..data.normalize import NormalizationStats, compute_stats
 from ..models.feature_forest import check_prior_settings
-from .finetune import MAX_CLASSES, check_labels
+from .painted import MAX_CLASSES, check_labels
 from .inputs import as_input_image, check_has_contrast
 from .package import ModelPackage, load_package, save_package
 from .progress import CancelToken, JobCancelled

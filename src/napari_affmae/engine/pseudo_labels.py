@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .live import LiveConfig, LivePreview
 from .progress import CancelToken
 
 log = logging.getLogger(__name__)
@@ -25,11 +26,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIDENCE = 0.8
 
 
-def teacher_config(seed: int) -> Any:
-    """The `LiveConfig` of the forest that makes pseudo-labels: ilastik's filter bank and forest, posteriors
-    corrected once (one EM step) toward the class shares estimated near the strokes."""
-    from .live import LiveConfig  # noqa: PLC0415 (live imports finetune, which imports this module)
-
+def teacher_config(seed: int) -> LiveConfig:
+    """The forest that makes pseudo-labels: ilastik's filter bank and forest, posteriors corrected once (one
+    EM step) toward the class shares estimated near the strokes."""
     return LiveConfig.ilastik_style(prior_exponent=1.0, prior_iterations=1, seed=seed)
 
 
@@ -45,8 +44,6 @@ def add_pseudo_labels(image: Any, internal: np.ndarray, confidence: float, seed:
     pixels to which the teacher forest (`teacher_config`) gives some class a probability >= ``confidence``,
     labelled with that class. Painted pixels keep their class. Returns a new array and a summary (pixels
     added per class, the teacher's estimated class shares)."""
-    from .live import LivePreview  # noqa: PLC0415
-
     check_confidence(confidence)
     preview = LivePreview(image, teacher_config(seed))
     preview.fit(internal, cancel)

@@ -33,6 +33,8 @@ from .layers import INFERENCE_CHUNK_BYTES
 
 #: Fewest image rows per refinement band: each band recomputes two rows of the first conv, at most 6 %.
 MIN_REFINE_ROWS = 32
+#: Fewest lattice rows per fusion band, in halos: the head runs on at most (4 + 2) / 4 = 1.5x its rows.
+MIN_FUSION_ROWS = 4
 
 
 def band_rows(budget: int, row_bytes: int, multiple: int = 1) -> int:
@@ -156,8 +158,8 @@ def segment_in_chunks(model: nn.Module, x: torch.Tensor, chunk_bytes: int = INFE
         fusion = model.fusion
         # widest band map per lattice row: p full-resolution rows of the s1 step's input (3c channels)
         row_bytes = b * patch * width * 3 * fusion.out.in_channels * x.element_size()
-        halo = 2 * -(-fusion.reach // patch)
-        rows = max(halo, band_rows(chunk_bytes, row_bytes) - halo)
+        halo = -(-fusion.reach // patch)  # lattice rows above and below each band, computed again
+        rows = max(MIN_FUSION_ROWS * halo, band_rows(chunk_bytes, row_bytes))
 
         def level_rows(level: int, start: int, stop: int) -> torch.Tensor:
             return stem_rows(model.encoder.stem, x, level, start, stop)
