@@ -240,8 +240,9 @@ def render_page(results: dict[str, Any], images: dict[str, str], command: str) -
         lines.append(f"| {P.TASKS[r['task']].title} | {r['regime']} | {r['k']} | {r['arm']} | {stat_text(r['fg_iou'])} "
                      f"| {stat_text(r['fg_dice'])} | {stat_text(r['bg_iou'])} | {stat_text(r['boundary_f1'])} "
                      f"| {r['labelled_fraction']:.1%} | {stat_text(r['finetune_s'], 0)} | {stat_text(r['inference_s'], 0)} |")
-    lines += ["", "Pretraining (shared by all k and label regimes of a task and seed):", "",
-              "| task | seed | model | steps | first loss | final loss | s |", "|---|---|---|---|---|---|---|"]
+    if results["pretraining"]:
+        lines += ["", "Pretraining (shared by all k and label regimes of a task and seed):", "",
+                  "| task | seed | model | steps | first loss | final loss | s |", "|---|---|---|---|---|---|---|"]
     for p in results["pretraining"]:
         if "error" in p:
             lines.append(f"| {p['task']} | {p['seed']} | {p['model']} | failed: {p['error']} | | | |")

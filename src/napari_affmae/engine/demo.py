@@ -123,9 +123,10 @@ def save_figure(path: Path, image: np.ndarray, truth: np.ndarray, strokes: np.nd
     _overlay(axes[1], image[test_z], None, f"held-out slice {test_z}")
     _overlay(axes[2], image[test_z], truth[test_z], "ground truth")
     iou = ", ".join(f"{k} {v:.2f}" for k, v in scores["iou"].items() if v is not None)
-    _overlay(axes[3], image[test_z], predicted[test_z], f"AFFMAE prediction\nIoU: {iou}")
+    _overlay(axes[3], image[test_z], predicted[test_z], "AFFMAE prediction")
+    fig.suptitle(f"IoU on the held-out slices: {iou}", fontsize=10)  # the whole width: never cut off
     fig.legend(handles=[Patch(color=_COLORS[i + 1], label=name) for i, name in enumerate(CLASS_NAMES)],
                loc="lower center", ncol=3, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     fig.savefig(path)
     return path
