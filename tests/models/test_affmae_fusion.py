@@ -35,13 +35,15 @@ def test_an_output_row_depends_only_on_inputs_within_the_reach():
         assert lo < row < hi  # and it does read its neighbourhood
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 100])
-def test_bands_equal_the_whole_head(rows):
+@pytest.mark.parametrize("rows, strip_rows", [(1, None), (2, 1), (5, 3), (5, 16), (100, None), (100, 7)])
+def test_bands_and_strips_equal_the_whole_head(rows, strip_rows):
+    """Bands of lattice rows for the coarse steps, strips of pixel rows (any number, even one) for the
+    full-resolution step: the same values as the whole head."""
     head = _head()
     lattice, level2, level1, x = _inputs(13, 4)
     want = head(lattice, level2, level1, x)
     maps = {2: level2, 1: level1}
-    got = fuse_in_bands(head, lattice, x, lambda level, a, b: maps[level][:, :, a:b], rows)
+    got = fuse_in_bands(head, lattice, x, lambda level, a, b: maps[level][:, :, a:b], rows, strip_rows)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 

@@ -57,21 +57,56 @@ class FusionHead(nn.Module):
                 x: torch.Tensor) -> torch.Tensor:
         """lattice ``[B, h, w, D]`` (decoder features per cell), level2 ``[B, S, H/4, W/4]``, level1
         ``[B, S, H/2, W/2]`` (stem maps), x ``[B, 1, H, W]`` -> logits ``[B, K, H, W]``."""
+        return self.fine(self.coarse(lattice, level2, level1), x)
+
+    def coarse(self, lattice: torch.Tensor, level2: torch.Tensor, level1: torch.Tensor) -> torch.Tensor:
+        """The stride-4 and stride-2 steps -> features ``[B, 2c, H/2, W/2]``."""
         feat = self.lattice(lattice).permute(0, 3, 1, 2)  # [B, 4c, h, w]
         feat = self.s4(torch.cat([upsample2(feat), level2], dim=1))  # [B, 4c, H/4, W/4]
-        feat = self.s2(torch.cat([upsample2(feat), level1], dim=1))  # [B, 2c, H/2, W/2]
+        return self.s2(torch.cat([upsample2(feat), level1], dim=1))  # [B, 2c, H/2, W/2]
+
+    def fine(self, feat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution step: stride-2 features ``[B, 2c, H/2, W/2]`` + image ``[B, 1, H, W]`` -> logits."""
         feat = self.s1(torch.cat([upsample2(feat), self.pixels(x)], dim=1))  # [B, c, H, W]
         return self.out(feat)
 
 
+#: Stride-2 rows of margin `fine_in_strips` takes around a strip: 1 for the bilinear step, 1 for the 3x3
+#: conv at full resolution, rounded up.
+FINE_MARGIN = 2
+
+
+def fine_in_strips(head: FusionHead, feat: torch.Tensor, x: torch.Tensor, row0: int, rows: int) -> torch.Tensor:
+    """``head.fine`` for image rows ``[2 row0, 2 row0 + 2 n)`` in strips of ``rows`` pixel rows.
+
+    feat: stride-2 features ``[B, 2c, n, W/2]``, rows ``[row0, row0 + n)`` of the whole map; x: the whole
+    image ``[B, 1, H, W]``. Each strip reads up to `FINE_MARGIN` stride-2 rows beyond it, as far as ``feat``
+    goes: every output row is exact except the first and last ``2 FINE_MARGIN`` of ``feat``'s rows, which
+    are exact only where they are the image border (there the whole computation pads the same way)."""
+    n = feat.shape[-2]
+    top, bottom = 2 * row0, 2 * (row0 + n)
+    out = None
+    for p0 in range(top, bottom, rows):
+        p1 = min(bottom, p0 + rows)
+        s0, s1 = max(row0, p0 // 2 - FINE_MARGIN), min(row0 + n, (p1 + 1) // 2 + FINE_MARGIN)
+        strip = head.fine(feat[:, :, s0 - row0:s1 - row0], x[:, :, 2 * s0:2 * s1])  # pixel rows [2 s0, 2 s1)
+        if out is None:
+            out = strip.new_empty(strip.shape[0], strip.shape[1], bottom - top, x.shape[-1])
+        out[:, :, p0 - top:p1 - top] = strip[:, :, p0 - 2 * s0:p1 - 2 * s0]
+    return out
+
+
 def fuse_in_bands(head: FusionHead, lattice: torch.Tensor, x: torch.Tensor,
-                  stem_rows: Callable[[int, int, int], torch.Tensor], rows: int) -> torch.Tensor:
+                  stem_rows: Callable[[int, int, int], torch.Tensor], rows: int,
+                  strip_rows: int | None = None) -> torch.Tensor:
     """``head(lattice, level2, level1, x)`` computed ``rows`` lattice rows at a time -> ``[B, K, H, W]``.
 
     lattice ``[B, h, w, D]``; x ``[B, 1, H, W]``; ``stem_rows(level, start, stop)`` returns rows
-    ``[start, stop)`` of the stem's level-``level`` map (1: stride 2, 2: stride 4). Each band is computed
-    with `FusionHead.reach` pixels (rounded up to lattice rows) of real neighbours above and below, which
-    makes its own border rows exact; rows outside the image are the whole computation's padding."""
+    ``[start, stop)`` of the stem's level-``level`` map (1: stride 2, 2: stride 4). Each band's coarse steps
+    are computed with `FusionHead.reach` pixels (rounded up to lattice rows) of real neighbours above and
+    below, which makes its own rows exact; rows outside the image are the whole computation's padding. The
+    full-resolution step then runs on ``strip_rows`` pixel rows at a time (`fine_in_strips`; default: the
+    band at once)."""
     p = PATCH_SIZE
     h = lattice.shape[1]
     halo = -(-head.reach // p)  # lattice rows
@@ -79,8 +114,12 @@ def fuse_in_bands(head: FusionHead, lattice: torch.Tensor, x: torch.Tensor,
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
         a, b = max(0, r0 - halo), min(h, r1 + halo)
-        band = head(lattice[:, a:b], stem_rows(2, 2 * a, 2 * b), stem_rows(1, 4 * a, 4 * b), x[:, :, p * a:p * b])
+        feat = head.coarse(lattice[:, a:b], stem_rows(2, 2 * a, 2 * b), stem_rows(1, 4 * a, 4 * b))
+        # keep the band's own stride-2 rows plus the margin its full-resolution strips read (exact: the halo
+        # is wider than the coarse steps' reach)
+        k0, k1 = max(4 * a, 4 * r0 - FINE_MARGIN), min(4 * b, 4 * r1 + FINE_MARGIN)
+        fine = fine_in_strips(head, feat[:, :, k0 - 4 * a:k1 - 4 * a], x, k0, strip_rows or p * (r1 - r0))
         if out is None:
-            out = band.new_empty(band.shape[0], band.shape[1], h * p, x.shape[-1])
-        out[:, :, p * r0:p * r1] = band[:, :, p * (r0 - a):p * (r1 - a)]
+            out = fine.new_empty(fine.shape[0], fine.shape[1], h * p, x.shape[-1])
+        out[:, :, p * r0:p * r1] = fine[:, :, p * r0 - 2 * k0:p * r1 - 2 * k0]
     return out

@@ -12,8 +12,9 @@ every part runs in pieces whose temporaries fit one byte budget (``chunk_bytes``
 * encoder blocks, merges and decoder sub-layers go through their tokens / queries in chunks
   (``chunk_bytes`` of `AFFMAEEncoder.forward_tokens` and `AFFMAEDecoder.forward`); the decoder keeps
   only its last layer;
-* the fusion head (`affmae_fusion`) runs on bands of lattice rows, each with its reach of real
-  neighbouring rows, the stem maps it reads recomputed for the band;
+* the fusion head (`affmae_fusion`) runs its coarse steps on bands of lattice rows, each with its reach of
+  real neighbouring rows and the stem maps it reads recomputed for the band, and its full-resolution
+  step on strips of pixel rows;
 * the patch head writes its logits band by band of lattice rows into one preallocated map;
 * the patch head's refinement runs in bands of image rows (at least `MIN_REFINE_ROWS`) with a two-row
   halo (two 3x3 convs), the bilinear upsampling of the stem map taken from the band's source rows with a one-row margin.
@@ -33,8 +34,10 @@ from .layers import INFERENCE_CHUNK_BYTES
 
 #: Fewest image rows per refinement band: each band recomputes two rows of the first conv, at most 6 %.
 MIN_REFINE_ROWS = 32
-#: Fewest lattice rows per fusion band, in halos: the head runs on at most (4 + 2) / 4 = 1.5x its rows.
-MIN_FUSION_ROWS = 4
+#: Fewest lattice rows per fusion band, in halos: the coarse steps run on at most (2 + 2) / 2 = 2x their rows.
+MIN_FUSION_ROWS = 2
+#: Fewest pixel rows per full-resolution strip of the fusion head: it runs on at most (16 + 8) / 16 = 1.5x.
+MIN_STRIP_ROWS = 16
 
 
 def band_rows(budget: int, row_bytes: int, multiple: int = 1) -> int:
@@ -156,15 +159,17 @@ def segment_in_chunks(model: nn.Module, x: torch.Tensor, chunk_bytes: int = INFE
     del stages, tokens
     if model.fusion is not None:
         fusion = model.fusion
-        # widest band map per lattice row: p full-resolution rows of the s1 step's input (3c channels)
-        row_bytes = b * patch * width * 3 * fusion.out.in_channels * x.element_size()
+        # coarse steps: per lattice row, 4 stride-2 rows of the s2 step's maps (about 8c channels alive);
+        # full-resolution strips: per pixel row, the s1 step's maps (about 8c channels alive)
+        channels = 8 * fusion.out.in_channels
         halo = -(-fusion.reach // patch)  # lattice rows above and below each band, computed again
-        rows = max(MIN_FUSION_ROWS * halo, band_rows(chunk_bytes, row_bytes))
+        rows = max(MIN_FUSION_ROWS * halo, band_rows(chunk_bytes, b * 4 * (width // 2) * channels * x.element_size()))
+        strip = max(MIN_STRIP_ROWS, band_rows(chunk_bytes, b * width * channels * x.element_size()))
 
         def level_rows(level: int, start: int, stop: int) -> torch.Tensor:
             return stem_rows(model.encoder.stem, x, level, start, stop)
 
-        return fuse_in_bands(fusion, last.reshape(b, h, w, -1), x, level_rows, rows)
+        return fuse_in_bands(fusion, last.reshape(b, h, w, -1), x, level_rows, rows, strip)
     head_rows = band_rows(chunk_bytes, b * patch * model.head[-1].out_features * x.element_size() * 2)
     logits = head_in_bands(model.head, last, h, w, patch, head_rows)
     del last
