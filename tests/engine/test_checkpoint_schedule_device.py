@@ -130,14 +130,14 @@ def test_layer_decay_scales_encoder_depth():
     named = dict(model.named_parameters())
     total = sum(model.config.depths)  # 6 blocks -> stem gets 0.5 ** 7
     assert scale_of[id(named["encoder.stem.convs.0.weight"])][0] == pytest.approx(0.5 ** (total + 1))
-    assert scale_of[id(named["head.1.weight"])][0] == 1.0
+    assert scale_of[id(named["fusion.out.weight"])][0] == 1.0
     first_block = next(n for n in named if n.startswith("encoder.stages.0.0.") and n.endswith("weight")
                        and named[n].ndim == 2)
     last_block = next(n for n in named if n.startswith("encoder.stages.3.0.") and n.endswith("weight")
                       and named[n].ndim == 2)
     assert scale_of[id(named[first_block])][0] == pytest.approx(0.5 ** total)
     assert scale_of[id(named[last_block])][0] == pytest.approx(0.5 ** 1)
-    assert scale_of[id(named["head.1.bias"])][1] == 0.0 and scale_of[id(named["head.1.weight"])][1] == 0.05
+    assert scale_of[id(named["fusion.out.bias"])][1] == 0.0 and scale_of[id(named["fusion.out.weight"])][1] == 0.05
     assert sum(len(g["params"]) for g in groups) == len(named)
 
 

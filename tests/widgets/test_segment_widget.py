@@ -141,7 +141,9 @@ def test_remapped_label_values_keep_their_names_and_are_not_wrapped(make_napari_
 
     image, _ = em_stack
     torch.manual_seed(0)
-    model = create_model("affmae_tiny", task="segmentation", num_classes=2)
+    # random weights that predict both classes on this slice: the per-cell patch head's do (the fusion
+    # head's start near one class everywhere); the test is about label values, not the head
+    model = create_model("affmae_tiny", task="segmentation", num_classes=2, seg_head="patch")
     path = save_package(ModelPackage.from_model(model, normalization=compute_stats(image), class_names=["cell", "gap"],
                                                 label_values=[1, 60000]), tmp_path / "remapped.affmae")
     package = load_package(path)
