@@ -307,13 +307,14 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
     train_labels, val_labels, split_info = split_validation(to_internal(label_array, config.label_mode, values),
                                                             config)
     check_crop_fits([img], config.crop_size)
-    check_has_contrast(compute_stats(img.array, seed=config.seed), source_name(img, 0))
+    stats = compute_stats(img.array, seed=config.seed)
+    check_has_contrast(stats, source_name(img, 0))
     if config.pseudo_label_confidence is not None and config.label_mode == "sparse":
         if progress is not None:
             progress(ProgressEvent("finetune", 0, int(config.steps), message="labelling the confident pixels of "
                                    "the painted slices with the live preview's forest"))
         train_labels, pseudo = add_pseudo_labels(img.array, train_labels, config.pseudo_label_confidence,
-                                                 config.seed, cancel)
+                                                 config.seed, cancel, stats=stats)
         split_info = {**split_info, "pseudo_labels": pseudo}
     sources = [p for p in (img.source, labels if isinstance(labels, (str, Path)) else None) if p]
     task = FinetuneTask(config, img, PaintedLabels(train_labels, val_labels, split_info, values, painted))

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.normalize import NormalizationStats
 from .live import LiveConfig, LivePreview
 from .progress import CancelToken
 
@@ -34,22 +35,27 @@ def teacher_config(seed: int) -> LiveConfig:
 
 def check_confidence(confidence: float | None) -> None:
     if confidence is not None and not 0.5 <= float(confidence) < 1.0:
-        raise ValueError(f"pseudo_label_confidence must be in [0.5, 1) (a class probability), or None for "
-                         f"strokes only; got {confidence}")
+        raise ValueError(f"pseudo_label_confidence must be in [0.5, 1) (a class probability), or None ('off' on "
+                         f"the command line) for strokes only; got {confidence}")
 
 
 def add_pseudo_labels(image: Any, internal: np.ndarray, confidence: float, seed: int = 0,
-                      cancel: CancelToken | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                      cancel: CancelToken | None = None, stats: NormalizationStats | None = None
+                      ) -> tuple[np.ndarray, dict[str, Any]]:
     """Internal labels ``[Y, X]`` or ``[Z, Y, X]`` plus, on every slice that carries strokes, the unpainted
     pixels to which the teacher forest (`teacher_config`) gives some class a probability >= ``confidence``,
     labelled with that class. Painted pixels keep their class. Returns a new array and a summary (pixels
-    added per class, the teacher's estimated class shares)."""
+    added per class, the teacher's estimated class shares). ``stats``: the image's intensity statistics when
+    the caller has them (else computed here)."""
     check_confidence(confidence)
-    preview = LivePreview(image, teacher_config(seed))
+    preview = LivePreview(image, teacher_config(seed), stats=stats)
     preview.fit(internal, cancel)
     values = np.asarray(preview.label_values)  # internal class values c + 1 the forest knows
     out = internal.copy()
-    slices = [None] if internal.ndim == 2 else [int(z) for z in np.flatnonzero(internal.reshape(len(internal), -1).any(1))]
+    if internal.ndim == 2:
+        slices = [None]
+    else:
+        slices = [int(z) for z in np.flatnonzero(internal.reshape(len(internal), -1).any(1))]
     added = np.zeros(len(values), np.int64)
     for z in slices:
         _, probs = preview.predict(0 if z is None else z, probabilities=True, cancel=cancel)  # [K, Y, X]
