@@ -81,6 +81,71 @@ def _bars(ax: Any, rows: list[dict[str, Any]]) -> None:
     ax.grid(alpha=0.3, axis="y")
 
 
+def has_rounds(results: dict[str, Any]) -> bool:
+    """True when the runs went through correction rounds."""
+    return any(len(r.get("rounds") or []) > 1 for r in results["summary"])
+
+
+def plot_iou_vs_round(results: dict[str, Any], path: Path) -> None:
+    """Foreground IoU (mean ± std over seeds) after each correction round, one panel per (task, regime, k)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = [r for r in results["summary"] if len(r.get("rounds") or []) > 1]
+    panels = sorted({(r["task"], r["regime"], str(r["k"])) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (task, regime, k) in zip(axes[0], panels):
+        for r in sorted((r for r in rows if (r["task"], r["regime"], str(r["k"])) == (task, regime, k)),
+                        key=lambda r: list(ARMS).index(r["arm"])):
+            pts = [(x["round"], x["fg_iou"]["mean"], x["fg_iou"]["std"] or 0.0) for x in r["rounds"]
+                   if x["fg_iou"]["mean"] is not None]
+            x, y, e = zip(*pts)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=r["arm"],
+                        linestyle="--" if r["arm"] in NO_NETWORK else "-")
+        ax.set_title(f"{P.TASKS[task].title}, {regime}, k = {k}", fontsize=9)
+        ax.set_xlabel("correction round")
+        ax.set_ylabel("foreground IoU (held-out slices)")
+        ax.set_xticks(range(max(len(r["rounds"]) for r in rows)))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def round_table(results: dict[str, Any]) -> list[str]:
+    """Markdown rows: IoU after each round and each round's seconds (training + predicting the labelled slices)."""
+    rows = [r for r in results["summary"] if len(r.get("rounds") or []) > 1]
+    n = max(len(r["rounds"]) for r in rows)
+    lines = ["| task | k | arm | " + " | ".join(f"IoU round {i}" for i in range(n)) + " | seconds per round "
+             "(train + look) | labelled px after the last round |", "|---|---|---|" + "---|" * (n + 2)]
+    for r in rows:
+        seconds = " / ".join(f"{(x['train_s']['mean'] or 0) + (x['look_s']['mean'] or 0):.0f}" for x in r["rounds"])
+        lines.append(f"| {P.TASKS[r['task']].title} | {r['k']} | {r['arm']} | "
+                     + " | ".join(stat_text(x["fg_iou"]) for x in r["rounds"])
+                     + f" | {seconds} | {r['rounds'][-1]['labelled_fraction']:.2%} |")
+    return lines
+
+
+def round_verdict(results: dict[str, Any]) -> str:
+    """The default recipe against the forest after the last correction round, setting by setting."""
+    rows = {(r["task"], r["regime"], str(r["k"]), r["arm"]): r for r in results["summary"]
+            if len(r.get("rounds") or []) > 1}
+    parts = []
+    for (task, regime, k, arm), row in sorted(rows.items()):
+        forest = rows.get((task, regime, k, "rf_filters"))
+        if arm != "affmae_taught" or forest is None:
+            continue
+        ours, theirs = row["rounds"][-1]["fg_iou"]["mean"], forest["rounds"][-1]["fg_iou"]["mean"]
+        if None not in (ours, theirs):
+            parts.append(f"{P.TASKS[task].title}, k={k}: {ours:.3f} vs {theirs:.3f} ({ours - theirs:+.3f})")
+    if not parts:
+        return ""
+    last = len(next(iter(rows.values()))["rounds"]) - 1
+    return (f"After {last} correction rounds, `affmae_taught` against `rf_filters`, foreground IoU: "
+            + "; ".join(parts) + ".")
+
+
 def plot_overlays(results: dict[str, Any], path: Path, crop: int = 384) -> None:
     """Per task: raw slice with truth contour, then each arm's prediction (red) over the raw slice."""
     import matplotlib  # noqa: PLC0415
@@ -249,6 +314,18 @@ def render_page(results: dict[str, Any], images: dict[str, str], command: str) -
         else:
             lines.append(f"| {p['task']} | {p['seed']} | {p['model']} | {p['steps']} | {p['first_loss']:.4f} "
                          f"| {p['final_loss']:.4f} | {p['seconds']:.0f} |")
+    if "rounds" in images:
+        lines += ["", "## Correction rounds", "",
+                  f"After the strokes (round 0), each round predicts the labelled slice(s) and paints about "
+                  f"{P.CORRECTION_FRACTION:.2%} of each where the prediction is most wrong (inside the largest "
+                  "false-positive regions as background, the largest false-negative regions as structure; same 3 px "
+                  "brush, deterministic in the seed; `em_protocol.correction_strokes`). The forest and the "
+                  "threshold are refitted on every stroke so far; the networks train "
+                  f"{results['config'].get('round_steps', 50)} more steps from where they stopped (the taught "
+                  "arms with the forest's confident pixels taken again from the corrected strokes). Seconds per "
+                  "round = training on every stroke so far + predicting the labelled slice(s), what a person "
+                  "waits for; scoring the held-out slices is not included.", ""] + round_table(results)
+        lines += ["", round_verdict(results), "", f"![foreground IoU vs correction round]({images['rounds']})"]
     lines += ["", "## Verdict", "", verdict(results), ""]
     if "ablations" in images:
         lines += [f"Variants of AFFMAE pretraining (mask ratio, keep rate, target, steps, refinement head): "
@@ -271,6 +348,10 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
     iou_png = image_dir / "results_iou_vs_k.png"
     plot_iou_vs_k(results, iou_png)
     images["iou"] = f"images/{iou_png.name}"
+    if has_rounds(results):
+        rounds_png = image_dir / "results_iou_vs_round.png"
+        plot_iou_vs_round(results, rounds_png)
+        images["rounds"] = f"images/{rounds_png.name}"
     overlay_png = image_dir / "results_overlays.png"
     if "overlays" in results:  # re-rendered pages (``--render-only``) keep the PNG of the run
         plot_overlays(results, overlay_png)

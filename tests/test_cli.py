@@ -114,6 +114,9 @@ def _bad_inputs(root: Path, packages: dict[str, Path]) -> dict[str, tuple[list, 
     one[0, 5:20, 5:20] = 3
     tifffile.imwrite(root / "one_class.tif", one)
     tifffile.imwrite(root / "unpainted.tif", np.zeros_like(truth))
+    other = np.zeros_like(truth)
+    other[0, 5:20, 5:20], other[1, 30:40, 30:40] = 1, 4  # classes 1 and 4: not those of the segmentation package
+    tifffile.imwrite(root / "other_classes.tif", other)
     plain = zarr.open_group(str(root / "plain.zarr"), mode="w")
     plain.create_array("0", shape=(64, 64), dtype="uint8")
     with zipfile.ZipFile(packages["segmentation"]) as src, zipfile.ZipFile(root / "future.affmae", "w") as dst:
@@ -138,9 +141,9 @@ def _bad_inputs(root: Path, packages: dict[str, Path]) -> dict[str, tuple[list, 
         "no multiscales": (["segment", seg, root / "plain.zarr", "-o", root / "o2.tif"], "multiscales"),
         "package version": (["segment", root / "future.affmae", root / "img.tif", "-o", root / "o3.tif"],
                             "format version 7"),
-        "pretrained is a segmentation package": (
-            ["finetune", root / "img.tif", root / "strokes_ok.tif", *out, "--pretrained", seg, *train],
-            "segmentation package, but a pretraining"),
+        "continue a segmentation package with other classes": (
+            ["finetune", root / "img.tif", root / "other_classes.tif", *out, "--pretrained", seg, *train],
+            "these labels have [1, 4] (sparse). Paint the same classes to continue training it"),
         "crop size": (["pretrain", root / "img.tif", *out, "--crop-size", "60", "--steps", "1"], "multiples of 8"),
         "threads": (["segment", seg, root / "img.tif", "-o", root / "o4.tif", "--threads", "0"], "--threads must be >= 1"),
         "model option": (["pretrain", root / "img.tif", *out, *train, "--model-option", "no_such_field=1"],

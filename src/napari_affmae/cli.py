@@ -214,7 +214,8 @@ def _add_finetune_parser(sub) -> None:
     p.add_argument("image", type=Path, help="the image or stack (TIFF / OME-Zarr / .npy)")
     p.add_argument("labels", type=Path, help="integer labels with the image's shape (TIFF / .npy / OME-Zarr)")
     start = p.add_mutually_exclusive_group(required=True)
-    start.add_argument("--pretrained", type=Path, help="pretraining package (pretrained.affmae) to start from")
+    start.add_argument("--pretrained", type=Path, help="pretraining package (pretrained.affmae) to start from, "
+                       "or a segmentation package to continue training with corrected labels (same classes)")
     start.add_argument("--scratch", action="store_true", help="start from random weights (for comparison)")
     _add_training_options(p, FinetuneConfig, FINETUNE_OPTIONS)
 

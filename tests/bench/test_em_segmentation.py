@@ -227,3 +227,39 @@ def test_rf_filters_arm_is_the_filter_forest_fitted_on_the_strokes(tiny_data_dir
     # the synthetic mitochondria are dark blobs with texture: the forest separates them better than one cut
     assert runs["rf_filters"]["scores"]["fg_iou"] > runs["threshold"]["scores"]["fg_iou"]
     assert results["parameters"] == {}  # no network among these arms
+
+
+def test_correction_rounds_paint_where_each_arm_is_wrong_and_networks_train_on(tiny_data_dir: Path, tmp_path: Path,
+                                                                              capsys, bench_script) -> None:
+    from napari_affmae.bench import em_protocol as P
+    from napari_affmae.engine import load_package
+
+    work = tmp_path / "w"
+    assert S.main(["--data-dir", str(tiny_data_dir), "--work-dir", str(work), "--k", "1", "--arms",
+                   "affmae_taught,rf_filters,threshold", "--rounds", "2", "--round-steps", "3", "--finetune-steps",
+                   "2", "--batch-size", "2", "--crop", "32", "--tile", "64", "--threads", "1", "--quiet"]) == 0
+    assert "fg IoU by round" in capsys.readouterr().out
+    results = json.loads((work / "results.json").read_text())
+    for run in results["runs"]:
+        rounds = run["rounds"]
+        assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[0]["fg_iou"] == run["scores"]["fg_iou"]
+        added = [b["labelled_fraction"] - a["labelled_fraction"] for a, b in zip(rounds, rounds[1:])]
+        # about CORRECTION_FRACTION of the slice per round (3 px brush, whole strokes), never a repaint
+        assert all(0.3 * P.CORRECTION_FRACTION < a < 3 * P.CORRECTION_FRACTION for a in added), (run["arm"], added)
+        assert all(r["train_s"] >= 0 for r in rounds) and "look_s" in rounds[0] and "look_s" not in rounds[2]
+    summary = {r["arm"]: r for r in results["summary"]}
+    assert [r["round"] for r in summary["rf_filters"]["rounds"]] == [0, 1, 2]
+    first = work / "vnc_mito" / "affmae_taught_sparse_k1_s0"
+    r1 = load_package(first / "round1" / "segmentation.affmae").provenance
+    r2 = load_package(first / "round2" / "segmentation.affmae").provenance
+    assert r1["continued_from"] == str(first / "segmentation.affmae") and r1["steps"] == 3
+    assert r2["continued_from"] == str(first / "round1" / "segmentation.affmae")
+    assert r2["labelled_pixels"] > r1["labelled_pixels"]  # the new strokes (and their pseudo-labels) count
+    page = tmp_path / "docs" / "results.md"
+    assert bench_script("em_segmentation").main(["--render-only", str(work / "results.json"), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "## Correction rounds" in text and "| IoU round 0 | IoU round 1 | IoU round 2 |" in text
+    assert "After 2 correction rounds, `affmae_taught` against `rf_filters`, foreground IoU: VNC mitochondria" in text
+    assert (page.parent / "images" / "results_iou_vs_round.png").stat().st_size > 1000
+    assert S.main(["--data-dir", str(tiny_data_dir), "--work-dir", str(work), "--rounds", "-1", "--quiet"]) == 2
+    assert "rounds must be >= 0" in capsys.readouterr().err

@@ -150,3 +150,31 @@ def test_pretrain_config_refuses_masking_options_hidden_in_model_options():
         PretrainConfig(model_options={"mask_ratio": 0.9})
     with pytest.raises(ValueError, match="set keep_rate as the PretrainConfig option"):
         PretrainConfig(model_options={"keep_rate": 0.5})
+
+
+def test_training_continues_from_a_segmentation_package_with_the_same_classes(trained, em_stack, tmp_path):
+    """The paint-look-correct loop: corrections painted on the result, training goes on from the trained
+    model (its weights, every layer at the full rate); other classes or options are refused before any work."""
+    from napari_affmae.data import sparse_strokes
+    from napari_affmae.engine.finetune import FinetuneTask, PaintedLabels
+
+    image, truth = em_stack
+    seg = load_package(trained["segmentation"])
+    config = _config(tmp_path, pretrained=trained["segmentation"], steps=2, class_names=["membrane", "mito", "cyto"])
+    task = FinetuneTask(config, None, PaintedLabels(np.ones((8, 8), np.uint16), None, {}, [1, 2, 3], [1, 2, 3]))
+    model = task.build_model()
+    assert task.layer_decay == 1.0 and task.start_info["continued_from"] == str(trained["segmentation"])
+    for name, value in seg.build_model("cpu").state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    strokes = sparse_strokes(truth, fraction=0.05, seed=5, slices=[0, 2])
+    result = finetune(image, strokes, config)
+    package = load_package(result.package_path, expect_task="segmentation")
+    assert package.provenance["continued_from"] == str(trained["segmentation"]) and package.num_classes == 3
+    assert package.provenance["continued_provenance"]["steps"] == seg.provenance["steps"]
+    two = np.where(strokes == 3, 0, strokes)  # membrane and mito only, no class names for a third
+    with pytest.raises(ValueError, match=r"predicts label values \[1, 2, 3\] \(sparse\); these labels have \[1, 2\]"):
+        finetune(image, two, _config(tmp_path / "two", pretrained=trained["segmentation"]))
+    with pytest.raises(ValueError, match=r"model options \['refine'\] cannot change the trained segmentation"):
+        finetune(image, strokes, _config(tmp_path / "opt", pretrained=trained["segmentation"],
+                                         model_options={"refine": False}))
+    assert not (tmp_path / "two").exists() and not (tmp_path / "opt").exists()  # refused before any work

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 import zarr
 
 from napari_affmae.cli import main
@@ -68,12 +69,21 @@ def stack(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def second_package(stack) -> Path:
-    """A second, different segmentation model (from scratch) for the 'two models' cases."""
-    out = stack["root"] / "other"
-    assert main(["finetune", str(stack["image"]), str(stack["strokes"]), "-o", str(out), "--scratch", "--steps", "2",
-                 "--seed", "3", *TINY]) == 0
-    return out / "segmentation.affmae"
+def second_package(trained, stack) -> Path:
+    """A second, different segmentation model for the 'two models' cases: the first with its output classes
+    rotated (class c's logits become class c + 1's), so the two label every pixel differently."""
+    from napari_affmae.engine import ModelPackage, load_package, save_package
+
+    first = load_package(trained["segmentation"])
+    model = first.build_model("cpu")
+    out = model.fusion.out  # [K, C, 1, 1] 1x1 conv to the class logits
+    with torch.no_grad():
+        out.weight.copy_(out.weight.roll(1, dims=0))
+        out.bias.copy_(out.bias.roll(1, dims=0))
+    package = ModelPackage.from_model(model, normalization=first.normalization, class_names=first.class_names,
+                                      label_mode=first.label_mode, label_values=first.label_values,
+                                      provenance={"job": "finetune", "note": "classes rotated"})
+    return save_package(package, stack["root"] / "other" / "segmentation.affmae")
 
 
 # ------------------------------------------------------------------------- 1. invalid options wipe output

@@ -140,8 +140,10 @@ def test_segmentation_logits_and_encoder_transfer():
     assert plain.refine is None and plain(x).shape == (2, 3, 40, 56)
     with pytest.raises(ValueError, match="seg_head must be one of"):
         _model("segmentation", seg_head="unet")
-    with pytest.raises(ValueError, match="fusion_width must be >= 1"):
+    with pytest.raises(ValueError, match="fusion_width and fusion_depth must be >= 1"):
         _model("segmentation", fusion_width=0)
+    with pytest.raises(ValueError, match="fusion_width and fusion_depth must be >= 1"):
+        _model("segmentation", fusion_depth=0)
 
 
 @pytest.mark.parametrize(

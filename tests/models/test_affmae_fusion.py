@@ -17,13 +17,14 @@ def _inputs(h: int, w: int, dtype=torch.float64, grad: bool = False):
     return [torch.randn(s, generator=g, dtype=dtype).requires_grad_(grad) for s in shapes]
 
 
-def _head() -> FusionHead:
+def _head(depth: int = 1) -> FusionHead:
     torch.manual_seed(0)
-    return FusionHead(decoder_dim=12, stem_channels=6, num_classes=2, width=4).double()
+    return FusionHead(decoder_dim=12, stem_channels=6, num_classes=2, width=4, depth=depth).double()
 
 
-def test_an_output_row_depends_only_on_inputs_within_the_reach():
-    head = _head()
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_an_output_row_depends_only_on_inputs_within_the_reach(depth):
+    head = _head(depth)
     lattice, level2, level1, x = _inputs(12, 3, grad=True)
     row = 47  # pixel row of the output
     head(lattice, level2, level1, x)[:, :, row].sum().backward()
@@ -35,11 +36,12 @@ def test_an_output_row_depends_only_on_inputs_within_the_reach():
         assert lo < row < hi  # and it does read its neighbourhood
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("rows, strip_rows", [(1, None), (2, 1), (5, 3), (5, 16), (100, None), (100, 7)])
-def test_bands_and_strips_equal_the_whole_head(rows, strip_rows):
+def test_bands_and_strips_equal_the_whole_head(rows, strip_rows, depth):
     """Bands of lattice rows for the coarse steps, strips of pixel rows (any number, even one) for the
-    full-resolution step: the same values as the whole head."""
-    head = _head()
+    full-resolution step: the same values as the whole head, for any number of convs per step."""
+    head = _head(depth)
     lattice, level2, level1, x = _inputs(13, 4)
     want = head(lattice, level2, level1, x)
     maps = {2: level2, 1: level1}
@@ -101,3 +103,4 @@ def test_segmentation_packages_written_before_the_fusion_head_keep_their_patch_h
                        tmp_path / "mae.affmae")
     config = load_package(package_without_fields(mae, tmp_path / "old_mae.affmae", ["seg_head", "fusion_width"])).config
     assert create_model("affmae_tiny", task="segmentation", num_classes=2, **config).fusion is not None
+

@@ -9,6 +9,7 @@ from qtpy.QtCore import Qt
 from napari_affmae.data import CLASS_NAMES, sparse_strokes
 from napari_affmae.engine import SegmentConfig, load_package, segment
 from napari_affmae.widgets import FinetuneWidget
+from napari_affmae.widgets.finetune import FROM_LAST
 from napari_affmae.widgets._state import shared_state
 
 from .conftest import CROP, messages, set_training_options
@@ -70,6 +71,18 @@ def test_paint_finetune_and_segment_the_current_slice(make_napari_viewer, qtbot,
     assert viewer.layers.selection.active is strokes_layer  # back to painting corrections
     assert any("Fine-tuning finished" in m for m in messages(notifications, "info"))
 
+    # corrections painted on the result, then training goes on from the model just made
+    strokes_layer.data[1, 10:14, 10:30] = 3
+    widget.start_from.setCurrentText(FROM_LAST)
+    assert not widget.pretrained.isEnabled() and not widget.scratch_model.isEnabled()
+    set_training_options(widget, tmp_path / "ft2", steps=1)
+    qtbot.mouseClick(widget.button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=300_000)
+    again = load_package(tmp_path / "ft2" / "segmentation.affmae", expect_task="segmentation")
+    assert again.provenance["continued_from"] == str(package_path) and again.provenance["steps"] == 1
+    assert again.class_names == list(CLASS_NAMES) and shared_state(viewer).segmentation_package == (
+        tmp_path / "ft2" / "segmentation.affmae")
+
 
 def test_bad_labels_give_a_clear_notification(make_napari_viewer, qtbot, dock, tmp_path, em_stack, packages,
                                               notifications):
@@ -107,6 +120,8 @@ def test_bad_labels_give_a_clear_notification(make_napari_viewer, qtbot, dock, t
     viewer.layers["membrane only"].data[0, :5, :5] = 3
     widget.pretrained.set_text(tmp_path / "missing.affmae", by_user=True)
     click_and_expect("does not exist")
+    widget.start_from.setCurrentText(FROM_LAST)
+    click_and_expect("no fine-tuned model to continue yet: fine-tune once first")
 
     # nothing lost: the painted labels are untouched and no output was written
     assert np.array_equal(viewer.layers["membrane only"].data[1], one_class[1])

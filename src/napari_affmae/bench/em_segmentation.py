@@ -28,6 +28,7 @@ as JSON (``WORK_DIR/results.json``, or ``--out``).
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 import json
@@ -147,6 +148,8 @@ class EMBenchConfig(BenchBudget):
     tolerance: float = P.BOUNDARY_TOLERANCE
     affmae_options: dict[str, Any] = field(default_factory=dict)  # AFFMAEConfig fields for both AFFMAE arms
     pseudo_label_confidence: float = PSEUDO_LABEL_CONFIDENCE  # of the *_taught arms
+    rounds: int = 0  # correction rounds after the strokes (`em_protocol.correction_strokes`)
+    round_steps: int = 50  # fine-tuning steps of each correction round, from the previous round's model
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in P.TASKS]
@@ -161,6 +164,8 @@ class EMBenchConfig(BenchBudget):
         if self.size not in UNET_SIZE:
             raise ValueError(f"size must be one of {', '.join(UNET_SIZE)}; got {self.size!r}")
         self.check_budget()
+        if self.rounds < 0 or self.round_steps < 1:
+            raise ValueError(f"rounds must be >= 0 and round-steps >= 1; got {self.rounds}, {self.round_steps}")
         if self.pseudo_label_confidence is None:
             raise ValueError("the *_taught arms need a pseudo-label confidence; the other network arms train on "
                              "the strokes only")
@@ -218,6 +223,9 @@ class RunRecord:
     inference_s: float = 0.0
     pretrain_s: float = 0.0  # the arm's share: its (shared) pretraining time
     error: str | None = None
+    #: per round (0 = the strokes, then each correction round): round, fg_iou, train_s (training on every
+    #: stroke so far), look_s (predicting the labelled slices to correct them), labelled_fraction
+    rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -250,69 +258,131 @@ def _pretrain(config: EMBenchConfig, family: str, images: list[np.ndarray], task
     return result.package_path, info
 
 
-def _finetune_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarray, truth: np.ndarray,
-                        labels: np.ndarray, pretrained: Any, eval_slices: list[int], device: str,
-                        keep_slice: int | None) -> np.ndarray | None:
-    from ..engine import FinetuneConfig, SegmentConfig, finetune, segment  # noqa: PLC0415
+class ArmRun(abc.ABC):
+    """One arm's model over the correction rounds: `fit` on every stroke so far (round 0 from nothing, later
+    rounds going on from the previous model), `predict` slices. Predictions are ``[Z, Y, X]`` uint8, 1 =
+    structure, filled on the asked slices only."""
 
-    out = config.work_dir / record.task / f"{record.arm}_{record.regime}_k{record.k}_s{record.seed}"
-    if out.exists():
-        shutil.rmtree(out)
-    task = P.TASKS[record.task]
-    if record.arm == "threshold":
-        return _threshold_and_score(config, record, raw, truth, labels, eval_slices, keep_slice)
-    if record.arm == "rf_filters":
-        return _forest_and_score(config, record, raw, truth, labels, eval_slices, keep_slice)
-    started = time.perf_counter()
-    result = finetune(raw, labels, FinetuneConfig(
-        pretrained=pretrained, model=record.model, class_names=list(task.class_names), label_mode="sparse",
-        model_options=config.segmentation_options(ARMS[record.arm][0]),
-        pseudo_label_confidence=config.pseudo_label_confidence if record.arm in TAUGHT else None,
-        crop_size=(config.crop, config.crop), batch_size=config.batch_size, steps=config.finetune_steps,
-        warmup_steps=min(20, config.finetune_steps // 10), seed=record.seed, device=device, output_dir=out,
-        checkpoint_every=config.finetune_steps, log_every=max(1, config.finetune_steps // 5),
-        tile_size=(config.tile, config.tile)), progress=_log_progress)
-    record.finetune_s = time.perf_counter() - started
-    started = time.perf_counter()
-    pred = segment(result.package_path, raw, SegmentConfig(tile_size=(config.tile, config.tile), device=device,
-                                                           slices=eval_slices, batch_size=4))
-    record.inference_s = time.perf_counter() - started
-    pred_fg = (np.asarray(pred) == P.FOREGROUND).astype(np.uint8)  # [Z, Y, X], 1 = structure
-    record.scores = P.evaluate_stack(pred_fg, truth, task, eval_slices, config.tolerance)
-    return None if keep_slice is None else pred_fg[keep_slice]
+    def __init__(self, config: EMBenchConfig, record: RunRecord, raw: np.ndarray, pretrained: Any,
+                 device: str) -> None:
+        self.config, self.record, self.raw, self.pretrained, self.device = config, record, raw, pretrained, device
+
+    @abc.abstractmethod
+    def fit(self, labels: np.ndarray, round_index: int) -> None:
+        """Train on ``labels`` ``[Z, Y, X]`` (0 = unpainted, 1 = background, 2 = structure)."""
+
+    @abc.abstractmethod
+    def predict(self, slices: list[int]) -> np.ndarray:
+        """Structure masks of ``slices`` (see the class docstring)."""
 
 
-def _threshold_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarray, truth: np.ndarray,
-                         labels: np.ndarray, eval_slices: list[int], keep_slice: int | None) -> np.ndarray | None:
-    started = time.perf_counter()
-    cut = P.fit_threshold(raw, labels)
-    record.finetune_s = time.perf_counter() - started
-    log.info("  threshold: %s than %.1f after smoothing (sigma %.1f px)",
-             "darker" if cut.dark_foreground else "brighter", cut.threshold, cut.sigma)
-    started = time.perf_counter()
-    pred_fg = np.zeros(raw.shape, np.uint8)  # [Z, Y, X], 1 = structure; only the scored slices are filled
-    pred_fg[eval_slices] = cut.predict(raw[eval_slices])
-    record.inference_s = time.perf_counter() - started
-    record.scores = P.evaluate_stack(pred_fg, truth, P.TASKS[record.task], eval_slices, config.tolerance)
-    return None if keep_slice is None else pred_fg[keep_slice]
+class ThresholdRun(ArmRun):
+    """The smoothed grey-value cut fitted on the painted pixels (refitted each round)."""
+
+    def fit(self, labels: np.ndarray, round_index: int) -> None:
+        self.cut = P.fit_threshold(self.raw, labels)
+        log.info("  threshold: %s than %.1f after smoothing (sigma %.1f px)",
+                 "darker" if self.cut.dark_foreground else "brighter", self.cut.threshold, self.cut.sigma)
+
+    def predict(self, slices: list[int]) -> np.ndarray:
+        pred = np.zeros(self.raw.shape, np.uint8)
+        pred[slices] = self.cut.predict(self.raw[slices])
+        return pred
 
 
-def _forest_and_score(config: EMBenchConfig, record: RunRecord, raw: np.ndarray, truth: np.ndarray,
-                      labels: np.ndarray, eval_slices: list[int], keep_slice: int | None) -> np.ndarray | None:
-    from ..engine.live import LiveConfig, LivePreview  # noqa: PLC0415
+class ForestRun(ArmRun):
+    """ilastik's pixel classifier (`engine.live` without encoder features), refitted on every stroke each round;
+    filter features stay cached across rounds when there are rounds, else each slice's are freed after use."""
 
-    started = time.perf_counter()
-    forest = LivePreview(raw, LiveConfig.ilastik_style(seed=record.seed))
-    forest.fit(labels)
-    record.finetune_s = time.perf_counter() - started
-    started = time.perf_counter()
-    pred_fg = np.zeros(raw.shape, np.uint8)  # [Z, Y, X], 1 = structure; only the scored slices are filled
-    for z in eval_slices:
-        pred_fg[z] = forest.predict(z)[0] == P.FOREGROUND
-        forest.forget(z)
-    record.inference_s = time.perf_counter() - started
-    record.scores = P.evaluate_stack(pred_fg, truth, P.TASKS[record.task], eval_slices, config.tolerance)
-    return None if keep_slice is None else pred_fg[keep_slice]
+    def fit(self, labels: np.ndarray, round_index: int) -> None:
+        from ..engine.live import LiveConfig, LivePreview  # noqa: PLC0415
+
+        if round_index == 0:
+            self.forest = LivePreview(self.raw, LiveConfig.ilastik_style(seed=self.record.seed))
+        self.forest.fit(labels)
+
+    def predict(self, slices: list[int]) -> np.ndarray:
+        pred = np.zeros(self.raw.shape, np.uint8)
+        for z in slices:
+            pred[z] = self.forest.predict(z)[0] == P.FOREGROUND
+            if not self.config.rounds:
+                self.forest.forget(z)
+        return pred
+
+
+class NetworkRun(ArmRun):
+    """A network fine-tuned with `engine.finetune`: round 0 from ``pretrained`` (or scratch) for
+    ``finetune_steps``, each later round ``round_steps`` more from the previous round's package."""
+
+    def fit(self, labels: np.ndarray, round_index: int) -> None:
+        from ..engine import FinetuneConfig, finetune  # noqa: PLC0415
+
+        config, record = self.config, self.record
+        out = config.work_dir / record.task / f"{record.arm}_{record.regime}_k{record.k}_s{record.seed}"
+        if round_index:
+            out = out / f"round{round_index}"
+        if out.exists():
+            shutil.rmtree(out)
+        steps = config.round_steps if round_index else config.finetune_steps
+        start = self.package if round_index else self.pretrained
+        options = {} if round_index else config.segmentation_options(ARMS[record.arm][0])
+        result = finetune(self.raw, labels, FinetuneConfig(
+            pretrained=start, model=record.model, class_names=list(P.TASKS[record.task].class_names),
+            label_mode="sparse", model_options=options,
+            pseudo_label_confidence=config.pseudo_label_confidence if record.arm in TAUGHT else None,
+            crop_size=(config.crop, config.crop), batch_size=config.batch_size, steps=steps,
+            warmup_steps=min(20, steps // 10), seed=record.seed + round_index, device=self.device, output_dir=out,
+            checkpoint_every=steps, log_every=max(1, steps // 5), tile_size=(config.tile, config.tile)),
+            progress=_log_progress)
+        self.package = result.package_path
+
+    def predict(self, slices: list[int]) -> np.ndarray:
+        from ..engine import SegmentConfig, segment  # noqa: PLC0415
+
+        tile = (self.config.tile, self.config.tile)
+        pred = segment(self.package, self.raw, SegmentConfig(tile_size=tile, device=self.device, slices=slices,
+                                                             batch_size=4))
+        return (np.asarray(pred) == P.FOREGROUND).astype(np.uint8)  # [Z, Y, X], 1 = structure
+
+
+def arm_run(config: EMBenchConfig, record: RunRecord, raw: np.ndarray, pretrained: Any, device: str) -> ArmRun:
+    """The `ArmRun` of ``record.arm``."""
+    kind = {"threshold": ThresholdRun, "rf_filters": ForestRun}.get(record.arm, NetworkRun)
+    return kind(config, record, raw, pretrained, device)
+
+
+def run_rounds(config: EMBenchConfig, record: RunRecord, raw: np.ndarray, truth: np.ndarray, labels: np.ndarray,
+               pretrained: Any, eval_slices: list[int], device: str,
+               keep_slice: int | None) -> np.ndarray | None:
+    """Round 0 on ``labels``, then ``config.rounds`` correction rounds: predict the labelled slices, paint
+    corrections where they are most wrong (`em_protocol.correction_strokes`), train on (going on from the
+    previous model). Held-out scores of every round go into ``record.rounds``; round 0's also into
+    ``record.scores``. Returns round 0's prediction of ``keep_slice`` (for the overlays), or None."""
+    run = arm_run(config, record, raw, pretrained, device)
+    task, kept = P.TASKS[record.task], None
+    for r in range(config.rounds + 1):
+        started = time.perf_counter()
+        run.fit(labels, r)
+        train_s = time.perf_counter() - started
+        started = time.perf_counter()
+        pred = run.predict(eval_slices)
+        inference_s = time.perf_counter() - started
+        scores = P.evaluate_stack(pred, truth, task, eval_slices, config.tolerance)
+        if r == 0:
+            record.scores, record.finetune_s, record.inference_s = scores, train_s, inference_s
+            kept = None if keep_slice is None else pred[keep_slice]
+        entry = {"round": r, "fg_iou": scores["fg_iou"], "train_s": train_s,
+                 "labelled_fraction": float((labels[record.labelled_slices] > 0).mean())}
+        if r < config.rounds:
+            started = time.perf_counter()
+            look = run.predict(record.labelled_slices)
+            entry["look_s"] = time.perf_counter() - started  # predicting the slices a person corrects
+            labels = labels.copy()
+            for z in record.labelled_slices:
+                labels[z] = P.correction_strokes(labels[z], look[z], truth[z], seed=record.seed * 31 + r)
+        record.rounds.append(entry)
+        log.info("  round %d: fg IoU %.3f (train %.0f s)", r, scores["fg_iou"], train_s)
+    return kept
 
 
 def _log_progress(event: Any) -> None:
@@ -378,9 +448,9 @@ def run_benchmark(config: EMBenchConfig) -> dict[str, Any]:
                             if pretrained:
                                 record.pretrain_s = next(p["seconds"] for p in pretraining[::-1]
                                                          if p["family"] == family and p["task"] == task_name)
-                            pred = _finetune_and_score(config, record, raw, truth, labels,
-                                                       packages.get(family) if pretrained else None, eval_slices,
-                                                       device, show_slice if first else None)
+                            pred = run_rounds(config, record, raw, truth, labels,
+                                              packages.get(family) if pretrained else None, eval_slices, device,
+                                              show_slice if first else None)
                             if pred is not None:
                                 overlays[task_name]["pred"][arm] = pred
                         except Exception as err:  # noqa: BLE001  (recorded on the page; the other arms go on)
@@ -443,8 +513,20 @@ def summarise_runs(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
             "finetune_s": P.summarise([r.finetune_s for r in ok]),
             "inference_s": P.summarise([r.inference_s for r in ok]),
             "labelled_fraction": float(np.mean([r.labelled_fraction for r in runs])),
+            "rounds": _summarise_rounds(ok),
         })
     return rows
+
+
+def _summarise_rounds(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """Per correction round, over the seeds: fg IoU, training seconds, seconds to predict the labelled slices
+    and the labelled share of them (rounds every run reached)."""
+    n = min((len(r.rounds) for r in runs), default=0)
+    return [{"round": i, "fg_iou": P.summarise([r.rounds[i]["fg_iou"] for r in runs]),
+             "train_s": P.summarise([r.rounds[i]["train_s"] for r in runs]),
+             "look_s": P.summarise([r.rounds[i].get("look_s") for r in runs]),
+             "labelled_fraction": float(np.mean([r.rounds[i]["labelled_fraction"] for r in runs]))}
+            for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -459,19 +541,27 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     plt.close(fig)
 
 
+def round_text(rounds: Sequence[dict[str, Any]]) -> str:
+    """Mean fg IoU by correction round, ``"0.376 / 0.402 / 0.415"``."""
+    return " / ".join("-" if r["fg_iou"]["mean"] is None else f"{r['fg_iou']['mean']:.3f}" for r in rounds)
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """Plain-text scores for the terminal: one row per (task, labels, k, arm), mean ± std over seeds."""
+    """Plain-text scores for the terminal: one row per (task, labels, k, arm), mean ± std over seeds (and the
+    mean IoU after each correction round when there were rounds)."""
+    with_rounds = any(len(r.get("rounds") or []) > 1 for r in results["summary"])
     header = ["task", "labels", "k", "arm", "fg IoU", "fg Dice", "bg IoU", "boundary F1", "labelled px",
-              "fine-tune s", "inference s"]
+              "fine-tune s", "inference s"] + (["fg IoU by round"] if with_rounds else [])
     rows = []
     for r in results["summary"]:
         title = P.TASKS[r["task"]].title
         if r["error"] and r["fg_iou"]["mean"] is None:
-            rows.append([title, r["regime"], r["k"], r["arm"], "failed", "", "", "", "", "", ""])
+            rows.append([title, r["regime"], r["k"], r["arm"], "failed"] + [""] * (len(header) - 5))
             continue
         rows.append([title, r["regime"], r["k"], r["arm"], stat_text(r["fg_iou"]), stat_text(r["fg_dice"]),
                      stat_text(r["bg_iou"]), stat_text(r["boundary_f1"]), f"{r['labelled_fraction']:.1%}",
-                     stat_text(r["finetune_s"], 0), stat_text(r["inference_s"], 0)])
+                     stat_text(r["finetune_s"], 0), stat_text(r["inference_s"], 0)]
+                    + ([round_text(r.get("rounds") or [])] if with_rounds else []))
     lines = [text_table(header, rows)]
     errors = [f"- {r['task']} {r['regime']} k={r['k']} {r['arm']}: {r['error']}" for r in results["summary"]
               if r["error"]]
@@ -508,6 +598,10 @@ def build_parser(prog: str | None = None, results_file: bool = True) -> argparse
                    "mask_ratio=0.75, keep_rate=0.6, norm_pix_loss=false, seg_head=patch")
     p.add_argument("--pseudo-label-confidence", type=float, default=PSEUDO_LABEL_CONFIDENCE,
                    help="class probability from which the live preview's pixels become labels of the *_taught arms")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="correction rounds after the strokes: predict the labelled slices, paint about 0.25 %% of "
+                   "each where it is most wrong, train on (networks go on from where they stopped)")
+    p.add_argument("--round-steps", type=int, default=50, help="fine-tuning steps of each correction round")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     return p
 
@@ -538,7 +632,8 @@ def config_from_args(args: argparse.Namespace, fallback_data_dir: Path | None = 
         data_dir=P.resolve_data_dir(args.data_dir, fallback_data_dir), work_dir=args.work_dir, tasks=tasks,
         ks=[P.parse_k(k) for k in _list(args.k)], regimes=_list(args.regimes), seeds=seeds, arms=_list(args.arms),
         size=args.size, tolerance=args.tolerance, affmae_options=parse_options(args.affmae_option),
-        pseudo_label_confidence=args.pseudo_label_confidence, **budget_from_args(args))
+        pseudo_label_confidence=args.pseudo_label_confidence, rounds=args.rounds, round_steps=args.round_steps,
+        **budget_from_args(args))
     config.validate()
     return config
 

@@ -10,7 +10,9 @@ Labels (same shape as the image):
 Training: crops sampled around painted pixels (class-balanced), flips / rot90 / intensity
 augmentation, loss = cross-entropy + Dice on painted pixels only, AdamW with layer-wise lr decay
 (encoder layers closer to the input learn slower) and warm-up + cosine schedule. The encoder
-(and decoder body) start from a pretrained package when one is given.
+(and decoder body) start from a pretrained package when one is given. Given a segmentation package
+instead, training continues from that model (same classes, every layer at the full rate): the
+paint-look-correct loop, where corrections are painted on the model's result and training goes on.
 
 Validation: ``val_slices`` (z indices) or ``val_fraction`` (of the painted slices of a 3D stack,
 or a bottom band of rows of a 2D image) are held out of training; at the end they are segmented
@@ -60,7 +62,8 @@ IGNORE = -1
 class FinetuneConfig(TrainingSettings):
     """Options of a fine-tuning run. Sizes in pixels; ``crop_size`` is (height, width), multiples of 8."""
 
-    pretrained: str | Path | ModelPackage | None = None  # MAE package; None = train from scratch
+    #: MAE package to start from; a segmentation package to continue training (same classes); None = scratch
+    pretrained: str | Path | ModelPackage | None = None
     model: str = setting("affmae_tiny", "architecture when training --scratch")
     model_options: dict[str, Any] = field(default_factory=dict)  # model config fields (e.g. refine=False);
     # from scratch they configure ``model``, with a package they override its config
@@ -256,15 +259,43 @@ def scores_from_confusion(conf: np.ndarray, names: Sequence[str]) -> dict[str, A
 
 # ----------------------------------------------------------------------------------------------- job
 
-def _starting_model(config: FinetuneConfig, num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+def starting_package(config: FinetuneConfig) -> ModelPackage | None:
+    """The package ``config.pretrained`` names (loaded), or None to train from scratch."""
     pre = config.pretrained
-    if pre is None:
+    if pre is None or isinstance(pre, ModelPackage):
+        return pre
+    return load_package(pre)
+
+
+def check_continuable(package: ModelPackage, config: FinetuneConfig, values: list[int]) -> None:
+    """ValueError unless training can go on with the segmentation ``package`` on labels of ``values``."""
+    if package.model_name in list_models(trainable=False):
+        raise ValueError(f"{package.path} holds a {package.model_name} fitted by the Live preview; it is not "
+                         "trained by fine-tuning. Start from a pretraining package or from scratch")
+    if config.model_options:
+        raise ValueError(f"model options {sorted(config.model_options)} cannot change the trained segmentation "
+                         f"model {package.path}; leave them out, or start from a pretraining package")
+    if package.output_values != list(values) or package.label_mode != config.label_mode:
+        raise ValueError(f"the segmentation package {package.path} predicts label values {package.output_values} "
+                         f"({package.label_mode}); these labels have {list(values)} ({config.label_mode}). Paint "
+                         "the same classes to continue training it, or start from a pretraining package")
+
+
+def _starting_model(config: FinetuneConfig, num_classes: int, values: list[int] | None = None,
+                    package: ModelPackage | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model to train and where it came from; ``package``: `starting_package` (loaded when not given)."""
+    package = package or starting_package(config)
+    if package is None:
         model = create_model(config.model, task="segmentation", num_classes=num_classes, **config.model_options)
         return model, {"pretrained": None}
-    package = pre if isinstance(pre, ModelPackage) else load_package(pre, expect_task="mae")
+    if package.task == "segmentation":
+        check_continuable(package, config, list(range(1, num_classes + 1)) if values is None else values)
+        info = {"pretrained": None, "continued_from": None if package.path is None else str(package.path),
+                "continued_provenance": {k: package.provenance.get(k) for k in ("job", "steps", "labelled_pixels")}}
+        return package.build_model("cpu"), info
     if package.task != "mae":
         raise ValueError(f"the starting package {package.path} is a {package.task} package; fine-tuning starts "
-                         "from a pretraining (MAE) package")
+                         "from a pretraining (MAE) package or continues a segmentation package")
     mae = package.build_model("cpu")
     model = create_model(package.model_name, task="segmentation", num_classes=num_classes,
                          **{**package.config, **config.model_options})
@@ -307,6 +338,9 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
     train_labels, val_labels, split_info = split_validation(to_internal(label_array, config.label_mode, values),
                                                             config)
     check_crop_fits([img], config.crop_size)
+    start = starting_package(config)
+    if start is not None and start.task == "segmentation":
+        check_continuable(start, config, values)  # before the pseudo-labels' forest: fail fast
     stats = compute_stats(img.array, seed=config.seed)
     check_has_contrast(stats, source_name(img, 0))
     if config.pseudo_label_confidence is not None and config.label_mode == "sparse":
@@ -317,7 +351,7 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
                                                  config.seed, cancel, stats=stats)
         split_info = {**split_info, "pseudo_labels": pseudo}
     sources = [p for p in (img.source, labels if isinstance(labels, (str, Path)) else None) if p]
-    task = FinetuneTask(config, img, PaintedLabels(train_labels, val_labels, split_info, values, painted))
+    task = FinetuneTask(config, img, PaintedLabels(train_labels, val_labels, split_info, values, painted), start)
     return run_training(task, config, progress, cancel, sources=sources, started=started)
 
 
@@ -339,11 +373,14 @@ class FinetuneTask(TrainingTask):
     job, verb, package_name = "finetune", "fine-tuning", FINETUNE_PACKAGE
     save_last_step = False  # `finish` validates first, so the last package holds the metrics
 
-    def __init__(self, config: FinetuneConfig, image: InputImage, labels: PaintedLabels) -> None:
+    def __init__(self, config: FinetuneConfig, image: InputImage, labels: PaintedLabels,
+                 start: ModelPackage | None = None) -> None:
+        """``start``: the loaded `starting_package` of ``config`` (loaded here when not given)."""
         self.config, self.image, self.labels = config, image, labels
-        # layer-wise decay protects pretrained features; from scratch it would only slow the stem, which the
-        # full-resolution head reads
-        self.layer_decay = config.layer_decay if config.pretrained is not None else 1.0
+        self.start = start or starting_package(config)
+        # layer-wise decay protects pretrained features; from scratch (or going on with a trained model) it
+        # would only slow the stem, which the full-resolution head reads
+        self.layer_decay = config.layer_decay if self.start is not None and self.start.task == "mae" else 1.0
         self.num_classes = len(labels.values)
         self.class_names = list(config.class_names or [f"class {v}" for v in labels.values])
         self.augment = AugmentConfig() if config.augment else None
@@ -353,7 +390,7 @@ class FinetuneTask(TrainingTask):
         return int(self.config.steps)
 
     def build_model(self) -> torch.nn.Module:
-        self.model, self.start_info = _starting_model(self.config, self.num_classes)
+        self.model, self.start_info = _starting_model(self.config, self.num_classes, self.labels.values, self.start)
         return self.model
 
     def check_resume(self, checkpoint: Checkpoint) -> None:
@@ -388,8 +425,9 @@ class FinetuneTask(TrainingTask):
         }
 
     def start_message(self, run: TrainingLoop) -> str:
-        return (f"fine-tuning {type(self.model).__name__} ({self.num_classes} classes, "
-                f"{'pretrained' if self.config.pretrained is not None else 'from scratch'}) on {run.device.type}")
+        start = ("continued" if "continued_from" in self.start_info else
+                 "pretrained" if self.config.pretrained is not None else "from scratch")
+        return f"fine-tuning {type(self.model).__name__} ({self.num_classes} classes, {start}) on {run.device.type}"
 
     def batch(self, shard: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised crops ``[b, 1, h, w]`` and class targets ``[b, h, w]`` (IGNORE = unpainted)."""

@@ -26,10 +26,13 @@ from .layers import ChannelNorm
 
 
 class FuseStep(nn.Sequential):
-    """3x3 conv, per-pixel LayerNorm, GELU: ``[B, C_in, H, W] -> [B, C_out, H, W]``."""
+    """``depth`` x (3x3 conv, per-pixel LayerNorm, GELU): ``[B, C_in, H, W] -> [B, C_out, H, W]``."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1), ChannelNorm(c_out), nn.GELU())
+    def __init__(self, c_in: int, c_out: int, depth: int = 1) -> None:
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1), ChannelNorm(c_out), nn.GELU()]
+        super().__init__(*layers)
 
 
 def upsample2(x: torch.Tensor) -> torch.Tensor:
@@ -40,18 +43,30 @@ def upsample2(x: torch.Tensor) -> torch.Tensor:
 class FusionHead(nn.Module):
     """Decoder lattice features + stem maps + image -> full-resolution logits (see the module docstring)."""
 
-    #: Pixels of input an output pixel can depend on, above or below it (a bound, checked in the tests):
-    #: per scale one 3x3 conv and one bilinear step, 1-2 rows of that scale, summed over the scales.
-    reach = 3 * PATCH_SIZE
-
-    def __init__(self, decoder_dim: int, stem_channels: int, num_classes: int, width: int = 16) -> None:
+    def __init__(self, decoder_dim: int, stem_channels: int, num_classes: int, width: int = 16,
+                 depth: int = 1) -> None:
+        """``depth``: 3x3 convs of the stride-2 and full-resolution steps and of the image's own features
+        (the steps that draw fine structure; the stride-4 step has one)."""
         super().__init__()
+        self.depth = depth
         self.lattice = nn.Sequential(nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, 4 * width))
         self.s4 = FuseStep(4 * width + stem_channels, 4 * width)
-        self.s2 = FuseStep(4 * width + stem_channels, 2 * width)
-        self.pixels = FuseStep(1, width)
-        self.s1 = FuseStep(2 * width + width, width)
+        self.s2 = FuseStep(4 * width + stem_channels, 2 * width, depth)
+        self.pixels = FuseStep(1, width, depth)
+        self.s1 = FuseStep(2 * width + width, width, depth)
         self.out = nn.Conv2d(width, num_classes, 1)
+
+    @property
+    def reach(self) -> int:
+        """Pixels of input an output pixel can depend on, above or below it (a bound, checked in the tests):
+        per scale its 3x3 convs and one bilinear step, 1-2 rows of that scale each, summed over the scales."""
+        return 3 * PATCH_SIZE + 4 * (self.depth - 1)
+
+    @property
+    def fine_margin(self) -> int:
+        """Stride-2 rows of margin `fine_in_strips` takes around a strip: 1 for the bilinear step, and the
+        full-resolution convs' ``depth`` pixels (of features and of the image's own), rounded up."""
+        return 1 + self.depth
 
     def forward(self, lattice: torch.Tensor, level2: torch.Tensor, level1: torch.Tensor,
                 x: torch.Tensor) -> torch.Tensor:
@@ -71,24 +86,19 @@ class FusionHead(nn.Module):
         return self.out(feat)
 
 
-#: Stride-2 rows of margin `fine_in_strips` takes around a strip: 1 for the bilinear step, 1 for the 3x3
-#: conv at full resolution, rounded up.
-FINE_MARGIN = 2
-
-
 def fine_in_strips(head: FusionHead, feat: torch.Tensor, x: torch.Tensor, row0: int, rows: int) -> torch.Tensor:
     """``head.fine`` for image rows ``[2 row0, 2 row0 + 2 n)`` in strips of ``rows`` pixel rows.
 
     feat: stride-2 features ``[B, 2c, n, W/2]``, rows ``[row0, row0 + n)`` of the whole map; x: the whole
-    image ``[B, 1, H, W]``. Each strip reads up to `FINE_MARGIN` stride-2 rows beyond it, as far as ``feat``
-    goes: every output row is exact except the first and last ``2 FINE_MARGIN`` of ``feat``'s rows, which
+    image ``[B, 1, H, W]``. Each strip reads up to `FusionHead.fine_margin` stride-2 rows beyond it, as far as ``feat``
+    goes: every output row is exact except the first and last ``2 fine_margin`` of ``feat``'s rows, which
     are exact only where they are the image border (there the whole computation pads the same way)."""
-    n = feat.shape[-2]
+    n, margin = feat.shape[-2], head.fine_margin
     top, bottom = 2 * row0, 2 * (row0 + n)
     out = None
     for p0 in range(top, bottom, rows):
         p1 = min(bottom, p0 + rows)
-        s0, s1 = max(row0, p0 // 2 - FINE_MARGIN), min(row0 + n, (p1 + 1) // 2 + FINE_MARGIN)
+        s0, s1 = max(row0, p0 // 2 - margin), min(row0 + n, (p1 + 1) // 2 + margin)
         strip = head.fine(feat[:, :, s0 - row0:s1 - row0], x[:, :, 2 * s0:2 * s1])  # pixel rows [2 s0, 2 s1)
         if out is None:
             out = strip.new_empty(strip.shape[0], strip.shape[1], bottom - top, x.shape[-1])
@@ -117,7 +127,7 @@ def fuse_in_bands(head: FusionHead, lattice: torch.Tensor, x: torch.Tensor,
         feat = head.coarse(lattice[:, a:b], stem_rows(2, 2 * a, 2 * b), stem_rows(1, 4 * a, 4 * b))
         # keep the band's own stride-2 rows plus the margin its full-resolution strips read (exact: the halo
         # is wider than the coarse steps' reach)
-        k0, k1 = max(4 * a, 4 * r0 - FINE_MARGIN), min(4 * b, 4 * r1 + FINE_MARGIN)
+        k0, k1 = max(4 * a, 4 * r0 - head.fine_margin), min(4 * b, 4 * r1 + head.fine_margin)
         fine = fine_in_strips(head, feat[:, :, k0 - 4 * a:k1 - 4 * a], x, k0, strip_rows or p * (r1 - r0))
         if out is None:
             out = fine.new_empty(fine.shape[0], fine.shape[1], h * p, x.shape[-1])

@@ -40,6 +40,7 @@ from ._training import TrainingWidget
 
 FROM_PRETRAINED = "Pretrained package"
 FROM_SCRATCH = "From scratch"
+FROM_LAST = "Last fine-tuned model (continue)"
 
 
 class ClassTable(QTableWidget):
@@ -117,7 +118,9 @@ class FinetuneWidget(TrainingWidget):
         row.addWidget(add_class)
         row.addWidget(remove_class)
         self.start_from = QComboBox()
-        self.start_from.addItems([FROM_PRETRAINED, FROM_SCRATCH])
+        self.start_from.addItems([FROM_PRETRAINED, FROM_SCRATCH, FROM_LAST])
+        self.start_from.setToolTip(f"'{FROM_LAST}': after painting corrections on its result, train the last "
+                                   "segmentation package on (same classes) instead of starting again")
         self.start_from.currentTextChanged.connect(self._start_from_changed)
         self.pretrained = PathEdit("package", placeholder="pretrained.affmae (from the Pretrain widget)")
         self.scratch_model = QComboBox()
@@ -211,6 +214,11 @@ class FinetuneWidget(TrainingWidget):
         names = self.classes.names()
         names = (names + [f"class {i + 1}" for i in range(len(names), num_classes)])[:num_classes]
         pretrained = None
+        if self.start_from.currentText() == FROM_LAST:
+            pretrained = self.state.segmentation_package
+            if pretrained is None or not Path(pretrained).exists():
+                raise ValueError(f"no fine-tuned model to continue yet: fine-tune once first, or set Start from to "
+                                 f"'{FROM_PRETRAINED}' or '{FROM_SCRATCH}'")
         if self.start_from.currentText() == FROM_PRETRAINED:
             pretrained = self.pretrained.path()
             if pretrained is None:
