@@ -376,8 +376,14 @@ def _render_only(paths: Sequence[Path], out: Path) -> int:
     return 0
 
 
-# config fields that may differ between runs merged into one page (the page lists the union of tasks and seeds)
-MERGEABLE = ("arms", "work_dir", "threads", "tasks", "seeds")
+# config fields that may differ between runs merged into one page (the page lists the union of tasks, seeds and
+# label counts, and the most correction rounds; rows without rounds stay out of the round table)
+MERGEABLE = ("arms", "work_dir", "threads", "tasks", "seeds", "ks", "rounds")
+
+
+def _k_order(k: Any) -> float:
+    """Sort key of a label count: integers in order, 'all' last."""
+    return float("inf") if str(k) == "all" else float(k)
 
 
 def merge_results(parts: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
@@ -403,7 +409,9 @@ def merge_results(parts: Sequence[dict[str, Any]], names: Sequence[str]) -> dict
             seen.add(key)
     tasks = [t for t in P.TASKS if any(t in part["config"]["tasks"] for part in parts)]
     seeds = sorted({s for part in parts for s in part["config"]["seeds"]})
-    cfg = {**first["config"], "tasks": tasks, "seeds": seeds}
+    ks = sorted({str(k) for part in parts for k in part["config"]["ks"]}, key=_k_order)
+    cfg = {**first["config"], "tasks": tasks, "seeds": seeds, "ks": [k if k == "all" else int(k) for k in ks],
+           "rounds": max(part["config"].get("rounds", 0) for part in parts)}
     order = {"task": tasks, "regime": list(cfg["regimes"]), "k": [str(k) for k in cfg["ks"]], "arm": list(ARMS)}
     runs = sorted((r for part in parts for r in part["runs"]),  # the order a single run would have
                   key=lambda r: (order["task"].index(r["task"]), r["seed"], order["regime"].index(r["regime"]),
@@ -411,7 +419,9 @@ def merge_results(parts: Sequence[dict[str, Any]], names: Sequence[str]) -> dict
     arms = [a for a in ARMS if any(a in part["config"]["arms"] for part in parts)]
     records = [RunRecord(**r) for r in runs]
     overlays: dict[str, Any] = {}
-    for part in parts:
+    for part in parts:  # the overlays show the smallest k: those of runs that started elsewhere stay out
+        if min((_k_order(k) for k in part["config"]["ks"]), default=0) != _k_order(ks[0]):
+            continue
         for task, item in part.get("overlays", {}).items():
             mine = overlays.setdefault(task, {**item, "pred": {}})
             if mine["slice"] == item["slice"]:

@@ -164,7 +164,8 @@ def test_runs_of_different_arms_merge_into_one_page(tiny_data_dir: Path, tmp_pat
               "--crop", "32", "--tile", "64", "--device", "cpu", "--quiet"]
     jsons = {}
     for name, arms, extra in (("a", "threshold", []), ("b", "unet_scratch", []),
-                              ("c", "unet_scratch,threshold", ["--tile", "32"]), ("d", "threshold", ["--seeds", "1"])):
+                              ("c", "unet_scratch,threshold", ["--tile", "32"]), ("d", "threshold", ["--seeds", "1"]),
+                              ("e", "threshold", ["--k", "3", "--rounds", "1"])):
         work = tmp_path / name
         assert S.main([*common, *extra, "--arms", arms, "--work-dir", str(work)]) == 0
         jsons[name] = work / "results.json"
@@ -183,6 +184,15 @@ def test_runs_of_different_arms_merge_into_one_page(tiny_data_dir: Path, tmp_pat
     # runs of other seeds merge too: the threshold rows then pool seeds 0 and 1
     assert script.main(["--render-only", str(jsons["a"]), str(jsons["d"]), "--out", str(out)]) == 0
     assert "seeds [0, 1]" in out.read_text()
+    # and runs of other label counts, with or without correction rounds: the overlays stay those of the smallest k
+    parts = [S.read_results(jsons[n]) for n in ("e", "a")]
+    merged = script.merge_results(parts, ["e", "a"])
+    assert merged["config"]["ks"] == [1, 2, 3] and merged["config"]["rounds"] == 1
+    assert [(r["k"], len(r["rounds"])) for r in merged["summary"]] == [("1", 1), ("2", 1), ("3", 2)]
+    (task, item), = merged["overlays"].items()
+    assert (item["pred"]["threshold"] == parts[1]["overlays"][task]["pred"]["threshold"]).all()
+    assert script.main(["--render-only", str(jsons["e"]), str(jsons["a"]), "--out", str(out)]) == 0
+    assert "| VNC mitochondria | 3 | threshold |" in out.read_text()  # the round table has the k = 3 row only
     capsys.readouterr()
     assert script.main(["--render-only", str(jsons["a"]), str(jsons["c"]), "--out", str(out)]) == 2
     assert "differs from" in capsys.readouterr().err  # another tile size: not the same budget
