@@ -146,6 +146,22 @@ def round_verdict(results: dict[str, Any]) -> str:
             + "; ".join(parts) + ".")
 
 
+def round_section(results: dict[str, Any], plot: str) -> list[str]:
+    """The page's "Correction rounds" section: protocol, table, verdict and the plot ``plot``."""
+    lines = ["", "## Correction rounds", "",
+             f"After the strokes (round 0), each round predicts the labelled slice(s) and paints about "
+             f"{P.CORRECTION_FRACTION:.2%} of each where the prediction is most wrong (inside the largest "
+             "false-positive regions as background, the largest false-negative regions as structure; same 3 px "
+             "brush, deterministic in the seed; `em_protocol.correction_strokes`). The forest and the "
+             "threshold are refitted on every stroke so far; the networks train "
+             f"{results['config'].get('round_steps', 50)} more steps from where they stopped (the taught "
+             "arms with the forest's confident pixels taken again from the corrected strokes). Seconds per "
+             "round = training on every stroke so far + predicting the labelled slice(s), what a person "
+             "waits for; scoring the held-out slices is not included.", ""]
+    return lines + round_table(results) + ["", round_verdict(results), "",
+                                           f"![foreground IoU vs correction round]({plot})"]
+
+
 def plot_overlays(results: dict[str, Any], path: Path, crop: int = 384) -> None:
     """Per task: raw slice with truth contour, then each arm's prediction (red) over the raw slice."""
     import matplotlib  # noqa: PLC0415
@@ -315,17 +331,7 @@ def render_page(results: dict[str, Any], images: dict[str, str], command: str) -
             lines.append(f"| {p['task']} | {p['seed']} | {p['model']} | {p['steps']} | {p['first_loss']:.4f} "
                          f"| {p['final_loss']:.4f} | {p['seconds']:.0f} |")
     if "rounds" in images:
-        lines += ["", "## Correction rounds", "",
-                  f"After the strokes (round 0), each round predicts the labelled slice(s) and paints about "
-                  f"{P.CORRECTION_FRACTION:.2%} of each where the prediction is most wrong (inside the largest "
-                  "false-positive regions as background, the largest false-negative regions as structure; same 3 px "
-                  "brush, deterministic in the seed; `em_protocol.correction_strokes`). The forest and the "
-                  "threshold are refitted on every stroke so far; the networks train "
-                  f"{results['config'].get('round_steps', 50)} more steps from where they stopped (the taught "
-                  "arms with the forest's confident pixels taken again from the corrected strokes). Seconds per "
-                  "round = training on every stroke so far + predicting the labelled slice(s), what a person "
-                  "waits for; scoring the held-out slices is not included.", ""] + round_table(results)
-        lines += ["", round_verdict(results), "", f"![foreground IoU vs correction round]({images['rounds']})"]
+        lines += round_section(results, images["rounds"])
     lines += ["", "## Verdict", "", verdict(results), ""]
     if "ablations" in images:
         lines += [f"Variants of AFFMAE pretraining (mask ratio, keep rate, target, steps, refinement head): "
