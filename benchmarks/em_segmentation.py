@@ -27,7 +27,7 @@ for folder in ("src", "kernels"):  # runnable from a plain checkout, too
 
 from napari_affmae.bench import em_protocol as P  # noqa: E402
 from napari_affmae.bench.em_segmentation import (  # noqa: E402
-    ARMS, NO_NETWORK, RunRecord, build_parser, command_line, config_from_args, exit_code, masking_for,
+    ARMS, NO_NETWORK, RunRecord, build_parser, command_line, config_from_args, exit_code, has_rounds, masking_for,
     read_results, run_benchmark, save_figure, save_results, summarise_runs)
 from napari_affmae.bench.tables import stat_text  # noqa: E402
 
@@ -81,11 +81,6 @@ def _bars(ax: Any, rows: list[dict[str, Any]]) -> None:
     ax.grid(alpha=0.3, axis="y")
 
 
-def has_rounds(results: dict[str, Any]) -> bool:
-    """True when the runs went through correction rounds."""
-    return any(len(r.get("rounds") or []) > 1 for r in results["summary"])
-
-
 def plot_iou_vs_round(results: dict[str, Any], path: Path) -> None:
     """Foreground IoU (mean ± std over seeds) after each correction round, one panel per (task, regime, k)."""
     import matplotlib  # noqa: PLC0415
@@ -117,18 +112,18 @@ def round_table(results: dict[str, Any]) -> list[str]:
     """Markdown rows: IoU after each round and each round's seconds (training + predicting the labelled slices)."""
     rows = [r for r in results["summary"] if len(r.get("rounds") or []) > 1]
     n = max(len(r["rounds"]) for r in rows)
-    lines = ["| task | k | arm | " + " | ".join(f"IoU round {i}" for i in range(n)) + " | seconds per round "
-             "(train + look) | labelled px after the last round |", "|---|---|---|" + "---|" * (n + 2)]
+    lines = ["| task | labels | k | arm | " + " | ".join(f"IoU round {i}" for i in range(n)) + " | seconds per round "
+             "(train + look) | labelled px after the last round |", "|---|---|---|---|" + "---|" * (n + 2)]
     for r in rows:
         seconds = " / ".join(f"{(x['train_s']['mean'] or 0) + (x['look_s']['mean'] or 0):.0f}" for x in r["rounds"])
-        lines.append(f"| {P.TASKS[r['task']].title} | {r['k']} | {r['arm']} | "
-                     + " | ".join(stat_text(x["fg_iou"]) for x in r["rounds"])
+        ious = [stat_text(x["fg_iou"]) for x in r["rounds"]] + [""] * (n - len(r["rounds"]))
+        lines.append(f"| {P.TASKS[r['task']].title} | {r['regime']} | {r['k']} | {r['arm']} | " + " | ".join(ious)
                      + f" | {seconds} | {r['rounds'][-1]['labelled_fraction']:.2%} |")
     return lines
 
 
 def round_verdict(results: dict[str, Any]) -> str:
-    """The default recipe against the forest after the last correction round, setting by setting."""
+    """The default recipe against the forest after their last common correction round, setting by setting."""
     rows = {(r["task"], r["regime"], str(r["k"]), r["arm"]): r for r in results["summary"]
             if len(r.get("rounds") or []) > 1}
     parts = []
@@ -136,14 +131,14 @@ def round_verdict(results: dict[str, Any]) -> str:
         forest = rows.get((task, regime, k, "rf_filters"))
         if arm != "affmae_taught" or forest is None:
             continue
-        ours, theirs = row["rounds"][-1]["fg_iou"]["mean"], forest["rounds"][-1]["fg_iou"]["mean"]
+        last = min(len(row["rounds"]), len(forest["rounds"])) - 1
+        ours, theirs = row["rounds"][last]["fg_iou"]["mean"], forest["rounds"][last]["fg_iou"]["mean"]
         if None not in (ours, theirs):
-            parts.append(f"{P.TASKS[task].title}, k={k}: {ours:.3f} vs {theirs:.3f} ({ours - theirs:+.3f})")
+            parts.append(f"{P.TASKS[task].title}, {regime}, k={k}, round {last}: {ours:.3f} vs {theirs:.3f} "
+                         f"({ours - theirs:+.3f})")
     if not parts:
         return ""
-    last = len(next(iter(rows.values()))["rounds"]) - 1
-    return (f"After {last} correction rounds, `affmae_taught` against `rf_filters`, foreground IoU: "
-            + "; ".join(parts) + ".")
+    return "After the correction rounds, `affmae_taught` against `rf_filters`, foreground IoU: " + "; ".join(parts) + "."
 
 
 def round_section(results: dict[str, Any], plot: str) -> list[str]:
@@ -354,7 +349,7 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
     iou_png = image_dir / "results_iou_vs_k.png"
     plot_iou_vs_k(results, iou_png)
     images["iou"] = f"images/{iou_png.name}"
-    if has_rounds(results):
+    if has_rounds(results["summary"]):
         rounds_png = image_dir / "results_iou_vs_round.png"
         plot_iou_vs_round(results, rounds_png)
         images["rounds"] = f"images/{rounds_png.name}"

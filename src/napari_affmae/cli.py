@@ -597,8 +597,9 @@ def _check_outputs_apart(args: argparse.Namespace) -> None:
     elif args.command == "pretrain":
         check_output_not_input(args.output_dir, args.images, option="--output-dir")
     elif args.command == "finetune":
-        starts = [] if args.pretrained is None else [args.pretrained]
-        check_output_not_input(args.output_dir, [args.image, args.labels, *starts], option="--output-dir")
+        check_output_not_input(args.output_dir, [args.image, args.labels], option="--output-dir")
+        if args.pretrained is not None:  # nor hold the starting package: --overwrite would delete it
+            check_output_not_input(args.output_dir, [args.pretrained], option="--output-dir", nested_inputs=True)
 
 
 def _default_log(args: argparse.Namespace) -> Path | None:

@@ -192,7 +192,7 @@ def test_runs_of_different_arms_merge_into_one_page(tiny_data_dir: Path, tmp_pat
     (task, item), = merged["overlays"].items()
     assert (item["pred"]["threshold"] == parts[1]["overlays"][task]["pred"]["threshold"]).all()
     assert script.main(["--render-only", str(jsons["e"]), str(jsons["a"]), "--out", str(out)]) == 0
-    assert "| VNC mitochondria | 3 | threshold |" in out.read_text()  # the round table has the k = 3 row only
+    assert "| VNC mitochondria | sparse | 3 | threshold |" in out.read_text().split("## Correction rounds")[1]
     capsys.readouterr()
     assert script.main(["--render-only", str(jsons["a"]), str(jsons["c"]), "--out", str(out)]) == 2
     assert "differs from" in capsys.readouterr().err  # another tile size: not the same budget
@@ -264,12 +264,18 @@ def test_correction_rounds_paint_where_each_arm_is_wrong_and_networks_train_on(t
     r2 = load_package(first / "round2" / "segmentation.affmae").provenance
     assert r1["continued_from"] == str(first / "segmentation.affmae") and r1["steps"] == 3
     assert r2["continued_from"] == str(first / "round1" / "segmentation.affmae")
-    assert r2["labelled_pixels"] > r1["labelled_pixels"]  # the new strokes (and their pseudo-labels) count
+    assert "pseudo_labels" in r1 and "pseudo_labels" in r2  # the taught arm's teacher sees the corrections too
     page = tmp_path / "docs" / "results.md"
     assert bench_script("em_segmentation").main(["--render-only", str(work / "results.json"), "--out", str(page)]) == 0
     text = page.read_text()
     assert "## Correction rounds" in text and "| IoU round 0 | IoU round 1 | IoU round 2 |" in text
-    assert "After 2 correction rounds, `affmae_taught` against `rf_filters`, foreground IoU: VNC mitochondria" in text
+    assert "After the correction rounds, `affmae_taught` against `rf_filters`, foreground IoU: VNC mitochondria, " \
+           "sparse, k=1, round 2: " in text
     assert (page.parent / "images" / "results_iou_vs_round.png").stat().st_size > 1000
     assert S.main(["--data-dir", str(tiny_data_dir), "--work-dir", str(work), "--rounds", "-1", "--quiet"]) == 2
     assert "rounds must be >= 0" in capsys.readouterr().err
+    assert S.main(["--data-dir", str(tiny_data_dir), "--work-dir", str(work), "--rounds", "1", "--regimes",
+                   "sparse,dense", "--quiet"]) == 2
+    assert "run --rounds with --regimes sparse" in capsys.readouterr().err
+    labelled = {r["arm"]: r["rounds"][0]["labelled_fraction"] for r in results["runs"]}
+    assert len(set(labelled.values())) == 1  # every arm starts from the same strokes

@@ -178,3 +178,35 @@ def test_training_continues_from_a_segmentation_package_with_the_same_classes(tr
         finetune(image, strokes, _config(tmp_path / "opt", pretrained=trained["segmentation"],
                                          model_options={"refine": False}))
     assert not (tmp_path / "two").exists() and not (tmp_path / "opt").exists()  # refused before any work
+
+
+def test_continuing_refuses_a_forest_package_and_an_output_folder_holding_the_start(trained, em_stack, tmp_path):
+    from napari_affmae.data import sparse_strokes
+    from napari_affmae.engine.live import LiveConfig, LivePreview
+
+    image, truth = em_stack
+    strokes = sparse_strokes(truth, fraction=0.05, seed=5, slices=[0])
+    preview = LivePreview(image, LiveConfig(trees=5))
+    preview.fit(strokes)
+    forest = preview.save(tmp_path / "live" / "forest.affmae")
+    with pytest.raises(ValueError, match="fitted by the Live preview; it is not trained by fine-tuning"):
+        finetune(image, strokes, _config(tmp_path / "a", pretrained=forest))
+    seg = trained["segmentation"]
+    before = seg.read_bytes()
+    with pytest.raises(ValueError, match="is the input .* or overlaps it; writing there would destroy the input"):
+        finetune(image, strokes, _config(tmp_path, output_dir=seg.parent, overwrite=True, pretrained=seg,
+                                         class_names=["membrane", "mito", "cyto"]))
+    assert seg.read_bytes() == before
+
+
+def test_a_continued_model_keeps_its_intensity_statistics(trained, em_stack, tmp_path):
+    """The model goes on seeing its inputs as it was trained to; new statistics would shift them."""
+    image, truth = em_stack
+    from napari_affmae.data import sparse_strokes
+
+    seg = load_package(trained["segmentation"])
+    strokes = sparse_strokes(truth, fraction=0.05, seed=5, slices=[0, 2])
+    result = finetune(image * 0.5 + 40, strokes, _config(tmp_path, pretrained=trained["segmentation"], steps=1))
+    again = load_package(result.package_path)
+    assert again.normalization == seg.normalization and again.class_names == seg.class_names
+    assert again.provenance["layer_decay_used"] == 1.0

@@ -103,4 +103,3 @@ def test_segmentation_packages_written_before_the_fusion_head_keep_their_patch_h
                        tmp_path / "mae.affmae")
     config = load_package(package_without_fields(mae, tmp_path / "old_mae.affmae", ["seg_head", "fusion_width"])).config
     assert create_model("affmae_tiny", task="segmentation", num_classes=2, **config).fusion is not None
-

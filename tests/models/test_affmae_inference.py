@@ -27,7 +27,7 @@ def _whole(seg, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("overrides", [{}, {"neighborhood": "cluster"}, {"locality_prior": True},
-                                       {"seg_head": "patch"}, {"fusion_width": 4},
+                                       {"seg_head": "patch"}, {"fusion_width": 4}, {"fusion_depth": 2},
                                        {"decoder_nearest_clusters": 2, "seg_head": "patch", "refine": False}])
 @pytest.mark.parametrize("chunk_bytes", [1, 60_000, 10**9])  # one cluster / a few / everything per chunk
 def test_chunked_inference_equals_the_whole_tensor_forward(overrides, chunk_bytes):

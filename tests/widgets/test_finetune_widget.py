@@ -121,6 +121,7 @@ def test_bad_labels_give_a_clear_notification(make_napari_viewer, qtbot, dock, t
     widget.pretrained.set_text(tmp_path / "missing.affmae", by_user=True)
     click_and_expect("does not exist")
     widget.start_from.setCurrentText(FROM_LAST)
+    shared_state(viewer).segmentation_package = packages.segmentation  # e.g. a kept Live model: not this widget's
     click_and_expect("no fine-tuned model to continue yet: fine-tune once first")
 
     # nothing lost: the painted labels are untouched and no output was written

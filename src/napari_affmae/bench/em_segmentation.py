@@ -19,6 +19,11 @@ with `engine.segment` on the held-out slices:
   (`data.features.filter_features`) and a 100-tree random forest on the painted pixels, the tool a
   lab already has (the Live preview without encoder features, `engine.live`).
 
+``--rounds N`` adds correction rounds to every arm: after each, the labelled slices are predicted,
+about 0.25 % of each is painted where the prediction is most wrong (`em_protocol.correction_strokes`),
+the forest and the threshold are refitted, and the networks train ``--round-steps`` more steps from
+the previous round's package; held-out scores per round go into ``RunRecord.rounds``.
+
 One pretraining per (task, family, seed) is shared by every k and label regime. The default
 setting (VNC mitochondria, k = 1 and 4, sparse labels, one seed, tiny models) is sized for 2 CPU
 cores; ``--tasks all --k 1,2,4,all --regimes sparse,dense --seeds 0,1,2 --size small`` is the full
@@ -166,6 +171,9 @@ class EMBenchConfig(BenchBudget):
         self.check_budget()
         if self.rounds < 0 or self.round_steps < 1:
             raise ValueError(f"rounds must be >= 0 and round-steps >= 1; got {self.rounds}, {self.round_steps}")
+        if self.rounds and "dense" in self.regimes:
+            raise ValueError("correction rounds paint where a prediction is wrong, and dense labels leave no pixel "
+                             "unpainted: run --rounds with --regimes sparse")
         if self.pseudo_label_confidence is None:
             raise ValueError("the *_taught arms need a pseudo-label confidence; the other network arms train on "
                              "the strokes only")
@@ -378,8 +386,8 @@ def run_rounds(config: EMBenchConfig, record: RunRecord, raw: np.ndarray, truth:
             look = run.predict(record.labelled_slices)
             entry["look_s"] = time.perf_counter() - started  # predicting the slices a person corrects
             labels = labels.copy()
-            for z in record.labelled_slices:
-                labels[z] = P.correction_strokes(labels[z], look[z], truth[z], seed=record.seed * 31 + r)
+            for i, z in enumerate(record.labelled_slices):  # each slice its own strokes
+                labels[z] = P.correction_strokes(labels[z], look[z], truth[z], seed=record.seed * 31 + r + 7919 * i)
         record.rounds.append(entry)
         log.info("  round %d: fg IoU %.3f (train %.0f s)", r, scores["fg_iou"], train_s)
     return kept
@@ -519,14 +527,21 @@ def summarise_runs(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
 
 
 def _summarise_rounds(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """Per correction round, over the seeds: fg IoU, training seconds, seconds to predict the labelled slices
-    and the labelled share of them (rounds every run reached)."""
-    n = min((len(r.rounds) for r in runs), default=0)
-    return [{"round": i, "fg_iou": P.summarise([r.rounds[i]["fg_iou"] for r in runs]),
-             "train_s": P.summarise([r.rounds[i]["train_s"] for r in runs]),
-             "look_s": P.summarise([r.rounds[i].get("look_s") for r in runs]),
-             "labelled_fraction": float(np.mean([r.rounds[i]["labelled_fraction"] for r in runs]))}
-            for i in range(n)]
+    """Per correction round, over the seeds that reached it (``fg_iou["n"]``): fg IoU, training seconds,
+    seconds to predict the labelled slices and the labelled share of them."""
+    rows = []
+    for i in range(max((len(r.rounds) for r in runs), default=0)):
+        reached = [r.rounds[i] for r in runs if len(r.rounds) > i]
+        rows.append({"round": i, "fg_iou": P.summarise([x["fg_iou"] for x in reached]),
+                     "train_s": P.summarise([x["train_s"] for x in reached]),
+                     "look_s": P.summarise([x.get("look_s") for x in reached]),
+                     "labelled_fraction": float(np.mean([x["labelled_fraction"] for x in reached]))})
+    return rows
+
+
+def has_rounds(summary: Sequence[dict[str, Any]]) -> bool:
+    """True when rows of ``summary`` went through correction rounds."""
+    return any(len(r.get("rounds") or []) > 1 for r in summary)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -549,7 +564,7 @@ def round_text(rounds: Sequence[dict[str, Any]]) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """Plain-text scores for the terminal: one row per (task, labels, k, arm), mean ± std over seeds (and the
     mean IoU after each correction round when there were rounds)."""
-    with_rounds = any(len(r.get("rounds") or []) > 1 for r in results["summary"])
+    with_rounds = has_rounds(results["summary"])
     header = ["task", "labels", "k", "arm", "fg IoU", "fg Dice", "bg IoU", "boundary F1", "labelled px",
               "fine-tune s", "inference s"] + (["fg IoU by round"] if with_rounds else [])
     rows = []
@@ -599,8 +614,9 @@ def build_parser(prog: str | None = None, results_file: bool = True) -> argparse
     p.add_argument("--pseudo-label-confidence", type=float, default=PSEUDO_LABEL_CONFIDENCE,
                    help="class probability from which the live preview's pixels become labels of the *_taught arms")
     p.add_argument("--rounds", type=int, default=0,
-                   help="correction rounds after the strokes: predict the labelled slices, paint about 0.25 %% of "
-                   "each where it is most wrong, train on (networks go on from where they stopped)")
+                   help=f"correction rounds after the strokes: predict the labelled slices, paint about "
+                   f"{100 * P.CORRECTION_FRACTION:.2f}%% of each where it is most wrong, train on (networks go on "
+                   "from where they stopped)")
     p.add_argument("--round-steps", type=int, default=50, help="fine-tuning steps of each correction round")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     return p

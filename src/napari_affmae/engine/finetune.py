@@ -51,7 +51,7 @@ from .pseudo_labels import DEFAULT_CONFIDENCE, add_pseudo_labels, check_confiden
 from .segment import TiledPredictor, model_predictor
 from .settings import TrainingSettings, check_training_settings, parse_int_list, parse_name_list, \
     parse_optional_probability, parse_size, setting
-from .training import TrainingLoop, TrainingTask, run_training
+from .training import TrainingLoop, TrainingTask, check_output_not_input, run_training
 
 log = logging.getLogger(__name__)
 FINETUNE_PACKAGE = "segmentation.affmae"
@@ -291,7 +291,8 @@ def _starting_model(config: FinetuneConfig, num_classes: int, values: list[int] 
     if package.task == "segmentation":
         check_continuable(package, config, list(range(1, num_classes + 1)) if values is None else values)
         info = {"pretrained": None, "continued_from": None if package.path is None else str(package.path),
-                "continued_provenance": {k: package.provenance.get(k) for k in ("job", "steps", "labelled_pixels")}}
+                "continued_provenance": {k: package.provenance.get(k) for k in (
+                "job", "steps", "labelled_pixels", "pretrained", "continued_from")}}
         return package.build_model("cpu"), info
     if package.task != "mae":
         raise ValueError(f"the starting package {package.path} is a {package.task} package; fine-tuning starts "
@@ -339,6 +340,8 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
                                                             config)
     check_crop_fits([img], config.crop_size)
     start = starting_package(config)
+    if start is not None and start.path is not None:  # an --overwrite there would delete the starting package
+        check_output_not_input(config.output_dir, [start.path], option="output folder", nested_inputs=True)
     if start is not None and start.task == "segmentation":
         check_continuable(start, config, values)  # before the pseudo-labels' forest: fail fast
     stats = compute_stats(img.array, seed=config.seed)
@@ -382,7 +385,8 @@ class FinetuneTask(TrainingTask):
         # would only slow the stem, which the full-resolution head reads
         self.layer_decay = config.layer_decay if self.start is not None and self.start.task == "mae" else 1.0
         self.num_classes = len(labels.values)
-        self.class_names = list(config.class_names or [f"class {v}" for v in labels.values])
+        inherited = self.start.class_names if self.start is not None and self.start.task == "segmentation" else None
+        self.class_names = list(config.class_names or inherited or [f"class {v}" for v in labels.values])
         self.augment = AugmentConfig() if config.augment else None
         self.metrics: dict[str, Any] = {}
 
@@ -404,7 +408,10 @@ class FinetuneTask(TrainingTask):
     def prepare(self, rngs: RngStates) -> None:
         config = self.config
         self.rngs = rngs
-        self.stats = compute_stats(self.image.array, seed=config.seed)  # as the contrast check: cheap, deterministic
+        if self.start is not None and self.start.task == "segmentation" and self.start.stats is not None:
+            self.stats = self.start.stats  # the model goes on with the intensities it was trained on
+        else:
+            self.stats = compute_stats(self.image.array, seed=config.seed)  # as the contrast check: deterministic
         self.sampler = LabeledPatchSampler(self.image.array, self.labels.train, config.crop_size, seed=config.seed,
                                            pad=True, balance_classes=config.balance_classes)
         self.sampler.rng = rngs.numpy
@@ -421,7 +428,7 @@ class FinetuneTask(TrainingTask):
             "config": self.config.to_dict(), "source": source_name(self.image, 0), "shape": list(self.image.shape),
             "painted_classes": labels.painted, "labelled_pixels": int((labels.train > 0).sum()),
             "device": run.device.type, "precision": precision_name(run.dtype), "world_size": run.context.world_size,
-            **self.start_info, **labels.split_info,
+            "layer_decay_used": self.layer_decay, **self.start_info, **labels.split_info,
         }
 
     def start_message(self, run: TrainingLoop) -> str:

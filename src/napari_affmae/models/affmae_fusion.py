@@ -7,7 +7,9 @@ upsamples the lattice features 2x at a time and mixes in, at each scale, the fea
 that the (unmasked) conv stem already computed:
 
     lattice [B, D, h, w] -> s4 [B, 4c, H/4, W/4] (+ stem level 2) -> s2 [B, 2c, H/2, W/2] (+ stem level 1)
-    -> s1 [B, c, H, W] (+ a 3x3 conv of the image) -> logits [B, K, H, W]
+    -> s1 [B, c, H, W] (+ 3x3 conv features of the image) -> logits [B, K, H, W]
+
+(``depth`` 3x3 convs per step at stride 2 and 1 and on the image; one at stride 4.)
 
 Every step is local (3x3 convs, per-pixel LayerNorm, bilinear 2x upsampling): an output pixel depends on
 inputs within `FusionHead.reach` pixels, so the head can run on bands of rows with that halo and give
@@ -65,7 +67,8 @@ class FusionHead(nn.Module):
     @property
     def fine_margin(self) -> int:
         """Stride-2 rows of margin `fine_in_strips` takes around a strip: 1 for the bilinear step, and the
-        full-resolution convs' ``depth`` pixels (of features and of the image's own), rounded up."""
+        2 ``depth`` pixels of the full-resolution convs (``depth`` on the image, then ``depth`` on the fused
+        features), in stride-2 rows."""
         return 1 + self.depth
 
     def forward(self, lattice: torch.Tensor, level2: torch.Tensor, level1: torch.Tensor,

@@ -159,6 +159,7 @@ class FinetuneWidget(TrainingWidget):
         self._labels_changed()
         self._finish = self._finetune_done
         self._image_layer: Any = None
+        self.last_finetuned: Path | None = None  # the package this widget's last fine-tuning wrote
 
     # ------------------------------------------------------------------ form reactions
     def _start_from_changed(self, text: str) -> None:
@@ -215,7 +216,7 @@ class FinetuneWidget(TrainingWidget):
         names = (names + [f"class {i + 1}" for i in range(len(names), num_classes)])[:num_classes]
         pretrained = None
         if self.start_from.currentText() == FROM_LAST:
-            pretrained = self.state.segmentation_package
+            pretrained = self.last_finetuned  # not a kept Live-preview forest, which is no network to train on
             if pretrained is None or not Path(pretrained).exists():
                 raise ValueError(f"no fine-tuned model to continue yet: fine-tune once first, or set Start from to "
                                  f"'{FROM_PRETRAINED}' or '{FROM_SCRATCH}'")
@@ -268,6 +269,7 @@ class FinetuneWidget(TrainingWidget):
         if package is None:
             return
         self.state.segmentation_package = package
+        self.last_finetuned = package
         if outcome.ok and self.segment_after.isChecked():
             self.segment_preview(package)
 
