@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_affmae.engine import CancelToken, FinetuneConfig, JobCancelled, finetune, load_package
+from napari_affmae.engine import CancelToken, FinetuneConfig, JobCancelled, SegmentConfig, finetune, load_package, \
+    segment
 from napari_affmae.engine.finetune import IGNORE, check_labels, confusion, scores_from_confusion, segmentation_loss
 
 TWO_CLASSES = "at least two classes must be painted"
@@ -171,6 +172,8 @@ def test_training_continues_from_a_segmentation_package_with_the_same_classes(tr
     package = load_package(result.package_path, expect_task="segmentation")
     assert package.provenance["continued_from"] == str(trained["segmentation"]) and package.num_classes == 3
     assert package.provenance["continued_provenance"]["steps"] == seg.provenance["steps"]
+    # the default pseudo-labels come from the model itself, not from a forest refitted on the corrections
+    assert package.provenance["pseudo_labels"]["teacher"] == "the model training continued from"
     two = np.where(strokes == 3, 0, strokes)  # membrane and mito only, no class names for a third
     with pytest.raises(ValueError, match=r"predicts label values \[1, 2, 3\] \(sparse\); these labels have \[1, 2\]"):
         finetune(image, two, _config(tmp_path / "two", pretrained=trained["segmentation"]))
@@ -210,3 +213,20 @@ def test_a_continued_model_keeps_its_intensity_statistics(trained, em_stack, tmp
     again = load_package(result.package_path)
     assert again.normalization == seg.normalization and again.class_names == seg.class_names
     assert again.provenance["layer_decay_used"] == 1.0
+
+
+def test_a_continued_model_labels_its_own_confident_pixels_and_the_strokes_win(trained, em_stack):
+    from napari_affmae.data import sparse_strokes
+    from napari_affmae.engine.pseudo_labels import add_model_pseudo_labels
+
+    image, truth = em_stack
+    seg = load_package(trained["segmentation"])
+    strokes = sparse_strokes(truth, fraction=0.05, seed=5, slices=[1]).astype(np.uint16)  # classes 1..3 = internal
+    out, info = add_model_pseudo_labels(seg, image, strokes, 0.6, tile_size=(64, 64), device="cpu")
+    probs = np.asarray(segment(seg, image[1], SegmentConfig(tile_size=(64, 64), device="cpu",
+                                                            output="probabilities")))  # [K, Y, X]
+    sure = (probs.max(0) >= 0.6) & (strokes[1] == 0)
+    want = np.where(sure, probs.argmax(0) + 1, strokes[1])
+    np.testing.assert_array_equal(out[1], want)
+    assert not out[[0, 2, 3]].any()  # unpainted slices stay unlabelled
+    assert sum(info["added_pixels"].values()) == int(sure.sum()) > 0

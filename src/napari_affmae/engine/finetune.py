@@ -47,7 +47,7 @@ from .inputs import InputImage, as_input_image, as_label_array, check_crop_fits,
 from .package import LABEL_MODES, ModelPackage, load_package
 from .painted import MAX_CLASSES, some_values, check_labels
 from .progress import CancelToken, ProgressCallback, ProgressEvent
-from .pseudo_labels import DEFAULT_CONFIDENCE, add_pseudo_labels, check_confidence
+from .pseudo_labels import DEFAULT_CONFIDENCE, add_model_pseudo_labels, add_pseudo_labels, check_confidence
 from .segment import TiledPredictor, model_predictor
 from .settings import TrainingSettings, check_training_settings, parse_int_list, parse_name_list, \
     parse_optional_probability, parse_size, setting
@@ -347,11 +347,19 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
     stats = compute_stats(img.array, seed=config.seed)
     check_has_contrast(stats, source_name(img, 0))
     if config.pseudo_label_confidence is not None and config.label_mode == "sparse":
+        continuing = start is not None and start.task == "segmentation"
         if progress is not None:
             progress(ProgressEvent("finetune", 0, int(config.steps), message="labelling the confident pixels of "
-                                   "the painted slices with the live preview's forest"))
-        train_labels, pseudo = add_pseudo_labels(img.array, train_labels, config.pseudo_label_confidence,
-                                                 config.seed, cancel, stats=stats)
+                                   "the painted slices with " + ("the model training continues from" if continuing
+                                                                 else "the live preview's forest")))
+        if continuing:
+            train_labels, pseudo = add_model_pseudo_labels(start, img.array, train_labels,
+                                                           config.pseudo_label_confidence,
+                                                           tile_size=config.tile_size, device=config.device,
+                                                           cancel=cancel)
+        else:
+            train_labels, pseudo = add_pseudo_labels(img.array, train_labels, config.pseudo_label_confidence,
+                                                     config.seed, cancel, stats=stats)
         split_info = {**split_info, "pseudo_labels": pseudo}
     sources = [p for p in (img.source, labels if isinstance(labels, (str, Path)) else None) if p]
     task = FinetuneTask(config, img, PaintedLabels(train_labels, val_labels, split_info, values, painted), start)

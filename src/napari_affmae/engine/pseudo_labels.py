@@ -39,6 +39,23 @@ def check_confidence(confidence: float | None) -> None:
                          f"the command line) for strokes only; got {confidence}")
 
 
+def painted_slices(internal: np.ndarray) -> list[int | None]:
+    """The z indices of ``internal`` ``[Z, Y, X]`` that carry labels; ``[None]`` for a 2D ``[Y, X]`` image."""
+    if internal.ndim == 2:
+        return [None]
+    return [int(z) for z in np.flatnonzero(internal.reshape(len(internal), -1).any(1))]
+
+
+def label_confident(plane: np.ndarray, probs: np.ndarray, confidence: float, values: np.ndarray) -> np.ndarray:
+    """In place: the unlabelled pixels of ``plane`` ``[Y, X]`` whose most likely class in ``probs`` ``[K, Y, X]``
+    has probability >= ``confidence`` get that class's internal value ``values[k]``. Returns pixels added per
+    class ``[K]``."""
+    best = probs.argmax(0)
+    sure = (probs.max(0) >= confidence) & (plane == 0)
+    plane[sure] = values[best[sure]]
+    return np.bincount(best[sure], minlength=len(values))
+
+
 def add_pseudo_labels(image: Any, internal: np.ndarray, confidence: float, seed: int = 0,
                       cancel: CancelToken | None = None, stats: NormalizationStats | None = None
                       ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -52,21 +69,39 @@ def add_pseudo_labels(image: Any, internal: np.ndarray, confidence: float, seed:
     preview.fit(internal, cancel)
     values = np.asarray(preview.label_values)  # internal class values c + 1 the forest knows
     out = internal.copy()
-    if internal.ndim == 2:
-        slices = [None]
-    else:
-        slices = [int(z) for z in np.flatnonzero(internal.reshape(len(internal), -1).any(1))]
     added = np.zeros(len(values), np.int64)
-    for z in slices:
+    for z in painted_slices(internal):
         _, probs = preview.predict(0 if z is None else z, probabilities=True, cancel=cancel)  # [K, Y, X]
-        plane = out if z is None else out[z]
-        best = probs.argmax(0)
-        sure = (probs.max(0) >= confidence) & (plane == 0)
-        plane[sure] = values[best[sure]]
-        added += np.bincount(best[sure], minlength=len(values))
+        added += label_confident(out if z is None else out[z], probs, confidence, values)
         if z is not None:
             preview.forget(z)
-    info = {"confidence": float(confidence), "added_pixels": {int(v): int(n) for v, n in zip(values, added)},
+    info = {"teacher": "live preview forest", "confidence": float(confidence),
+            "added_pixels": {int(v): int(n) for v, n in zip(values, added)},
             "teacher_class_shares": None if preview.class_shares is None else [float(s) for s in preview.class_shares]}
     log.info("pseudo-labels: %s pixels added per class (confidence >= %.2f)", info["added_pixels"], confidence)
+    return out, info
+
+
+def add_model_pseudo_labels(package: Any, image: Any, internal: np.ndarray, confidence: float, *,
+                            tile_size: tuple[int, int], device: str = "auto", cancel: CancelToken | None = None
+                            ) -> tuple[np.ndarray, dict[str, Any]]:
+    """As `add_pseudo_labels`, with a segmentation package as the teacher: the model that training continues
+    from. What it already predicts with confidence stays a label; the strokes (among them the corrections
+    painted where it was wrong) win. The forest is no teacher here: fitted on strokes that were painted on
+    errors, not at random, its class-share correction misjudges the shares (docs/results.md)."""
+    from .segment import SegmentConfig, segment  # noqa: PLC0415  (segment imports the model code)
+
+    check_confidence(confidence)
+    out = internal.copy()
+    values = np.arange(1, int(package.num_classes) + 1)  # model class c -> internal c + 1
+    config = SegmentConfig(tile_size=tile_size, device=device, output="probabilities")
+    added = np.zeros(len(values), np.int64)
+    for z in painted_slices(internal):
+        plane = np.asarray(image[...] if z is None else image[z])  # [Y, X]
+        probs = np.asarray(segment(package, plane, config, cancel=cancel))  # [K, Y, X]
+        added += label_confident(out if z is None else out[z], probs, confidence, values)
+    info = {"teacher": "the model training continued from", "confidence": float(confidence),
+            "added_pixels": {int(v): int(n) for v, n in zip(values, added)}}
+    log.info("pseudo-labels from the continued model: %s pixels added per class (confidence >= %.2f)",
+             info["added_pixels"], confidence)
     return out, info
