@@ -150,7 +150,8 @@ def round_section(results: dict[str, Any], plot: str) -> list[str]:
              "brush, deterministic in the seed; `em_protocol.correction_strokes`). The forest and the "
              "threshold are refitted on every stroke so far; the networks train "
              f"{results['config'].get('round_steps', 50)} more steps from where they stopped (the taught "
-             "arms with the forest's confident pixels taken again from the corrected strokes). Seconds per "
+             "arms on the strokes plus the pixels of the labelled slices that the model they continue from "
+             "is confident about, `engine.pseudo_labels.add_model_pseudo_labels`). Seconds per "
              "round = training on every stroke so far + predicting the labelled slice(s), what a person "
              "waits for; scoring the held-out slices is not included.", ""]
     return lines + round_table(results) + ["", round_verdict(results), "",
