@@ -138,7 +138,8 @@ def round_verdict(results: dict[str, Any]) -> str:
                          f"({ours - theirs:+.3f})")
     if not parts:
         return ""
-    return "After the correction rounds, `affmae_taught` against `rf_filters`, foreground IoU: " + "; ".join(parts) + "."
+    return ("After the correction rounds, `affmae_taught` against `rf_filters`, foreground IoU: " + "; ".join(parts)
+            + ".")
 
 
 def round_section(results: dict[str, Any], plot: str) -> list[str]:

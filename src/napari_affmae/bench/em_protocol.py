@@ -165,6 +165,11 @@ def training_labels(truth: np.ndarray, slices: Sequence[int], regime: str, *, se
 CORRECTION_FRACTION = 0.0025  # share of a slice painted per correction round
 
 
+def correction_seed(seed: int, round_index: int, slice_index: int = 0) -> int:
+    """The `correction_strokes` seed of a round on the ``slice_index``-th labelled slice of a stroke seed."""
+    return seed * 31 + round_index + 7919 * slice_index
+
+
 def correction_strokes(labels: np.ndarray, pred: np.ndarray, truth: np.ndarray, *, seed: int = 0,
                        fraction: float = CORRECTION_FRACTION) -> np.ndarray:
     """One correction round on a labelled slice, as a person paints where the preview is wrong.

@@ -387,7 +387,8 @@ def run_rounds(config: EMBenchConfig, record: RunRecord, raw: np.ndarray, truth:
             entry["look_s"] = time.perf_counter() - started  # predicting the slices a person corrects
             labels = labels.copy()
             for i, z in enumerate(record.labelled_slices):  # each slice its own strokes
-                labels[z] = P.correction_strokes(labels[z], look[z], truth[z], seed=record.seed * 31 + r + 7919 * i)
+                labels[z] = P.correction_strokes(labels[z], look[z], truth[z],
+                                                 seed=P.correction_seed(record.seed, r, i))
         record.rounds.append(entry)
         log.info("  round %d: fg IoU %.3f (train %.0f s)", r, scores["fg_iou"], train_s)
     return kept

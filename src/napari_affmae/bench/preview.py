@@ -182,7 +182,8 @@ def correction_rounds(raw: np.ndarray, truth: np.ndarray, z: int, labels: np.nda
                     "scores": pred})
         if r < rounds:
             labels = labels.copy()
-            labels[z] = P.correction_strokes(labels[z], result.labels == P.FOREGROUND, truth[z], seed=seed * 31 + r)
+            labels[z] = P.correction_strokes(labels[z], result.labels == P.FOREGROUND, truth[z],
+                                             seed=P.correction_seed(seed, r))
     return out
 
 

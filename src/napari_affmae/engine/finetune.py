@@ -267,6 +267,11 @@ def starting_package(config: FinetuneConfig) -> ModelPackage | None:
     return load_package(pre)
 
 
+def continues_training(package: ModelPackage | None) -> bool:
+    """True when starting from ``package`` means training a segmentation model on, not a new head."""
+    return package is not None and package.task == "segmentation"
+
+
 def check_continuable(package: ModelPackage, config: FinetuneConfig, values: list[int]) -> None:
     """ValueError unless training can go on with the segmentation ``package`` on labels of ``values``."""
     if package.model_name in list_models(trainable=False):
@@ -288,7 +293,7 @@ def _starting_model(config: FinetuneConfig, num_classes: int, values: list[int] 
     if package is None:
         model = create_model(config.model, task="segmentation", num_classes=num_classes, **config.model_options)
         return model, {"pretrained": None}
-    if package.task == "segmentation":
+    if continues_training(package):
         check_continuable(package, config, list(range(1, num_classes + 1)) if values is None else values)
         info = {"pretrained": None, "continued_from": None if package.path is None else str(package.path),
                 "continued_provenance": {k: package.provenance.get(k) for k in (
@@ -342,12 +347,12 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
     start = starting_package(config)
     if start is not None and start.path is not None:  # an --overwrite there would delete the starting package
         check_output_not_input(config.output_dir, [start.path], option="output folder", nested_inputs=True)
-    if start is not None and start.task == "segmentation":
+    continuing = continues_training(start)
+    if continuing:
         check_continuable(start, config, values)  # before the pseudo-labels' forest: fail fast
     stats = compute_stats(img.array, seed=config.seed)
     check_has_contrast(stats, source_name(img, 0))
     if config.pseudo_label_confidence is not None and config.label_mode == "sparse":
-        continuing = start is not None and start.task == "segmentation"
         if progress is not None:
             progress(ProgressEvent("finetune", 0, int(config.steps), message="labelling the confident pixels of "
                                    "the painted slices with " + ("the model training continues from" if continuing
@@ -362,7 +367,8 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
                                                      config.seed, cancel, stats=stats)
         split_info = {**split_info, "pseudo_labels": pseudo}
     sources = [p for p in (img.source, labels if isinstance(labels, (str, Path)) else None) if p]
-    task = FinetuneTask(config, img, PaintedLabels(train_labels, val_labels, split_info, values, painted), start)
+    task = FinetuneTask(config, img, PaintedLabels(train_labels, val_labels, split_info, values, painted), start,
+                        stats)
     return run_training(task, config, progress, cancel, sources=sources, started=started)
 
 
@@ -385,15 +391,17 @@ class FinetuneTask(TrainingTask):
     save_last_step = False  # `finish` validates first, so the last package holds the metrics
 
     def __init__(self, config: FinetuneConfig, image: InputImage, labels: PaintedLabels,
-                 start: ModelPackage | None = None) -> None:
-        """``start``: the loaded `starting_package` of ``config`` (loaded here when not given)."""
+                 start: ModelPackage | None = None, stats: NormalizationStats | None = None) -> None:
+        """``start``: the loaded `starting_package` of ``config`` (loaded here when not given); ``stats``: the
+        image's intensity statistics when the caller computed them (else computed in `prepare`)."""
         self.config, self.image, self.labels = config, image, labels
         self.start = start or starting_package(config)
+        self.image_stats = stats
         # layer-wise decay protects pretrained features; from scratch (or going on with a trained model) it
         # would only slow the stem, which the full-resolution head reads
         self.layer_decay = config.layer_decay if self.start is not None and self.start.task == "mae" else 1.0
         self.num_classes = len(labels.values)
-        inherited = self.start.class_names if self.start is not None and self.start.task == "segmentation" else None
+        inherited = self.start.class_names if continues_training(self.start) else None
         self.class_names = list(config.class_names or inherited or [f"class {v}" for v in labels.values])
         self.augment = AugmentConfig() if config.augment else None
         self.metrics: dict[str, Any] = {}
@@ -416,10 +424,10 @@ class FinetuneTask(TrainingTask):
     def prepare(self, rngs: RngStates) -> None:
         config = self.config
         self.rngs = rngs
-        if self.start is not None and self.start.task == "segmentation" and self.start.stats is not None:
+        if continues_training(self.start) and self.start.stats is not None:
             self.stats = self.start.stats  # the model goes on with the intensities it was trained on
-        else:
-            self.stats = compute_stats(self.image.array, seed=config.seed)  # as the contrast check: deterministic
+        else:  # the contrast check's (deterministic in the seed), or computed the same way
+            self.stats = self.image_stats or compute_stats(self.image.array, seed=config.seed)
         self.sampler = LabeledPatchSampler(self.image.array, self.labels.train, config.crop_size, seed=config.seed,
                                            pad=True, balance_classes=config.balance_classes)
         self.sampler.rng = rngs.numpy
