@@ -219,20 +219,30 @@ def verdict(results: dict[str, Any]) -> str:
 
 
 def recipe_verdict(rows: dict[tuple, dict[str, Any]]) -> str:
-    """The default fine-tuning recipe (``affmae_taught``) against ilastik's forest, setting by setting."""
+    """The default fine-tuning recipe (``affmae_taught``) against ilastik's forest and against the U-Net trained
+    from scratch on the same strokes, setting by setting."""
+    forest = _against(rows, "rf_filters")
+    unet = _against(rows, "unet_scratch")
+    text = ("The default recipe (AFFMAE trained on the strokes plus the live preview's confident pixels, "
+            "`affmae_taught`) against the ilastik-style forest (`rf_filters`), foreground IoU: " + "; ".join(forest)
+            + ". ") if forest else ""
+    if unet:
+        text += ("Against the U-Net trained from scratch on the same strokes (`unet_scratch`): " + "; ".join(unet)
+                 + ". ")
+    return text
+
+
+def _against(rows: dict[tuple, dict[str, Any]], other: str) -> list[str]:
+    """``affmae_taught`` vs ``other`` in every setting where both have a mean: 'task, regime, k: a vs b (...)'."""
     parts = []
     for (task, regime, k, arm), row in sorted(rows.items()):
-        forest = rows.get((task, regime, k, "rf_filters"))
-        if arm != "affmae_taught" or forest is None or None in (row["fg_iou"]["mean"], forest["fg_iou"]["mean"]):
+        them = rows.get((task, regime, k, other))
+        if arm != "affmae_taught" or them is None or None in (row["fg_iou"]["mean"], them["fg_iou"]["mean"]):
             continue
-        ours, theirs = row["fg_iou"]["mean"], forest["fg_iou"]["mean"]
+        ours, theirs = row["fg_iou"]["mean"], them["fg_iou"]["mean"]
         parts.append(f"{P.TASKS[task].title}, {regime}, k={k}: {ours:.3f} vs {theirs:.3f} ({ours / theirs:.2f}x, "
                      f"{ours - theirs:+.3f})")
-    if not parts:
-        return ""
-    return ("The default recipe (AFFMAE trained on the strokes plus the live preview's confident pixels, "
-            "`affmae_taught`) against the ilastik-style forest (`rf_filters`), foreground IoU: " + "; ".join(parts)
-            + ". ")
+    return parts
 
 
 def _threshold_verdict(rows: dict[tuple, dict[str, Any]]) -> str:

@@ -267,8 +267,13 @@ def _add_demo_parser(sub) -> None:
                                    "drawn from the ground truth on two slices, segment the rest, print per-class "
                                    "IoU, and write an OME-Zarr with the labels, demo.png and metrics.json.")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
-    p.add_argument("--pretrain-steps", type=int, default=150, help="pretraining steps (default: 150)")
-    p.add_argument("--finetune-steps", type=int, default=250, help="fine-tuning steps (default: 250)")
+    from .engine.demo import DemoConfig  # noqa: PLC0415  (no model code: only the defaults)
+
+    defaults = DemoConfig()
+    p.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps,
+                   help=f"pretraining steps (default: {defaults.pretrain_steps})")
+    p.add_argument("--finetune-steps", type=int, default=defaults.finetune_steps,
+                   help=f"fine-tuning steps (default: {defaults.finetune_steps})")
     p.add_argument("--size", type=parse_int_list, default=None, metavar="Z,Y,X",
                    help="synthetic stack size (default: 8,192,192)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and training (default: 0)")

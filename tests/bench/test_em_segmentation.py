@@ -228,6 +228,21 @@ def test_verdict_names_networks_no_better_than_the_forest(bench_script) -> None:
     assert "unet_scratch" not in text.split("rf_filters 0.197")[1]
 
 
+def test_verdict_sets_the_recipe_against_the_forest_and_the_unet_from_scratch(bench_script) -> None:
+    def row(arm: str, iou: float, k: str) -> dict:
+        return {"task": "vnc_mito", "regime": "sparse", "k": k, "arm": arm, "n_labelled": int(k),
+                "fg_iou": {"mean": iou, "std": None, "n": 1}}
+
+    results = {"config": {"seeds": [0]}, "summary": [
+        row("affmae_taught", 0.36, "1"), row("rf_filters", 0.20, "1"),
+        row("affmae_taught", 0.37, "4"), row("unet_scratch", 0.25, "4"), row("rf_filters", 0.27, "4")]}
+    text = bench_script("em_segmentation").verdict(results)
+    forest, unet = text.split("Against the U-Net")
+    assert "k=1: 0.360 vs 0.200 (1.80x, +0.160); VNC mitochondria, sparse, k=4: 0.370 vs 0.270" in forest
+    assert "(`unet_scratch`): VNC mitochondria, sparse, k=4: 0.370 vs 0.250 (1.48x, +0.120)." in unet
+    assert "k=1" not in unet.split(".")[0]  # no U-Net row at k = 1: no comparison made up
+
+
 def test_rf_filters_arm_is_the_filter_forest_fitted_on_the_strokes(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = S.EMBenchConfig(data_dir=tiny_data_dir, work_dir=tmp_path / "w", arms=["rf_filters", "threshold"],
                              ks=[1], tile=64, crop=32)

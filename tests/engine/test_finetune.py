@@ -111,15 +111,16 @@ def test_cancel_then_resume_finishes(trained, em_stack, tmp_path):
 
 
 def test_layer_decay_applies_to_a_pretrained_encoder_only(trained, tmp_path):
-    """From scratch there are no pretrained features to protect: every layer trains at the full rate (with
-    the default 0.75 the stem would learn at 0.75^7 = 13 % of it)."""
+    """Off by default; asked for, it slows the layers of a pretrained encoder only. From scratch there are no
+    pretrained features to protect (with 0.75 the stem would learn at 0.75^7 = 13 % of the rate)."""
     from napari_affmae.engine.finetune import FinetuneTask, PaintedLabels
     from napari_affmae.engine.training import param_groups
 
     labels = PaintedLabels(np.ones((8, 8), np.uint16), None, {}, [1, 2], [1, 2])
-    scratch = FinetuneTask(_config(tmp_path, model="affmae_tiny"), None, labels)
-    tuned = FinetuneTask(_config(tmp_path, pretrained=trained["pretrained"]), None, labels)
-    assert scratch.layer_decay == 1.0 and tuned.layer_decay == 0.75
+    scratch = FinetuneTask(_config(tmp_path, model="affmae_tiny", layer_decay=0.75), None, labels)
+    tuned = FinetuneTask(_config(tmp_path, pretrained=trained["pretrained"], layer_decay=0.75), None, labels)
+    default = FinetuneTask(_config(tmp_path, pretrained=trained["pretrained"]), None, labels)
+    assert scratch.layer_decay == 1.0 and tuned.layer_decay == 0.75 and default.layer_decay == 1.0
     model = scratch.build_model()
     assert {g["lr_scale"] for g in param_groups(model, 0.05, scratch.layer_decay)} == {1.0}
     assert min(g["lr_scale"] for g in param_groups(model, 0.05, tuned.layer_decay)) < 0.2
@@ -172,8 +173,9 @@ def test_training_continues_from_a_segmentation_package_with_the_same_classes(tr
     package = load_package(result.package_path, expect_task="segmentation")
     assert package.provenance["continued_from"] == str(trained["segmentation"]) and package.num_classes == 3
     assert package.provenance["continued_provenance"]["steps"] == seg.provenance["steps"]
-    # the default pseudo-labels come from the model itself, not from a forest refitted on the corrections
-    assert package.provenance["pseudo_labels"]["teacher"] == "the model training continued from"
+    # the painted slices are those it was trained on: it keeps what it was taught there (next test)
+    assert package.provenance["pseudo_labels"]["teacher"] == "the labels the continued model was taught"
+    assert package.provenance["pseudo_labels"]["taught_slices"] == [0, 2]
     two = np.where(strokes == 3, 0, strokes)  # membrane and mito only, no class names for a third
     with pytest.raises(ValueError, match=r"predicts label values \[1, 2, 3\] \(sparse\); these labels have \[1, 2\]"):
         finetune(image, two, _config(tmp_path / "two", pretrained=trained["segmentation"]))
@@ -181,6 +183,42 @@ def test_training_continues_from_a_segmentation_package_with_the_same_classes(tr
         finetune(image, strokes, _config(tmp_path / "opt", pretrained=trained["segmentation"],
                                          model_options={"refine": False}))
     assert not (tmp_path / "two").exists() and not (tmp_path / "opt").exists()  # refused before any work
+
+
+def test_a_continued_model_keeps_the_labels_it_was_taught_and_asks_itself_on_new_slices(trained, em_stack,
+                                                                                          tmp_path):
+    """Round 2 of paint-look-correct: the first run's teacher labels (kept next to its package) stay labels
+    where nothing is painted now, every stroke wins; a slice painted for the first time is labelled by the
+    model's own confident pixels; the new package keeps what it was taught in turn."""
+    from napari_affmae.data import sparse_strokes
+    from napari_affmae.engine.pseudo_labels import add_model_pseudo_labels
+    from napari_affmae.engine.taught_labels import TAUGHT_LABELS_NAME
+
+    image, truth = em_stack
+    with np.load(trained["segmentation"].parent / TAUGHT_LABELS_NAME) as kept:
+        assert kept["slices"].tolist() == [0, 2]  # the fixture painted slices 0 and 2
+        first = dict(zip(kept["slices"].tolist(), kept["planes"]))
+    assert all((first[z] > 0).mean() > 0.3 for z in (0, 2))  # the forest's confident pixels: most of the slice
+    strokes = sparse_strokes(truth, fraction=0.05, seed=7, slices=[0, 1]).astype(np.uint16)
+    config = _config(tmp_path, pretrained=trained["segmentation"], steps=1, pseudo_label_confidence=0.8,
+                     class_names=["membrane", "mito", "cyto"])
+    result = finetune(image, strokes, config)
+    info = load_package(result.package_path).provenance["pseudo_labels"]
+    assert info["taught_slices"] == [0] and info["model_slices"] == [1]
+    by_model, _ = add_model_pseudo_labels(load_package(trained["segmentation"]), image, strokes, 0.8,
+                                          tile_size=config.tile_size, device="cpu", slices=[1])
+    with np.load(result.package_path.parent / TAUGHT_LABELS_NAME) as kept:
+        second = dict(zip(kept["slices"].tolist(), kept["planes"]))
+    np.testing.assert_array_equal(second[0], np.where(strokes[0] > 0, 0, first[0]))
+    np.testing.assert_array_equal(second[1], np.where(strokes[1] > 0, 0, by_model[1]))
+    # another image (the same stack, brighter): nothing it was taught is about these pixels
+    other = finetune(np.clip(image.astype(np.int16) + 9, 0, 255).astype(np.uint8), strokes,
+                     _config(tmp_path / "other", pretrained=trained["segmentation"], steps=1))
+    assert load_package(other.package_path).provenance["pseudo_labels"]["model_slices"] == [0, 1]
+    # strokes only: no taught labels, and none left over from an earlier run in the same folder
+    finetune(image, strokes, _config(tmp_path / "other", pretrained=trained["segmentation"], steps=1,
+                                     pseudo_label_confidence=None, overwrite=True))
+    assert not (tmp_path / "other" / "ft" / TAUGHT_LABELS_NAME).exists()
 
 
 def test_continuing_refuses_a_forest_package_and_an_output_folder_holding_the_start(trained, em_stack, tmp_path):

@@ -80,6 +80,9 @@ def test_paint_finetune_and_segment_the_current_slice(make_napari_viewer, qtbot,
     qtbot.waitUntil(lambda: not widget.is_running, timeout=300_000)
     again = load_package(tmp_path / "ft2" / "segmentation.affmae", expect_task="segmentation")
     assert again.provenance["continued_from"] == str(package_path) and again.provenance["steps"] == 1
+    # it learned again from what the forest taught it on the painted slices, the corrections winning
+    assert again.provenance["pseudo_labels"]["taught_slices"] == list(range(len(image)))
+    assert "model_slices" not in again.provenance["pseudo_labels"]
     assert again.class_names == list(CLASS_NAMES) and shared_state(viewer).segmentation_package == (
         tmp_path / "ft2" / "segmentation.affmae")
 

@@ -83,12 +83,13 @@ def add_pseudo_labels(image: Any, internal: np.ndarray, confidence: float, seed:
 
 
 def add_model_pseudo_labels(package: Any, image: Any, internal: np.ndarray, confidence: float, *,
-                            tile_size: tuple[int, int], device: str = "auto", cancel: CancelToken | None = None
-                            ) -> tuple[np.ndarray, dict[str, Any]]:
+                            tile_size: tuple[int, int], device: str = "auto", cancel: CancelToken | None = None,
+                            slices: list[int | None] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """As `add_pseudo_labels`, with a segmentation package as the teacher: the model that training continues
-    from. What it already predicts with confidence stays a label; the strokes (among them the corrections
-    painted where it was wrong) win. The forest is no teacher here: fitted on strokes that were painted on
-    errors, not at random, its class-share correction misjudges the shares (docs/results.md)."""
+    from, on ``slices`` (default: every painted slice). What it already predicts with confidence stays a label;
+    the strokes win. Used where the labels it was taught are not at hand (`taught_labels`). The forest is no
+    teacher here: refitted on strokes that were painted on errors, not at random, its confident pixels were
+    worse (docs/few-strokes.md)."""
     from .segment import SegmentConfig, segment  # noqa: PLC0415  (segment imports the model code)
 
     check_confidence(confidence)
@@ -96,7 +97,7 @@ def add_model_pseudo_labels(package: Any, image: Any, internal: np.ndarray, conf
     values = np.arange(1, int(package.num_classes) + 1)  # model class c -> internal c + 1
     config = SegmentConfig(tile_size=tile_size, device=device, output="probabilities")
     added = np.zeros(len(values), np.int64)
-    for z in painted_slices(internal):
+    for z in painted_slices(internal) if slices is None else slices:
         plane = np.asarray(image[...] if z is None else image[z])  # [Y, X]
         probs = np.asarray(segment(package, plane, config, cancel=cancel))  # [K, Y, X]
         added += label_confident(out if z is None else out[z], probs, confidence, values)
