@@ -151,8 +151,8 @@ def round_section(results: dict[str, Any], plot: str) -> list[str]:
              "brush, deterministic in the seed; `em_protocol.correction_strokes`). The forest and the "
              "threshold are refitted on every stroke so far; the networks train "
              f"{results['config'].get('round_steps', 50)} more steps from where they stopped (the taught "
-             "arms on the strokes plus the pixels of the labelled slices that the model they continue from "
-             "is confident about, `engine.pseudo_labels.add_model_pseudo_labels`). Seconds per "
+             "arms on every stroke plus the forest's confident pixels they were taught in round 0, the strokes "
+             "winning: `engine.taught_labels`). Seconds per "
              "round = training on every stroke so far + predicting the labelled slice(s), what a person "
              "waits for; scoring the held-out slices is not included.", ""]
     return lines + round_table(results) + ["", round_verdict(results), "",

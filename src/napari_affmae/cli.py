@@ -267,7 +267,7 @@ def _add_demo_parser(sub) -> None:
                                    "drawn from the ground truth on two slices, segment the rest, print per-class "
                                    "IoU, and write an OME-Zarr with the labels, demo.png and metrics.json.")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
-    from .engine.demo import DemoConfig  # noqa: PLC0415  (no model code: only the defaults)
+    from .engine.demo import DemoConfig  # noqa: PLC0415
 
     defaults = DemoConfig()
     p.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps,

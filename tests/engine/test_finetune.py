@@ -192,10 +192,10 @@ def test_a_continued_model_keeps_the_labels_it_was_taught_and_asks_itself_on_new
     model's own confident pixels; the new package keeps what it was taught in turn."""
     from napari_affmae.data import sparse_strokes
     from napari_affmae.engine.pseudo_labels import add_model_pseudo_labels
-    from napari_affmae.engine.taught_labels import TAUGHT_LABELS_NAME
+    from napari_affmae.engine.taught_labels import taught_labels_path
 
     image, truth = em_stack
-    with np.load(trained["segmentation"].parent / TAUGHT_LABELS_NAME) as kept:
+    with np.load(taught_labels_path(trained["segmentation"])) as kept:
         assert kept["slices"].tolist() == [0, 2]  # the fixture painted slices 0 and 2
         first = dict(zip(kept["slices"].tolist(), kept["planes"]))
     assert all((first[z] > 0).mean() > 0.3 for z in (0, 2))  # the forest's confident pixels: most of the slice
@@ -203,22 +203,29 @@ def test_a_continued_model_keeps_the_labels_it_was_taught_and_asks_itself_on_new
     config = _config(tmp_path, pretrained=trained["segmentation"], steps=1, pseudo_label_confidence=0.8,
                      class_names=["membrane", "mito", "cyto"])
     result = finetune(image, strokes, config)
-    info = load_package(result.package_path).provenance["pseudo_labels"]
+    provenance = load_package(result.package_path).provenance
+    info = provenance["pseudo_labels"]
     assert info["taught_slices"] == [0] and info["model_slices"] == [1]
+    assert info["teacher"] == "the labels the continued model was taught, and the model itself on new slices"
+    assert info["taught_pixels"] == int((np.where(strokes[0] > 0, 0, first[0]) > 0).sum())
     by_model, _ = add_model_pseudo_labels(load_package(trained["segmentation"]), image, strokes, 0.8,
                                           tile_size=config.tile_size, device="cpu", slices=[1])
-    with np.load(result.package_path.parent / TAUGHT_LABELS_NAME) as kept:
+    with np.load(taught_labels_path(result.package_path)) as kept:
         second = dict(zip(kept["slices"].tolist(), kept["planes"]))
     np.testing.assert_array_equal(second[0], np.where(strokes[0] > 0, 0, first[0]))
     np.testing.assert_array_equal(second[1], np.where(strokes[1] > 0, 0, by_model[1]))
+    # it trained on every stroke plus those labels: the strokes win where they overlap the first teacher's
+    assert provenance["labelled_pixels"] == int((strokes > 0).sum() + (second[0] > 0).sum() + (second[1] > 0).sum())
     # another image (the same stack, brighter): nothing it was taught is about these pixels
     other = finetune(np.clip(image.astype(np.int16) + 9, 0, 255).astype(np.uint8), strokes,
                      _config(tmp_path / "other", pretrained=trained["segmentation"], steps=1))
-    assert load_package(other.package_path).provenance["pseudo_labels"]["model_slices"] == [0, 1]
-    # strokes only: no taught labels, and none left over from an earlier run in the same folder
-    finetune(image, strokes, _config(tmp_path / "other", pretrained=trained["segmentation"], steps=1,
-                                     pseudo_label_confidence=None, overwrite=True))
-    assert not (tmp_path / "other" / "ft" / TAUGHT_LABELS_NAME).exists()
+    info = load_package(other.package_path).provenance["pseudo_labels"]
+    assert info["model_slices"] == [0, 1] and info["teacher"] == "the model training continued from"
+    # strokes only into the same folder: the earlier run's taught labels do not stay beside the new package
+    assert taught_labels_path(other.package_path).is_file()
+    again = finetune(image, strokes, _config(tmp_path / "other", pretrained=trained["segmentation"], steps=1,
+                                             pseudo_label_confidence=None, resume=False, overwrite=True))
+    assert again.package_path == other.package_path and not taught_labels_path(other.package_path).exists()
 
 
 def test_continuing_refuses_a_forest_package_and_an_output_folder_holding_the_start(trained, em_stack, tmp_path):

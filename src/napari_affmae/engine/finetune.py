@@ -52,8 +52,7 @@ from .painted import MAX_CLASSES, some_values, check_labels
 from .progress import CancelToken, ProgressCallback, ProgressEvent
 from .pseudo_labels import (DEFAULT_CONFIDENCE, add_model_pseudo_labels, add_pseudo_labels, check_confidence,
                             painted_slices)
-from .taught_labels import (TAUGHT_LABELS_NAME, add_taught_labels, load_taught_labels, save_taught_labels,
-                            teacher_only)
+from .taught_labels import add_taught_labels, load_taught_labels, save_taught_labels, teacher_only
 from .segment import TiledPredictor, model_predictor
 from .settings import TrainingSettings, check_training_settings, parse_int_list, parse_name_list, \
     parse_optional_probability, parse_size, setting
@@ -365,17 +364,13 @@ def finetune(image: Any, labels: Any, config: FinetuneConfig | None = None, prog
     if config.pseudo_label_confidence is not None and config.label_mode == "sparse":
         strokes = train_labels
         train_labels, pseudo = teacher_labels(config, img, strokes, start, stats, progress, cancel)
-        taught = teacher_only(strokes, train_labels)
+        taught = teacher_only(strokes, train_labels, painted_slices(strokes))
+        del strokes
         split_info = {**split_info, "pseudo_labels": pseudo}
     sources = [p for p in (img.source, labels if isinstance(labels, (str, Path)) else None) if p]
     task = FinetuneTask(config, img, PaintedLabels(train_labels, val_labels, split_info, values, painted), start,
-                        stats)
-    result = run_training(task, config, progress, cancel, sources=sources, started=started)
-    kept = None if taught is None else save_taught_labels(config.output_dir, img.array, taught,
-                                                          painted_slices(train_labels))
-    if kept is None:  # an earlier run's, in a reused folder: not what this package was taught
-        (Path(config.output_dir) / TAUGHT_LABELS_NAME).unlink(missing_ok=True)
-    return result
+                        stats, taught=taught)
+    return run_training(task, config, progress, cancel, sources=sources, started=started)
 
 
 def teacher_labels(config: FinetuneConfig, img: InputImage, strokes: np.ndarray, start: ModelPackage | None,
@@ -395,15 +390,20 @@ def teacher_labels(config: FinetuneConfig, img: InputImage, strokes: np.ndarray,
         announce("the live preview's forest")
         return add_pseudo_labels(img.array, strokes, config.pseudo_label_confidence, config.seed, cancel, stats=stats)
     slices = painted_slices(strokes)
-    labels, missing = add_taught_labels(strokes, load_taught_labels(start.path, img.array), slices)
-    announce("the model training continues from" if missing else "the labels the model was taught")
-    info: dict[str, Any] = {"teacher": "the labels the continued model was taught",
-                            "taught_slices": [z for z in slices if z not in missing]}
+    labels, missing = add_taught_labels(strokes, load_taught_labels(start.path, img.array, slices,
+                                                                    start.num_classes), slices)
+    taught = [z for z in slices if z not in missing]
+    announce("the labels the model was taught" if not missing else "the model training continues from"
+             if not taught else "the labels the model was taught and, on slices painted since, the model itself")
+    info: dict[str, Any] = {"teacher": "the labels the continued model was taught", "taught_slices": taught,
+                            "taught_pixels": int(np.count_nonzero(labels) - np.count_nonzero(strokes))}
     if missing:
         labels, by_model = add_model_pseudo_labels(start, img.array, labels, config.pseudo_label_confidence,
                                                    tile_size=config.tile_size, device=config.device, cancel=cancel,
                                                    slices=missing)
-        info = {**by_model, **info, "model_slices": missing}
+        info = {**by_model, **{k: info[k] for k in ("taught_slices", "taught_pixels")}, "model_slices": missing}
+        if taught:
+            info["teacher"] = "the labels the continued model was taught, and the model itself on new slices"
     return labels, info
 
 
@@ -426,10 +426,12 @@ class FinetuneTask(TrainingTask):
     save_last_step = False  # `finish` validates first, so the last package holds the metrics
 
     def __init__(self, config: FinetuneConfig, image: InputImage, labels: PaintedLabels,
-                 start: ModelPackage | None = None, stats: NormalizationStats | None = None) -> None:
+                 start: ModelPackage | None = None, stats: NormalizationStats | None = None, *,
+                 taught: dict[int | None, np.ndarray] | None = None) -> None:
         """``start``: the loaded `starting_package` of ``config`` (loaded here when not given); ``stats``: the
-        image's intensity statistics when the caller computed them (else computed in `prepare`)."""
-        self.config, self.image, self.labels = config, image, labels
+        image's intensity statistics when the caller computed them (else computed in `prepare`); ``taught``: a
+        teacher's labels per painted slice, kept beside the package (`taught_labels`)."""
+        self.config, self.image, self.labels, self.taught = config, image, labels, taught
         self.start = start or starting_package(config)
         self.image_stats = stats
         # layer-wise decay protects pretrained features; from scratch (or going on with a trained model) it
@@ -467,6 +469,10 @@ class FinetuneTask(TrainingTask):
                                            pad=True, balance_classes=config.balance_classes)
         self.sampler.rng = rngs.numpy
         self.conf_train = np.zeros((self.num_classes, self.num_classes), np.int64)
+
+    def begin(self, run: TrainingLoop) -> None:
+        # before any package of this run exists, so no package sits beside another run's taught labels
+        save_taught_labels(run.package_path, self.image.array, self.taught or {}, self.num_classes)
 
     def restore(self, extra: dict[str, Any]) -> None:
         self.stats = NormalizationStats.from_dict(extra["stats"])

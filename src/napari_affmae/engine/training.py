@@ -386,7 +386,8 @@ class TrainingTask(abc.ABC):
 
     Set up: `total_steps`, `build_model`, `check_resume` (a checkpoint is being resumed), `prepare`
     (statistics and samplers, drawing from the run's generators), `restore` (the checkpoint's
-    ``extra``), `provenance`, `start_message`. Every micro-batch: `batch`, `forward` (under
+    ``extra``), `provenance`, `begin` (main process only: files that go next to the package, before any
+    package is written), `start_message`. Every micro-batch: `batch`, `forward` (under
     autocast), `loss`, `observe`. Every logged step: `step_extra`. Outputs: `checkpoint_extra` and
     `package` (main process only), `on_cancel`, `finish` (after the last step), `result`. The abstract
     hooks must be given by every job; the others default to doing nothing."""
@@ -419,6 +420,9 @@ class TrainingTask(abc.ABC):
     @abc.abstractmethod
     def provenance(self, run: TrainingLoop) -> dict[str, Any]:
         raise NotImplementedError
+
+    def begin(self, run: TrainingLoop) -> None:
+        """Main process, output folder locked, before the first step: write what belongs next to the package."""
 
     @abc.abstractmethod
     def start_message(self, run: TrainingLoop) -> str:
@@ -551,6 +555,8 @@ class TrainingLoop:
         self.ddp_model = wrap_model(model, self.context, self.device)
         self.ddp_model.train()
         self.provenance = task.provenance(self)
+        if self.context.is_main:
+            task.begin(self)
 
     def _train_step(self, meter: StepMeter) -> None:
         """One optimiser step over ``grad_accum`` micro-batches; checkpoint and progress as due."""

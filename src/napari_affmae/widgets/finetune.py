@@ -132,7 +132,9 @@ class FinetuneWidget(TrainingWidget):
         self.teacher = QCheckBox("Also learn from the live preview's confident pixels")
         self.teacher.setToolTip("Train on the strokes and on the pixels of the painted slices that the live "
                                 "preview's forest is sure about (probability >= "
-                                f"{DEFAULT_CONFIDENCE:.2f}): few strokes then teach a network much more")
+                                f"{DEFAULT_CONFIDENCE:.2f}): few strokes then teach a network much more. "
+                                "Continuing the last model, it learns again from what the forest gave it "
+                                "then, your corrections winning")
         self.teacher.setChecked(default_of(FinetuneConfig, "pseudo_label_confidence") is not None)
         self.segment_after = QCheckBox("Segment the current slice when done")
         self.segment_after.setChecked(True)
