@@ -75,9 +75,8 @@ def run_demo(config: DemoConfig | None = None, progress: ProgressCallback | None
     fine = finetune(image, strokes, FinetuneConfig(
         pretrained=pre.package_path, class_names=list(CLASS_NAMES), crop_size=config.crop_size,
         batch_size=config.batch_size, steps=config.finetune_steps, lr=config.finetune_lr, warmup_steps=15,
-        seed=config.seed,
-        device=config.device, output_dir=out / "finetune", checkpoint_every=max(config.finetune_steps, 1),
-        overwrite=True),
+        seed=config.seed, device=config.device, output_dir=out / "finetune",
+        checkpoint_every=max(config.finetune_steps, 1), overwrite=True),
         progress=progress, cancel=cancel)
     predicted = segment(fine.package_path, image, SegmentConfig(tile_size=config.tile_size, device=config.device),
                         progress=progress, cancel=cancel)

@@ -14,8 +14,8 @@ decay of a pretrained encoder, ``layer_decay`` < 1) and warm-up + cosine schedul
 instead, training continues from that model (same classes, every layer at the full rate): the
 paint-look-correct loop, where corrections are painted on the model's result and training goes on.
 With sparse labels the strokes are joined by a teacher's confident pixels of the painted slices
-(`teacher_labels`); what the teacher gave is kept next to the package (``taught_labels.npz``), so that
-a continued run learns from it again, with the corrections winning (`taught_labels`).
+(`teacher_labels`); what the teacher gave is kept beside the package (``<package>.taught_labels.npz``), so
+that a continued run learns from it again, with the corrections winning (`taught_labels`).
 
 Validation: ``val_slices`` (z indices) or ``val_fraction`` (of the painted slices of a 3D stack,
 or a bottom band of rows of a 2D image) are held out of training; at the end they are segmented
@@ -393,17 +393,17 @@ def teacher_labels(config: FinetuneConfig, img: InputImage, strokes: np.ndarray,
     labels, missing = add_taught_labels(strokes, load_taught_labels(start.path, img.array, slices,
                                                                     start.num_classes), slices)
     taught = [z for z in slices if z not in missing]
-    announce("the labels the model was taught" if not missing else "the model training continues from"
-             if not taught else "the labels the model was taught and, on slices painted since, the model itself")
-    info: dict[str, Any] = {"teacher": "the labels the continued model was taught", "taught_slices": taught,
+    teacher = ("the labels the continued model was taught" if not missing else "the model training continued from"
+               if not taught else "the labels the continued model was taught, and the model itself on new slices")
+    announce(teacher)
+    info: dict[str, Any] = {"taught_slices": taught,
                             "taught_pixels": int(np.count_nonzero(labels) - np.count_nonzero(strokes))}
     if missing:
         labels, by_model = add_model_pseudo_labels(start, img.array, labels, config.pseudo_label_confidence,
                                                    tile_size=config.tile_size, device=config.device, cancel=cancel,
                                                    slices=missing)
-        info = {**by_model, **{k: info[k] for k in ("taught_slices", "taught_pixels")}, "model_slices": missing}
-        if taught:
-            info["teacher"] = "the labels the continued model was taught, and the model itself on new slices"
+        info = {**by_model, **info, "model_slices": missing}
+    info["teacher"] = teacher
     return labels, info
 
 

@@ -84,9 +84,9 @@ def load_taught_labels(package_path: str | Path | None, image: Any, slices: list
                        num_classes: int) -> Planes:
     """The taught labels kept beside ``package_path`` for those ``slices`` of ``image`` whose pixels are
     unchanged, if they are for ``num_classes`` classes. Empty when there are none or they do not fit."""
-    if package_path is None or not taught_labels_path(package_path).is_file():
+    path = None if package_path is None else taught_labels_path(package_path)
+    if path is None or not path.is_file():
         return {}
-    path = taught_labels_path(package_path)
     try:
         with np.load(path, allow_pickle=False) as data:
             stored, planes, prints = data["slices"].tolist(), data["planes"], data["fingerprints"].tolist()
@@ -97,11 +97,13 @@ def load_taught_labels(package_path: str | Path | None, image: Any, slices: list
     if classes != num_classes or planes.max(initial=0) > num_classes:
         log.warning("taught labels in %s are for %d classes, not %d: not used", path, classes, num_classes)
         return {}
+    if not stored or planes.shape[1:] != tuple(np.shape(image)[-2:]) \
+            or (min(stored) < 0) != (np.ndim(image) == 2):
+        return {}  # another slice shape, or a 2D image's labels for a stack (or the other way round)
     kept: Planes = {}
     for z, plane, fingerprint in zip(stored, planes, prints):
         key = None if z < 0 else int(z)
-        if key in slices and plane.shape == tuple(np.shape(image)[-2:]) and (key is None) == (np.ndim(image) == 2) \
-                and slice_fingerprint(image, key) == fingerprint:
+        if key in slices and slice_fingerprint(image, key) == fingerprint:
             kept[key] = plane
     return kept
 
