@@ -86,7 +86,9 @@ def test_widgets_start_from_the_engine_defaults(make_napari_viewer) -> None:
         assert widget.batch_size.value() == default_of(config_class, "batch_size")
         assert (widget.crop_h.value(), widget.crop_w.value()) == default_of(config_class, "crop_size")
     finetune = FinetuneWidget(viewer)
-    finetune.start_from.setCurrentText(FROM_SCRATCH)
+    # the winning few-strokes recipe (docs/few-strokes.md): from scratch, taught by the live preview
+    assert finetune.start_from.currentText() == FROM_SCRATCH and finetune.config(2).pretrained is None
+    assert finetune.scratch_model.isEnabled() and not finetune.pretrained.isEnabled()
     assert finetune.teacher.isChecked() and finetune.config(2).pseudo_label_confidence == default_of(
         FinetuneConfig, "pseudo_label_confidence")
     finetune.teacher.setChecked(False)

@@ -547,6 +547,8 @@ def _cmd_info(args) -> int:
     if norm:
         lines.append(f"normalisation {norm['low_percentile']}-{norm['high_percentile']} percentiles = "
                      f"{norm['low']:.4g}..{norm['high']:.4g} ({norm['dtype']})")
+    if info.get("normalization_scope") == "slice":
+        lines.append("              each slice by its own percentiles (as the model was trained)")
     if info.get("pixel_size"):
         lines.append(f"pixel size    {info['pixel_size']}")
     if prov:

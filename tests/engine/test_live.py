@@ -207,3 +207,38 @@ def test_the_live_model_is_not_offered_for_fine_tuning() -> None:
     assert "feature_forest" not in list_models(trainable=True) and "affmae_tiny" in list_models(trainable=True)
     with pytest.raises(ValueError, match="feature_forest is not trained by fine-tuning"):
         FinetuneConfig(model="feature_forest")
+
+
+def test_each_slice_is_normalised_by_its_own_statistics_and_the_kept_model_does_the_same(tmp_path: Path) -> None:
+    image, truth = _two_class_stack(depth=2, size=128)
+    image = image.astype(np.float32)
+    image[1] = image[0] * 0.45 + 90.0  # slice 1 = slice 0 with another brightness and contrast (disks at ~122)
+    truth[1] = truth[0]
+    labels = _strokes(truth, 0)
+    preview = LivePreview(image, LiveConfig(trees=30))
+    preview.update(labels, z=0)
+    # reference: each slice's own 0.5 / 99.5 percentiles map both slices onto the same values
+    low, high = np.percentile(image[1].astype(np.float64), [0.5, 99.5])
+    np.testing.assert_allclose(preview.stats_of(1).apply(image[1]), (image[1] - low) / (high - low), atol=1e-5)
+    np.testing.assert_allclose(preview.stats_of(1).apply(image[1]), preview.stats_of(0).apply(image[0]), atol=1e-5)
+    on_0, on_1 = preview.predict(0)[0], preview.predict(1)[0]
+    assert (on_0 == on_1).mean() > 0.999
+
+    def disk_iou(pred: np.ndarray) -> float:
+        fg_pred, fg_true = pred == 2, truth[1] == 2
+        return float((fg_pred & fg_true).sum() / max(1, (fg_pred | fg_true).sum()))
+
+    assert disk_iou(on_1) > 0.8
+    # the image's statistics (ilastik, LiveConfig.ilastik_style) put slice 1's disks above the learned cut
+    plain = LivePreview(image, LiveConfig.ilastik_style(trees=30))
+    plain.update(labels, z=0)
+    assert disk_iou(plain.predict(1)[0]) < 0.3
+    # the kept model normalises each slice the same way when it segments the stack
+    path = preview.save(tmp_path / "live.affmae", ["background", "disk"])
+    package = load_package(path, expect_task="segmentation")
+    assert package.normalization_scope == "slice" and plain.to_package().normalization_scope == "image"
+    out = segment(path, image, SegmentConfig(tile_size=(128, 128), overlap=0.0))
+    np.testing.assert_array_equal(out[0], on_0)
+    np.testing.assert_array_equal(out[1], on_1)
+    whole = segment(path, image, SegmentConfig(tile_size=(128, 128), overlap=0.0, normalization="image"))
+    assert disk_iou(whole[1]) < disk_iou(out[1]) - 0.2  # asked for the image's statistics, it gets them

@@ -104,7 +104,10 @@ def test_prior_correction_moves_the_predicted_share_toward_the_true_share(tmp_pa
 
 def test_ilastik_style_is_the_plain_forest_and_bad_exponents_are_refused() -> None:
     plain = LiveConfig.ilastik_style(trees=5)
-    assert (plain.package, plain.texture, plain.prior_exponent, plain.trees) == (None, False, 0.0, 5)
+    assert (plain.package, plain.texture, plain.prior_exponent, plain.slice_normalization, plain.trees) == (
+        None, False, 0.0, False, 5)
+    default = LiveConfig()  # the widget's: per-slice normalisation and the class-share correction
+    assert (default.package, default.prior_exponent, default.slice_normalization) == (None, 1.0, True)
     image, truth = _rare_structure(64)
     labels = np.where(np.random.default_rng(0).random(truth.shape) < 0.05, truth, 0).astype(np.uint8)
     preview = LivePreview(image, plain)

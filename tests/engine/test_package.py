@@ -155,6 +155,18 @@ def test_other_version_or_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(PackageError, match="segmentation package, but a pretraining"):
         load_package(good, expect_task="mae")
 
+    def other_scope(m):
+        m["normalization_scope"] = "tile"
+
+    with pytest.raises(PackageError, match="unknown normalization_scope 'tile'"):
+        load_package(_rewrite_zip(good, tmp_path / "scope.affmae", other_scope))
+
+    def older(m):  # written before packages named their normalisation scope
+        del m["normalization_scope"]
+
+    assert load_package(good).normalization_scope == "image"
+    assert load_package(_rewrite_zip(good, tmp_path / "older.affmae", older)).normalization_scope == "image"
+
 
 @pytest.mark.parametrize("name, legacy, mask", [
     ("affmae_tiny", {"mask_ratio": 0.6, "mask_type": "random"}, {"ratio": 0.6, "kind": "random"}),

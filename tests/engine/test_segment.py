@@ -119,3 +119,20 @@ def test_tiff_input_and_cancel(trained, em_stack, tmp_path):
         segment(trained["segmentation"], image, SegmentConfig(tile_size=(64, 64)), cancel=token)
     with pytest.raises(ValueError, match="fine-tune it first|segmentation package"):
         segment(trained["pretrained"], image)
+
+
+def test_slice_normalization_follows_brightness_drift_along_z(trained, em_stack):
+    image, _ = em_stack
+    drifted = image.astype(np.float32)
+    drifted[2] = drifted[2] * 0.6 + 70.0  # one section brighter and flatter, as ssTEM sections can be
+    config = SegmentConfig(tile_size=(64, 64), output="probabilities", normalization="slice")
+    reference = segment(trained["segmentation"], image, config)
+    per_slice = segment(trained["segmentation"], drifted, config)
+    np.testing.assert_allclose(per_slice, reference, atol=1e-4)  # each slice by its own percentiles
+    package_stats = segment(trained["segmentation"], drifted, SegmentConfig(tile_size=(64, 64),
+                                                                            output="probabilities"))
+    assert np.abs(package_stats[:, 2] - reference[:, 2]).max() > 0.05  # the package's statistics: drift remains
+    np.testing.assert_allclose(package_stats[:, 0], segment(trained["segmentation"], image, SegmentConfig(
+        tile_size=(64, 64), output="probabilities"))[:, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        SegmentConfig(normalization="z")

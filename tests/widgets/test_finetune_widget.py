@@ -9,7 +9,7 @@ from qtpy.QtCore import Qt
 from napari_affmae.data import CLASS_NAMES, sparse_strokes
 from napari_affmae.engine import SegmentConfig, load_package, segment
 from napari_affmae.widgets import FinetuneWidget
-from napari_affmae.widgets.finetune import FROM_LAST
+from napari_affmae.widgets.finetune import FROM_LAST, FROM_PRETRAINED
 from napari_affmae.widgets._state import shared_state
 
 from .conftest import CROP, messages, set_training_options
@@ -25,6 +25,7 @@ def test_paint_finetune_and_segment_the_current_slice(make_napari_viewer, qtbot,
     shared_state(viewer).pretrained_package = packages.pretrained
     widget = dock(viewer, FinetuneWidget)
     assert widget.pretrained.text() == str(packages.pretrained)  # remembered from the Pretrain widget
+    widget.start_from.setCurrentText(FROM_PRETRAINED)
 
     qtbot.mouseClick(widget.add_labels_button, Qt.LeftButton)
     strokes_layer = viewer.layers["em strokes"]
@@ -93,6 +94,7 @@ def test_bad_labels_give_a_clear_notification(make_napari_viewer, qtbot, dock, t
     image, truth = em_stack
     viewer.add_image(image, name="em")
     widget = dock(viewer, FinetuneWidget)
+    widget.start_from.setCurrentText(FROM_PRETRAINED)
     widget.pretrained.set_text(packages.pretrained, by_user=True)
     set_training_options(widget, tmp_path / "ft", steps=1)
 

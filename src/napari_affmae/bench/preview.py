@@ -5,11 +5,12 @@ strokes) and each arm:
 
 * ``rf_filters`` — ilastik's pixel classifier rebuilt: the 20 multiscale filter features of
   `data.features.filter_features` and a 100-tree random forest (`engine.live.LiveConfig.ilastik_style`);
-* ``live`` — the Live preview as the Fine-tune widget runs it (`engine.live.LiveConfig()`): with
-  ``--package FAMILY=PATH`` the filters plus that AFFMAE package's encoder stages (the widget's
-  *AFFMAE features* box), without one the same as ``rf_filters``;
-* ``prior_corrected`` — ``rf_filters`` with the posteriors re-weighted to the class shares estimated on
-  unpainted pixels near the strokes (``LiveConfig(prior_exponent=1)``, one EM step).
+* ``live`` — the Live preview as the Fine-tune widget runs it (`engine.live.LiveConfig()`): the filters
+  of each slice normalised by its own intensity statistics, posteriors re-weighted to the class shares
+  estimated on unpainted pixels near the strokes; with ``--package FAMILY=PATH`` also that AFFMAE
+  package's encoder stages (the widget's *AFFMAE features* box);
+* ``prior_corrected`` — ``rf_filters`` with only the class-share correction (one EM step);
+* ``slice_normalized`` — ``rf_filters`` with only the per-slice normalisation.
 
 It measures, on the labelled slice (1024^2 on VNC):
 
@@ -47,7 +48,7 @@ from ..engine.settings import parse_int_list
 from . import em_protocol as P
 
 log = logging.getLogger(__name__)
-ARMS = ("rf_filters", "live", "prior_corrected")
+ARMS = ("rf_filters", "live", "prior_corrected", "slice_normalized")
 
 
 @dataclass
@@ -89,6 +90,8 @@ def _live_config(arm: str, package: str | None, trees: int, seed: int) -> Any:
         return LiveConfig.ilastik_style(trees=trees, seed=seed, max_cache_mb=4096)
     if arm == "prior_corrected":
         return LiveConfig.ilastik_style(trees=trees, seed=seed, max_cache_mb=4096, prior_exponent=1.0)
+    if arm == "slice_normalized":
+        return LiveConfig.ilastik_style(trees=trees, seed=seed, max_cache_mb=4096, slice_normalization=True)
     return LiveConfig(package=package, trees=trees, seed=seed, max_cache_mb=4096)
 
 
@@ -206,9 +209,6 @@ def run_benchmark(config: PreviewBenchConfig) -> dict[str, Any]:
             eval_slices = eval_slices[:: max(1, len(eval_slices) // config.max_eval_slices)][: config.max_eval_slices]
         arms: dict[str, Any] = {}
         for arm in ARMS:
-            if arm == "live" and package is None:  # without encoder features the live preview is rf_filters
-                arms[arm] = {**arms["rf_filters"], "same_as": "rf_filters"}
-                continue
             arms[arm] = _run_arm(config, task_name, raw, truth, z, eval_slices, arm, package)
         tasks_out[task_name] = {"labelled_slice": z, "eval_slices": eval_slices, "shape": list(raw.shape),
                                 "package": package, "arms": arms}

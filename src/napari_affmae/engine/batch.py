@@ -30,14 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data.normalize import compute_stats
 from .device import resolve_device, resolve_precision
 from .distributed import setup_distributed, teardown_distributed
 from .inputs import as_input_image
 from .package import ModelPackage, package_bytes
 from .progress import CancelToken, JobCancelled, ProgressCallback, ProgressEvent
-from .segment import SegmentConfig, TiledPredictor, intensity_warning, model_predictor, output_labels, \
-    predicted_labels_to_names, resolve_package
+from .segment import SegmentConfig, SliceNormalizer, TiledPredictor, intensity_warning, model_predictor, \
+    output_labels, predicted_labels_to_names, resolve_package
 from .settings import setting
 from .training import emit
 
@@ -198,13 +197,13 @@ def _segment_dataset(path: str, pkg: ModelPackage, predict, config: BatchConfig,
     if lead is None:
         lead = next((axes.index(a) for a in "zt" if a in axes), None)
     tiling = config.segment
-    stats = pkg.stats if tiling.normalization == "package" and pkg.stats is not None else compute_stats(image.array)
+    normalizer = SliceNormalizer(pkg, image, tiling.normalization)
     warning = intensity_warning(pkg, image, tiling.normalization)
     if warning:
         log.warning("%s: %s", path, warning)
         emit(progress, ProgressEvent("batch", index, count, message=f"warning: {Path(path).name}: {warning}"))
     predictor = TiledPredictor(predict, int(pkg.num_classes), tiling.tile_size, tiling.overlap, tiling.batch_size,
-                               stats.apply, device, cancel=cancel)
+                               normalizer.for_slice(0), device, cancel=cancel)
     pending = writer.pending_chunks()
     # group pending chunks by (slice, band of rows)
     bands: dict[tuple[int, int], list[tuple[int, ...]]] = {}
@@ -212,6 +211,7 @@ def _segment_dataset(path: str, pkg: ModelPackage, predict, config: BatchConfig,
         z = chunk[lead] if lead is not None else 0
         bands.setdefault((z, chunk[y_axis]), []).append(chunk)
     written = 0
+    current_z = 0  # the slice predictor.normalize was made for
     height, width = image.shape[-2], image.shape[-1]
     for (z, band), chunks in sorted(bands.items()):
         region = writer.chunk_region(chunks[0])
@@ -221,7 +221,10 @@ def _segment_dataset(path: str, pkg: ModelPackage, predict, config: BatchConfig,
         def write(a: int, b: int, logits: np.ndarray, buffer=buffer, r0=r0) -> None:
             buffer[a - r0:b - r0] = lut[logits.argmax(0)]
 
-        predictor.run_slice(image.array, z if image.ndim == 3 else 0, write, row_range=(r0, r1))
+        z_index = z if image.ndim == 3 else 0
+        if normalizer.per_slice and z_index != current_z:
+            predictor.normalize, current_z = normalizer.for_slice(z_index), z_index
+        predictor.run_slice(image.array, z_index, write, row_range=(r0, r1))
         for chunk in chunks:
             cols = writer.chunk_region(chunk)[x_axis]
             writer.write_chunk(chunk, buffer[:, cols])

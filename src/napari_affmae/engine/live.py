@@ -10,10 +10,13 @@ A `LivePreview` holds one image (2D or a 3D stack) and a `models.feature_forest.
   margin) is.
 * **A forest on the painted pixels.** `update` collects the features of every painted pixel
   (0 = unpainted; painted values 1..K), fits a scikit-learn random forest (deterministic in the
-  seed) and predicts the slice or view being looked at. By default the features are the filter
-  bank, as in ilastik; ``texture`` adds texture features and ``prior_exponent`` corrects the
-  posteriors toward the class shares estimated on unpainted pixels near the strokes (see
-  `models.feature_forest`; docs/live-preview.md measures both).
+  seed) and predicts the slice or view being looked at. The features are the filter bank, as in
+  ilastik, computed on each slice normalised by its own intensity statistics
+  (``slice_normalization``: sections of a stack differ in brightness and contrast), and the
+  posteriors are corrected toward the class shares estimated on unpainted pixels near the strokes
+  (``prior_exponent``; strokes do not paint the classes in the shares the image has). Both are
+  on by default and off in `LiveConfig.ilastik_style`; ``texture`` adds texture features (see
+  `models.feature_forest`; docs/live-preview.md measures each).
 * `to_package` / `save` keep the fast model as a segmentation package that `engine.segment`
   and batch segmentation run over whole stacks like any other.
 
@@ -59,14 +62,16 @@ class LiveConfig:
     max_window_pixels: int = 2048 * 1024  # larger slices are featurised view by view
     max_samples: int = 60_000  # painted pixels the forest trains on (class-balanced subsample beyond)
     texture: bool = False  # local standard deviation + differences of Gaussians besides the filter bank
-    prior_exponent: float = 0.0  # 0 = no prior correction (ilastik); 1 = full correction to the estimated shares
+    prior_exponent: float = 1.0  # 0 = no prior correction (ilastik); 1 = full correction to the estimated shares
     prior_iterations: int = 1  # EM steps of the share estimate (1 = mean posterior; more: toward the EM fixed point)
     prior_samples: int = 20_000  # unpainted pixels (near the strokes) the class shares are estimated on
+    slice_normalization: bool = True  # each slice by its own intensity statistics (False: the image's, as ilastik)
 
     @classmethod
     def ilastik_style(cls, **overrides: Any) -> "LiveConfig":
         """ilastik's pixel classifier: the filter bank and a forest, nothing else (the ``rf_filters`` arm)."""
-        return cls(**{"package": None, "texture": False, "prior_exponent": 0.0, **overrides})
+        return cls(**{"package": None, "texture": False, "prior_exponent": 0.0, "slice_normalization": False,
+                      **overrides})
 
     def validate(self) -> None:
         if self.components < 1 or self.trees < 1:
@@ -112,6 +117,7 @@ class LivePreview:
         self.ndim = img.ndim
         self.stats = stats or compute_stats(self.image)
         check_has_contrast(self.stats, "image")
+        self._slice_stats: dict[int, NormalizationStats] = {}  # per-slice statistics (slice_normalization)
         self.package = self._encoder_package()
         self.model = self._new_model(n_samples=0)
         self._cache: OrderedDict[Window, np.ndarray] = OrderedDict()
@@ -195,7 +201,17 @@ class LivePreview:
     def _read(self, window: Window) -> np.ndarray:
         z, y0, y1, x0, x1 = window
         crop = self.image[z, y0:y1, x0:x1] if self.ndim == 3 else self.image[y0:y1, x0:x1]
-        return self.stats.apply(np.asarray(crop))
+        return self.stats_of(z).apply(np.asarray(crop))
+
+    def stats_of(self, z: int) -> NormalizationStats:
+        """The intensity statistics slice ``z`` is normalised with: its own (the whole slice's, whichever view
+        is featurised) with ``slice_normalization``, else the image's; a flat slice falls back to the image's."""
+        if not self.config.slice_normalization:
+            return self.stats
+        if z not in self._slice_stats:
+            own = compute_stats(self.image[z] if self.ndim == 3 else self.image)
+            self._slice_stats[z] = own if own.high > own.low else self.stats
+        return self._slice_stats[z]
 
     def features(self, window: Window) -> np.ndarray:
         """Features ``[h, w, F]`` float32 of a window (cached; least recently used evicted past the bound)."""
@@ -350,8 +366,10 @@ class LivePreview:
                       "encoder_package": None if self.package is None else str(self.package.path or ""),
                       "encoder_model": None if self.package is None else self.package.model_name,
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        return ModelPackage.from_model(self.model, normalization=self.stats, class_names=names, label_mode="sparse",
-                                       label_values=self.label_values, provenance=provenance)
+        package = ModelPackage.from_model(self.model, normalization=self.stats, class_names=names,
+                                          label_mode="sparse", label_values=self.label_values, provenance=provenance)
+        package.normalization_scope = "slice" if self.config.slice_normalization else "image"
+        return package
 
     def save(self, path: str | Path, class_names: list[str] | None = None) -> Path:
         """Write the live model as a package (``.affmae`` file or directory); returns its path."""

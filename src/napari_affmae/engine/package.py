@@ -46,6 +46,7 @@ MANIFEST_NAME = "affmae.json"
 WEIGHTS_NAME = "model.safetensors"
 PACKAGE_SUFFIX = ".affmae"
 LABEL_MODES = ("sparse", "dense")
+NORMALIZATION_SCOPES = ("image", "slice")  # one set of intensity statistics per image / per slice
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed timestamp: the same package always gives the same bytes
 
 
@@ -71,6 +72,9 @@ class ModelPackage:
     label_values: list[int] | None = None  # label value written for each class (None: 1..K sparse, 0..K-1 dense)
     normalization: dict[str, Any] | None = None
     normalization_mode: str = "percentile"
+    #: "image": one set of statistics (``normalization``) for the whole image; "slice": each slice normalised by
+    #: its own statistics (the model was trained that way; segmentation does the same)
+    normalization_scope: str = "image"
     pixel_size: list[float] | None = None  # (z,) y, x in the image's units, when known
     provenance: dict[str, Any] = field(default_factory=dict)
     package_version: str = __version__
@@ -148,6 +152,7 @@ class ModelPackage:
             "label_values": self.label_values,
             "normalization": self.normalization,
             "normalization_mode": self.normalization_mode,
+            "normalization_scope": self.normalization_scope,
             "pixel_size": self.pixel_size,
             "config": self.config,
             "provenance": self.provenance,
@@ -353,13 +358,17 @@ def load_package(path: str | os.PathLike, *, expect_task: str | None = None,
         raise PackageError(f"{path} holds a {manifest['model_name']} model, but {expect_model} was requested")
     if manifest.get("label_mode", "sparse") not in LABEL_MODES:
         raise PackageError(f"{path}: unknown label_mode {manifest.get('label_mode')!r}")
+    if manifest.get("normalization_scope", "image") not in NORMALIZATION_SCOPES:
+        raise PackageError(f"{path}: unknown normalization_scope {manifest.get('normalization_scope')!r}; "
+                           f"expected one of {', '.join(NORMALIZATION_SCOPES)}")
     config, provenance = _current_config(manifest, path)
     package = ModelPackage(
         model_name=manifest["model_name"], task=task, config=config, state_dict=state_dict,
         num_classes=manifest.get("num_classes"), class_names=list(manifest.get("class_names") or []),
         label_mode=manifest.get("label_mode", "sparse"), label_values=manifest.get("label_values"),
         normalization=manifest.get("normalization"),
-        normalization_mode=manifest.get("normalization_mode", "percentile"), pixel_size=manifest.get("pixel_size"),
+        normalization_mode=manifest.get("normalization_mode", "percentile"),
+        normalization_scope=manifest.get("normalization_scope", "image"), pixel_size=manifest.get("pixel_size"),
         provenance=provenance, package_version=str(manifest.get("package_version", "")),
         format_version=version, path=path,
     )

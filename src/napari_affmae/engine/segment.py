@@ -40,7 +40,7 @@ from .training import emit
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("labels", "probabilities")
-NORMALIZATIONS = ("package", "image")
+NORMALIZATIONS = ("package", "image", "slice")
 PredictFn = Callable[[torch.Tensor], torch.Tensor]  # [B, 1, th, tw] -> logits [B, K, th, tw]
 
 
@@ -52,8 +52,10 @@ class SegmentConfig(DeviceSettings):
     overlap: float = setting(0.25, "tile overlap as a fraction of the tile")
     batch_size: int = setting(4, "tiles per forward pass")
     output: str = "labels"
-    normalization: str = setting("package", "intensity statistics: the package's (its training image) or this "
-                                 "image's own", choices=NORMALIZATIONS)
+    normalization: str = setting("package", "intensity statistics: the package's (its training image; each "
+                                 "slice's own for a package trained that way), this image's own, or each slice's "
+                                 "own (for stacks whose brightness drifts from slice to slice)",
+                                 choices=NORMALIZATIONS)
     slices: Sequence[int] | None = setting(None, "only these z indices (others stay 0)", parse=parse_int_list)
 
     def __post_init__(self) -> None:
@@ -268,7 +270,7 @@ def segment(package: ModelPackage | str | Path, image: Any, config: SegmentConfi
     device = resolve_device(config.device)
     dtype = resolve_precision(device, config.precision)
     model = pkg.build_model(device)
-    stats = _stats_for(pkg, img, config)
+    normalizer = SliceNormalizer(pkg, img, config.normalization)
     depth = shape[0] if img.ndim == 3 else 1
     z_list = slice_list(config.slices, depth, img.ndim)
     result = _prepare_out(out, shape, config, pkg)
@@ -283,7 +285,7 @@ def segment(package: ModelPackage | str | Path, image: Any, config: SegmentConfi
                                      eta_s=(total_tiles - done[0]) / max(rate, 1e-9)))
 
     predictor = TiledPredictor(model_predictor(model, device, dtype), int(pkg.num_classes), config.tile_size,
-                               config.overlap, config.batch_size, lambda crop: stats.apply(crop), device,
+                               config.overlap, config.batch_size, normalizer.for_slice(z_list[0]), device,
                                cancel=cancel, on_batch=on_batch)
     total_tiles = predictor.tiles_per_slice(shape[-2], shape[-1]) * len(z_list)
     emit(progress, ProgressEvent("segment", 0, total_tiles, message=f"segmenting {len(z_list)} slice(s) of "
@@ -294,21 +296,46 @@ def segment(package: ModelPackage | str | Path, image: Any, config: SegmentConfi
         emit(progress, ProgressEvent("segment", 0, total_tiles, message=f"warning: {warning}"))
     lut = output_labels(pkg)[0]
     for z in z_list:
+        predictor.normalize = normalizer.for_slice(z)
         predictor.run_slice(img.array, z, _writer(result, z, img.ndim, config.output, lut))
     return result
 
 
 def intensity_warning(pkg: ModelPackage, img: InputImage, normalization: str) -> str | None:
-    """A warning when the image's intensities are far from the package's normalisation statistics."""
-    if normalization != "package" or pkg.stats is None:
+    """A warning when the image's intensities are far from the package's normalisation statistics (none when
+    each slice is normalised by its own)."""
+    if normalization != "package" or pkg.stats is None or pkg.normalization_scope == "slice":
         return None
     return intensity_mismatch(compute_stats(img.array), pkg.stats)
 
 
-def _stats_for(pkg: ModelPackage, img: InputImage, config: SegmentConfig) -> NormalizationStats:
-    if config.normalization == "image" or pkg.stats is None:
-        return compute_stats(img.array)
-    return pkg.stats
+class SliceNormalizer:
+    """The intensity normalisation of each slice for ``normalization`` (see `SegmentConfig`): the package's
+    statistics, the image's, or each slice's own — the last for ``"slice"`` and for ``"package"`` with a
+    package trained on per-slice statistics (``normalization_scope == "slice"``)."""
+
+    def __init__(self, pkg: ModelPackage, img: InputImage, normalization: str) -> None:
+        self.img, self.pkg = img, pkg
+        self.per_slice = normalization == "slice" or (normalization == "package" and pkg.normalization_scope == "slice")
+        self.stats: NormalizationStats | None = None
+        if not self.per_slice:
+            use_image = normalization == "image" or pkg.stats is None
+            self.stats = compute_stats(img.array) if use_image else pkg.stats
+
+    def stats_of(self, z: int) -> NormalizationStats:
+        """The statistics slice ``z`` is normalised with (per slice: a flat slice takes the package's, else the
+        image's, as the live preview does)."""
+        if self.stats is not None:
+            return self.stats
+        own = compute_stats(self.img.array[z] if self.img.ndim == 3 else self.img.array)
+        if own.high > own.low:
+            return own
+        return self.pkg.stats if self.pkg.stats is not None else compute_stats(self.img.array)
+
+    def for_slice(self, z: int) -> Callable[[np.ndarray], np.ndarray]:
+        """Raw crop ``[h, w]`` of slice ``z`` -> float32 normalised crop."""
+        stats = self.stats_of(z)
+        return lambda crop: stats.apply(crop)
 
 
 def slice_list(slices: Sequence[int] | None, depth: int, ndim: int) -> list[int]:

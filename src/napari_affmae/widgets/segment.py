@@ -7,6 +7,7 @@ from typing import Any
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QWidget
 
 from ..engine import SegmentConfig
+from ..engine.segment import NORMALIZATIONS
 from ._base import Job, JobWidget, checked_multiple_of_8, device_combo, int_spin, size_spin
 from ._jobs import JobOutcome
 from ._layers import LayerPicker, image_data
@@ -34,10 +35,12 @@ class TilingControls:
         self.normalization: QComboBox | None = None
         if normalization:
             self.normalization = QComboBox()
-            self.normalization.addItems(["package", "image"])
+            self.normalization.addItems(list(NORMALIZATIONS))
             self.normalization.setCurrentText(defaults.normalization)
-            self.normalization.setToolTip("package: the intensity statistics stored with the model; image: this "
-                                          "image's own (for data with a different contrast)")
+            self.normalization.setToolTip("package: the intensity statistics stored with the model (each "
+                                          "slice's own for a model trained that way, e.g. a kept live "
+                                          "preview); image: this image's own (for data with a different "
+                                          "contrast); slice: each slice's own (brightness drifting along z)")
 
     def add_rows(self, form: QFormLayout) -> None:
         form.addRow(form_label("Tile height"), self.tile_h)
