@@ -111,7 +111,14 @@ def render_page(results: dict[str, Any], image: str, command: str) -> str:
         "",
         "What was tried on top of ilastik's forest: [forest-variants.md](forest-variants.md). The encoder "
         "features of an AFFMAE package (the widget's **AFFMAE features** box, off by default) lowered the IoU "
-        "there. Two changes to ilastik's forest lift round 0 on every task, and the widget now makes both: each slice normalised by its own intensity percentiles (ISBI sections differ in mean brightness from 99 to 143 grey levels; VNC sections hardly at all), and the posteriors corrected to the class shares estimated near the strokes (strokes paint the classes about equally; mitochondria cover a few percent). Over correction rounds the class-share correction loses again on VNC (see the table): corrections are painted inside error regions, so they are not a fair sample of either class, and the shares estimated from a forest fitted on them drift. On ISBI, with per-slice normalisation, the rounds help. A rounds-robust share estimate is open work.",
+        "there. Two changes to ilastik's forest lift round 0 on every task, and the widget now makes both: "
+        "each slice normalised by its own intensity percentiles (ISBI sections differ in mean brightness from"
+        " 99 to 143 grey levels; VNC sections hardly at all), and the posteriors corrected to the class "
+        "shares estimated near the strokes (strokes paint the classes about equally; mitochondria cover a few"
+        " percent). Over correction rounds the class-share correction loses again on VNC (see the table): "
+        "corrections are painted inside error regions, so they are not a fair sample of either class, and the"
+        " shares estimated from a forest fitted on them drift. On ISBI, with per-slice normalisation, the "
+        "rounds help. A rounds-robust share estimate is open work.",
         "",
         "## Per task",
         "",

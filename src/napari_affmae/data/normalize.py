@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -143,6 +143,12 @@ def compute_stats(
         n_samples=int(values.size),
     )
 
+
+def slice_stats(plane: Any, fallback: Callable[[], NormalizationStats]) -> NormalizationStats:
+    """Statistics of one slice ``[Y, X]`` for per-slice normalisation; a flat slice (no contrast) takes
+    ``fallback()`` (e.g. the image's statistics) instead of being shifted to zero."""
+    own = compute_stats(plane)
+    return own if own.high > own.low else fallback()
 
 def apply_normalization(
     array: Any, stats: NormalizationStats, mode: NormMode = "percentile", clip: bool = False

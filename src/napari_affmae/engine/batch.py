@@ -211,7 +211,6 @@ def _segment_dataset(path: str, pkg: ModelPackage, predict, config: BatchConfig,
         z = chunk[lead] if lead is not None else 0
         bands.setdefault((z, chunk[y_axis]), []).append(chunk)
     written = 0
-    current_z = 0  # the slice predictor.normalize was made for
     height, width = image.shape[-2], image.shape[-1]
     for (z, band), chunks in sorted(bands.items()):
         region = writer.chunk_region(chunks[0])
@@ -222,8 +221,7 @@ def _segment_dataset(path: str, pkg: ModelPackage, predict, config: BatchConfig,
             buffer[a - r0:b - r0] = lut[logits.argmax(0)]
 
         z_index = z if image.ndim == 3 else 0
-        if normalizer.per_slice and z_index != current_z:
-            predictor.normalize, current_z = normalizer.for_slice(z_index), z_index
+        predictor.normalize = normalizer.for_slice(z_index)  # per slice: computed once per slice, not per band
         predictor.run_slice(image.array, z_index, write, row_range=(r0, r1))
         for chunk in chunks:
             cols = writer.chunk_region(chunk)[x_axis]

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.normalize import NormalizationStats, compute_stats
+from ..data.normalize import NormalizationStats, compute_stats, slice_stats
 from ..models.feature_forest import check_prior_settings
 from .painted import MAX_CLASSES, check_labels
 from .inputs import as_input_image, check_has_contrast
@@ -209,8 +209,7 @@ class LivePreview:
         if not self.config.slice_normalization:
             return self.stats
         if z not in self._slice_stats:
-            own = compute_stats(self.image[z] if self.ndim == 3 else self.image)
-            self._slice_stats[z] = own if own.high > own.low else self.stats
+            self._slice_stats[z] = slice_stats(self.image[z] if self.ndim == 3 else self.image, lambda: self.stats)
         return self._slice_stats[z]
 
     def features(self, window: Window) -> np.ndarray:

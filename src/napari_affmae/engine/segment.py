@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..data.normalize import NormalizationStats, compute_stats
+from ..data.normalize import NormalizationStats, compute_stats, slice_stats
 from ..data.sampling import as_crop_shape, read_crop
 from .device import autocast, resolve_device, resolve_precision
 from .settings import DeviceSettings, parse_int_list, parse_size, setting
@@ -316,21 +316,22 @@ class SliceNormalizer:
 
     def __init__(self, pkg: ModelPackage, img: InputImage, normalization: str) -> None:
         self.img, self.pkg = img, pkg
-        self.per_slice = normalization == "slice" or (normalization == "package" and pkg.normalization_scope == "slice")
-        self.stats: NormalizationStats | None = None
-        if not self.per_slice:
+        per_slice = normalization == "slice" or (normalization == "package" and pkg.normalization_scope == "slice")
+        self.stats: NormalizationStats | None = None  # the one set for every slice (None: per slice)
+        if not per_slice:
             use_image = normalization == "image" or pkg.stats is None
             self.stats = compute_stats(img.array) if use_image else pkg.stats
+        self._last: tuple[int, NormalizationStats] | None = None  # the slice asked for last (asked per band)
 
     def stats_of(self, z: int) -> NormalizationStats:
         """The statistics slice ``z`` is normalised with (per slice: a flat slice takes the package's, else the
         image's, as the live preview does)."""
         if self.stats is not None:
             return self.stats
-        own = compute_stats(self.img.array[z] if self.img.ndim == 3 else self.img.array)
-        if own.high > own.low:
-            return own
-        return self.pkg.stats if self.pkg.stats is not None else compute_stats(self.img.array)
+        if self._last is None or self._last[0] != z:
+            plane = self.img.array[z] if self.img.ndim == 3 else self.img.array
+            self._last = z, slice_stats(plane, lambda: self.pkg.stats or compute_stats(self.img.array))
+        return self._last[1]
 
     def for_slice(self, z: int) -> Callable[[np.ndarray], np.ndarray]:
         """Raw crop ``[h, w]`` of slice ``z`` -> float32 normalised crop."""
